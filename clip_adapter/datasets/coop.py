@@ -1,0 +1,43 @@
+"""CoOp's dataset layouts: a split JSON of [relative_path, label, classname] per split."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import DatasetError, DatasetKind, Item, Split, register
+
+
+def read_split_json(split_file: Path, image_dir: Path) -> tuple[list[Item], list[Item], list[Item], list[str]]:
+    """Read a CoOp split file as it is, so few-shot subsets match CoOp's for the same seed."""
+    if not split_file.is_file():
+        raise DatasetError(f"split file {split_file} is missing; download it from the CoOp "
+                           f"DATASETS.md instructions and put it there")
+    try:
+        raw = json.loads(split_file.read_text())
+        splits = {s: [(str(p), int(y), str(c)) for p, y, c in raw[s]] for s in ("train", "val", "test")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"split file {split_file} is not a CoOp split "
+                           f"({{train, val, test}}: [[path, label, classname], ...]): {exc}") from exc
+    names: dict[int, str] = {}
+    for entries in splits.values():
+        for _, label, classname in entries:
+            names.setdefault(label, classname)
+    if sorted(names) != list(range(len(names))):
+        raise DatasetError(f"split file {split_file} has labels {sorted(names)[:5]}...; expected 0..C-1")
+    items = {s: [Item(str(image_dir / p), y) for p, y, _ in e] for s, e in splits.items()}
+    return items["train"], items["val"], items["test"], [names[i] for i in range(len(names))]
+
+
+def coop_kind(name: str, folder: str, image_dir: str, split_file: str, template: str) -> DatasetKind:
+    def read(path: Path, dataset_name: str) -> Split:
+        images = path / image_dir
+        if not images.is_dir():
+            raise DatasetError(f"{images} is missing; expected {layout}")
+        train, val, test, names = read_split_json(path / split_file, images)
+        return Split(dataset_name, name, path, names, template, train, val, test)
+
+    layout = f"{folder}/{image_dir}/... and {folder}/{split_file} (CoOp layout)"
+    return register(DatasetKind(name=name, folder=folder, layout=layout, read=read))
+
+
+coop_kind("eurosat", "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}.")

@@ -1,0 +1,1 @@
+"""ca-flow's orchestration: the CLI, Ray Tune sweeps, MLflow tracking, promotion, reports."""
