@@ -101,7 +101,7 @@ def promote(
 
     try:
         uri = tracking.resolve_uri(tracking_uri)
-        client = tracking.connect(uri)
+        client = tracking.connect(uri, must_exist=True)
         chosen = p.choose(client, experiment, _list(datasets, str, "--datasets") if datasets else None)
         table = Table(title="dry run: would promote" if dry_run else f"promoted as @{alias}")
         for col in ("dataset", "model", "version", "run", "val_acc", "test_acc", "shots", "seed", "alpha"):
@@ -144,13 +144,12 @@ def predict(
             fail(f"cannot read image {path}: {exc}")
     try:
         uri = tracking.resolve_uri(tracking_uri)
-        client = tracking.connect(uri)
+        client = tracking.connect(uri, must_exist=True)
         name = model_name(dataset)
         try:
             client.get_model_version_by_alias(name, alias)
         except mlflow.exceptions.MlflowException:
             fail(f"no model {name}@{alias} in {uri}; run `ca-flow promote --datasets {dataset}` first")
-        mlflow.set_tracking_uri(uri)
         model = mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
     except _expected_errors() as exc:
         fail(str(exc))

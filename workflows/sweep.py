@@ -22,7 +22,7 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
 from clip_adapter import datasets as ds  # noqa: E402
-from clip_adapter.backbone import RANDOM, weights_identity  # noqa: E402
+from clip_adapter.backbone import RANDOM, TINY, available_models, weights_identity  # noqa: E402
 from clip_adapter.features import FeatureCache, LocalEncoder  # noqa: E402
 from clip_adapter.train import epochs_for_shots  # noqa: E402
 
@@ -73,6 +73,9 @@ class SweepSpec:
             raise SweepError(f"--augment-views must be >= 1, got {self.augment_views}")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise SweepError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+        if self.backbone not in available_models():
+            raise SweepError(f"unknown backbone {self.backbone!r}; see open_clip.list_models(), e.g. "
+                             f"RN50-quickgelu, ViT-B-32-quickgelu, or {TINY} for tests")
         bad = [a for a in self.adapters if a not in ("visual", "text", "both")]
         if bad:
             raise SweepError(f"unknown adapter variant {bad[0]!r}; use visual, text or both")
@@ -278,12 +281,13 @@ def run_sweep(spec: SweepSpec, console) -> SweepResult:
     found = ds.resolve(spec.datasets, Path(spec.data_root).expanduser())
     splits = [ds.load(f) for f in found]
     uri = tracking.resolve_uri(spec.tracking_uri)
-    client = tracking.connect(uri)
-    exp_id = tracking.experiment_id(client, spec.experiment, uri)
+    tracking.check(uri)
     trials = grid(spec, [s.name for s in splits])
 
     connect_ray(spec.address)
     slots = check_resources(spec.cpus_per_trial, spec.gpus_per_trial)
+    client = tracking.connect(uri)  # only now: a refused sweep leaves no store behind
+    exp_id = tracking.experiment_id(client, spec.experiment, uri)
     if spec.pretrained == RANDOM:
         console.print("[yellow]backbone weights: random (seeded) - results say nothing about CLIP; "
                       "for demos and tests only[/yellow]")

@@ -9,12 +9,17 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+import logging  # noqa: E402
+
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: E402
 from mlflow.types.schema import Array  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
+
+# "Creating initial MLflow database tables..." is not news for a CLI user.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 SWEEP_ID, TRIAL_KEY, DATASET, RANDOM_WEIGHTS = ("ca_flow.sweep_id", "ca_flow.trial_key",
                                                 "ca_flow.dataset", "ca_flow.random_weights")
@@ -53,8 +58,8 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def connect(uri: str) -> MlflowClient:
-    """A client on a store that answers and has its schema; fails with one clear line otherwise."""
+def check(uri: str, must_exist: bool = False) -> None:
+    """Fail with one clear line if the store cannot be reached; writes nothing."""
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
@@ -67,6 +72,15 @@ def connect(uri: str) -> MlflowClient:
         if not folder.is_dir():
             raise TrackingError(f"folder {folder} for the SQLite tracking store does not exist; create it "
                                 f"or pass another --tracking-uri")
+        if must_exist and not Path(uri[len("sqlite:///"):]).is_file():
+            raise TrackingError(f"no MLflow store at {uri[len('sqlite:///'):]}; run `ca-flow sweep` here first "
+                                f"or pass --tracking-uri")
+
+
+def connect(uri: str, must_exist: bool = False) -> MlflowClient:
+    """A client on a store that answers and has its schema; fails with one clear line otherwise."""
+    check(uri, must_exist)
+    mlflow.set_tracking_uri(uri)  # registry calls resolve models:/ URIs through the global store
     client = MlflowClient(uri)
     try:
         # Creating a fresh SQLite schema from many processes at once races: do it here, once.
