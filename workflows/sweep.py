@@ -191,16 +191,12 @@ def dataset_features(split: ds.Split, spec: SweepSpec, cache: FeatureCache, enco
 
 # -- the trial ---------------------------------------------------------------------------------
 
-def run_trial(config: dict, features: dict, uri: str, threads: int) -> None:
-    """One grid point: fit the adapter on in-memory features, evaluate, log to its MLflow run."""
+def train_trial(t: dict, data: DatasetFeatures):
+    """Fit and evaluate one grid point on in-memory features: no Ray, no MLflow."""
     import torch
 
-    from clip_adapter import CLIPAdapter, TrainConfig, evaluate, fit, save_adapter, zero_shot_accuracy
-    from clip_adapter.artifact import AdapterMeta
+    from clip_adapter import CLIPAdapter, TrainConfig, evaluate, fit, zero_shot_accuracy
 
-    torch.set_num_threads(threads)  # small matmuls: more threads than CPUs granted is much slower
-    t, started = config["trial"], time.perf_counter()
-    data: DatasetFeatures = features[t["dataset"]]
     train_rows, val_rows = data.rows[(t["shots"], t["seed"])]
     if len(train_rows) == 0:
         raise RuntimeError(f"{t['dataset']}: no readable train image for {t['shots']} shots, seed {t['seed']}")
@@ -217,6 +213,20 @@ def run_trial(config: dict, features: dict, uri: str, threads: int) -> None:
                                 "weights_id", "epochs", "lr", "batch_size", "views")}
     params.update(adapter=t["adapter"], momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                   warmup_epochs=cfg.warmup_epochs)
+    return adapter, losses, metrics, params
+
+
+def run_trial(config: dict, features: dict, uri: str, threads: int) -> None:
+    """The Tune trainable: train one grid point, log it to its MLflow run, report to Tune."""
+    import torch
+
+    from clip_adapter import save_adapter
+    from clip_adapter.artifact import AdapterMeta
+
+    torch.set_num_threads(threads)  # small matmuls: more threads than CPUs granted is much slower
+    t, started = config["trial"], time.perf_counter()
+    data: DatasetFeatures = features[t["dataset"]]
+    adapter, losses, metrics, params = train_trial(t, data)
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(tmp, adapter, AdapterMeta(
             backbone=t["backbone"], weights=t["weights"], weights_id=t["weights_id"],
@@ -272,6 +282,7 @@ class SweepResult:
     results: "object"   # pandas DataFrame, one row per trial
     results_path: Path
     seconds: float
+    tune_seconds: float   # the trials alone, from Tuner start to its end
     failed: int
 
 
@@ -322,8 +333,10 @@ def run_sweep(spec: SweepSpec, console) -> SweepResult:
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=slots),
         run_config=tune.RunConfig(name=f"ca-flow-{sweep_id}", verbose=0, callbacks=[progress],
                                   storage_path=str(Path("~/ray_results").expanduser())))
+    tune_started = time.perf_counter()
     with progress:
         grid_result = tuner.fit()
+    tune_seconds = time.perf_counter() - tune_started
 
     rows, failed_runs = [], []
     for result in grid_result:
@@ -346,4 +359,4 @@ def run_sweep(spec: SweepSpec, console) -> SweepResult:
     seconds = time.perf_counter() - started
     client.log_metric(parent, "wall_seconds", seconds)
     client.set_terminated(parent, status="FAILED" if len(failed_runs) == len(trials) else "FINISHED")
-    return SweepResult(sweep_id, parent, frame, path, seconds, len(failed_runs))
+    return SweepResult(sweep_id, parent, frame, path, seconds, tune_seconds, len(failed_runs))
