@@ -7,9 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import open_clip
 import torch
-import torchvision.transforms as T
 
 RANDOM = "random"
 RANDOM_SEED = 0
@@ -17,7 +15,15 @@ RANDOM_SEED = 0
 # A tiny config for tests and offline demos: builds in well under a second and encodes
 # hundreds of 64 px images per second on a laptop CPU.
 TINY = "ca-flow-tiny"
-open_clip.add_model_config(Path(__file__).with_name(f"{TINY}.json"))
+
+
+def _open_clip():
+    """open_clip (and torchvision) on first use: a trial process, which only trains, never pays."""
+    import open_clip
+
+    if TINY not in open_clip.list_models():
+        open_clip.add_model_config(Path(__file__).with_name(f"{TINY}.json"))
+    return open_clip
 
 
 class BackboneError(RuntimeError):
@@ -57,8 +63,10 @@ class Backbone:
         return self.model.encode_text(self.tokenizer(texts).to(self.device)).float().cpu()
 
 
-def coop_train_transform(test_transform: T.Compose) -> T.Compose:
+def coop_train_transform(test_transform):
     """CoOp's augmentation (RandomResizedCrop 0.08-1, flip) at the model's size and normalisation."""
+    import torchvision.transforms as T
+
     size = next(t.size for t in test_transform.transforms if isinstance(t, T.CenterCrop))
     norm = next(t for t in test_transform.transforms if isinstance(t, T.Normalize))
     return T.Compose([
@@ -84,15 +92,19 @@ def weights_identity(weights: str) -> str:
 
 
 def available_models() -> list[str]:
-    return open_clip.list_models()
+    return _open_clip().list_models()
 
 
 def load_backbone(name: str, weights: str = "openai", device: str | None = None) -> Backbone:
     """Build `name` with `weights`: an open_clip pretrained tag, a local weights file, or "random"."""
+    open_clip = _open_clip()
     if name not in open_clip.list_models():
         raise BackboneError(f"unknown backbone {name!r}; choose one of open_clip.list_models(), "
                             f"e.g. RN50-quickgelu, ViT-B-32-quickgelu, or {TINY} for tests")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackboneError(f"device {device} requested but torch sees no CUDA device; check the node's "
+                            f"GPU and CUDA build of torch")
     if weights == RANDOM:
         # Seeded so that every process (trial, server, predict) rebuilds the same network.
         state = torch.random.get_rng_state()

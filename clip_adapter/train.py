@@ -47,11 +47,15 @@ def seed_everything(seed: int) -> None:
 
 def fit(adapter: CLIPAdapter, features: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
         seed: int) -> list[float]:
-    """Train on [n, views, D] features; each epoch draws one cached view per image. Loss per epoch."""
+    """Train on [n, views, D] features; each epoch draws one cached view per image. Loss per epoch.
+
+    Runs where the adapter's parameters are (move it to a GPU first to train there).
+    """
     seed_everything(seed)
     rng = np.random.default_rng(seed)
-    feats = torch.from_numpy(features)
-    targets = torch.from_numpy(labels)
+    device = adapter.text_weights.device
+    feats = torch.from_numpy(features).to(device)
+    targets = torch.from_numpy(labels).to(device)
     params = [p for p in adapter.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n, views = feats.shape[:2]
@@ -60,17 +64,17 @@ def fit(adapter: CLIPAdapter, features: np.ndarray, labels: np.ndarray, cfg: Tra
     for epoch in range(cfg.epochs):
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg)
-        x = feats[torch.arange(n), torch.from_numpy(rng.integers(views, size=n))]
-        order = torch.from_numpy(rng.permutation(n))
-        total = 0.0
+        x = feats[torch.arange(n, device=device), torch.from_numpy(rng.integers(views, size=n)).to(device)]
+        order = torch.from_numpy(rng.permutation(n)).to(device)
+        total = torch.zeros((), device=device)
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             loss = F.cross_entropy(adapter(x[idx]), targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-        losses.append(total / n)
+            total += loss.detach() * len(idx)
+        losses.append(float(total) / n)  # one device sync per epoch, not per step
     adapter.eval()
     return losses
 
@@ -79,13 +83,13 @@ def fit(adapter: CLIPAdapter, features: np.ndarray, labels: np.ndarray, cfg: Tra
 def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
     if len(labels) == 0:
         return float("nan")
-    return float((logits.argmax(-1).numpy() == labels).mean())
+    return float((logits.argmax(-1).cpu().numpy() == labels).mean())
 
 
 @torch.no_grad()
 def evaluate(adapter: CLIPAdapter, features: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy on single-view features [n, D] (or [n, 1, D])."""
-    feats = torch.from_numpy(features.reshape(len(features), -1))
+    feats = torch.from_numpy(features.reshape(len(features), -1)).to(adapter.text_weights.device)
     return accuracy(adapter(feats), labels)
 
 

@@ -103,7 +103,6 @@ def stop_group(proc: subprocess.Popen, leader_only: bool, graceful_s: float = 5.
     until its uvicorn child exits, so there the whole group gets it.
     """
     pgid = proc.pid  # a session leader's pgid is its pid
-    _t = time.monotonic()
     if proc.poll() is None:
         try:
             if leader_only:
@@ -124,18 +123,17 @@ def stop_group(proc: subprocess.Popen, leader_only: bool, graceful_s: float = 5.
     deadline = time.monotonic() + 10
     while group_pids(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    print("STOP", proc.args[:2], time.monotonic() - _t, proc.returncode)
 
 
 @contextmanager
-def process_group(cmd: list[str], log: Path, env: dict, cwd: Path, leader_only: bool):
+def process_group(cmd: list[str], log: Path, env: dict, cwd: Path, leader_only: bool, graceful_s: float = 5.0):
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True)
     try:
         yield proc
     finally:
-        stop_group(proc, leader_only)
+        stop_group(proc, leader_only, graceful_s)
 
 
 def port_open(port: int) -> bool:
@@ -216,7 +214,8 @@ def test_sweep_on_separate_head_and_worker_with_tracking_server(tmp_path):
         with process_group([MLFLOW, "server", "--backend-store-uri", f"sqlite:///{db}",
                             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
                             "--port", str(mlflow_port), "--workers", "1"],
-                           logs / "mlflow.log", env, tmp_path, leader_only=False) as server, \
+                           # uvicorn would wait for the test's keep-alive connections to close.
+                           logs / "mlflow.log", env, tmp_path, leader_only=False, graceful_s=1.0) as server, \
              process_group([RAY, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=1",
                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_tmp}",
                             # Ray's fixed defaults (10001, 52365) would collide with other local clusters.

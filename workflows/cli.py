@@ -59,6 +59,7 @@ def sweep(
     batch_size: int = typer.Option(32, help="training batch size"),
     cache_dir: Path = typer.Option(Path("~/.cache/ca-flow/features"), help="feature cache folder"),
     results_dir: Path = typer.Option(Path("ca-flow-results"), help="where the per-trial Parquet goes"),
+    storage_path: str = typer.Option("~/ray_results", help="Tune's state; shared (NFS, s3://) on a multi-node cluster"),
 ):
     """Run one Ray Tune trial per (dataset, shots, seed, alpha) and track each in MLflow."""
     from workflows.report import summary_table
@@ -74,7 +75,7 @@ def sweep(
         experiment=experiment, tracking_uri=tracking_uri, address=address,
         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, epochs=epochs,
         augment_views=augment_views, lr=lr, batch_size=batch_size,
-        cache_dir=cache_dir.expanduser(), results_dir=results_dir)
+        cache_dir=cache_dir.expanduser(), results_dir=results_dir, storage_path=storage_path)
     try:
         result = run_sweep(spec, console)
     except _expected_errors() as exc:

@@ -56,6 +56,7 @@ class SweepSpec:
     lr: float = 0.002
     batch_size: int = 32
     cache_dir: Path = field(default_factory=lambda: Path("~/.cache/ca-flow/features").expanduser())
+    storage_path: str = "~/ray_results"  # Tune's experiment state; shared storage (NFS, s3://) on a cluster
     results_dir: Path = field(default_factory=lambda: Path("ca-flow-results"))
 
     def validate(self) -> None:
@@ -105,24 +106,25 @@ def grid(spec: SweepSpec, names: list[str]) -> list[dict]:
 
 # -- features ----------------------------------------------------------------------------------
 
-_ENCODERS: dict[tuple[str, str], LocalEncoder] = {}
+_ENCODERS: dict[tuple[str, str, str], LocalEncoder] = {}
 
 
-def _encoder(backbone: str, weights: str) -> LocalEncoder:
+def _encoder(backbone: str, weights: str, device: str) -> LocalEncoder:
     # Ray reuses worker processes: keep one loaded backbone per worker.
-    if (backbone, weights) not in _ENCODERS:
-        _ENCODERS[(backbone, weights)] = LocalEncoder(backbone, weights)
-    return _ENCODERS[(backbone, weights)]
+    key = (backbone, weights, device)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = LocalEncoder(backbone, weights, device)
+    return _ENCODERS[key]
 
 
 @ray.remote
-def _encode_images(backbone, weights, blobs, views, augment):
-    return _encoder(backbone, weights).images(blobs, views, augment)
+def _encode_images(backbone, weights, device, blobs, views, augment):
+    return _encoder(backbone, weights, device).images(blobs, views, augment)
 
 
 @ray.remote
-def _encode_text(backbone, weights, classnames, template):
-    return _encoder(backbone, weights).text(classnames, template)
+def _encode_text(backbone, weights, device, classnames, template):
+    return _encoder(backbone, weights, device).text(classnames, template)
 
 
 @dataclass
@@ -133,6 +135,10 @@ class RayEncoder:
     num_gpus: float
     slots: int
 
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus else "cpu"  # explicit: a GPU task without CUDA must fail
+
     def _opts(self):
         return dict(num_cpus=1, num_gpus=self.num_gpus)
 
@@ -140,7 +146,7 @@ class RayEncoder:
         size = max(16, math.ceil(len(blobs) / (2 * self.slots)))
         starts = list(range(0, len(blobs), size))
         refs = [_encode_images.options(**self._opts()).remote(
-            self.backbone, self.weights, blobs[s:s + size], views, augment) for s in starts]
+            self.backbone, self.weights, self.device, blobs[s:s + size], views, augment) for s in starts]
         parts = ray.get(refs)
         feats = np.concatenate([f for f, _ in parts])
         bad = {s + i: reason for s, (_, b) in zip(starts, parts) for i, reason in b.items()}
@@ -148,7 +154,7 @@ class RayEncoder:
 
     def text(self, classnames, template):
         return ray.get(_encode_text.options(**self._opts()).remote(
-            self.backbone, self.weights, classnames, template))
+            self.backbone, self.weights, self.device, classnames, template))
 
 
 @dataclass
@@ -191,7 +197,7 @@ def dataset_features(split: ds.Split, spec: SweepSpec, cache: FeatureCache, enco
 
 # -- the trial ---------------------------------------------------------------------------------
 
-def train_trial(t: dict, data: DatasetFeatures):
+def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
     """Fit and evaluate one grid point on in-memory features: no Ray, no MLflow."""
     import torch
 
@@ -202,6 +208,7 @@ def train_trial(t: dict, data: DatasetFeatures):
         raise RuntimeError(f"{t['dataset']}: no readable train image for {t['shots']} shots, seed {t['seed']}")
     torch.manual_seed(t["seed"])  # the adapter's init, reproducible per trial
     adapter = CLIPAdapter(torch.from_numpy(data.text), data.logit_scale, t["alpha"], t["beta"], t["adapter"])
+    adapter.to(device)
     cfg = TrainConfig(epochs=t["epochs"], lr=t["lr"], batch_size=t["batch_size"])
     losses = fit(adapter, data.train[train_rows], data.train_labels[train_rows], cfg, seed=t["seed"])
     metrics = dict(
@@ -213,10 +220,10 @@ def train_trial(t: dict, data: DatasetFeatures):
                                 "weights_id", "epochs", "lr", "batch_size", "views")}
     params.update(adapter=t["adapter"], momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                   warmup_epochs=cfg.warmup_epochs)
-    return adapter, losses, metrics, params
+    return adapter.cpu(), losses, metrics, params
 
 
-def run_trial(config: dict, features: dict, uri: str, threads: int) -> None:
+def run_trial(config: dict, features: dict, uri: str, threads: int, gpu: bool) -> None:
     """The Tune trainable: train one grid point, log it to its MLflow run, report to Tune."""
     import torch
 
@@ -224,16 +231,19 @@ def run_trial(config: dict, features: dict, uri: str, threads: int) -> None:
     from clip_adapter.artifact import AdapterMeta
 
     torch.set_num_threads(threads)  # small matmuls: more threads than CPUs granted is much slower
+    if gpu and not torch.cuda.is_available():
+        raise RuntimeError("the trial was given a GPU but torch sees no CUDA device; fix the node's CUDA setup")
     t, started = config["trial"], time.perf_counter()
     data: DatasetFeatures = features[t["dataset"]]
-    adapter, losses, metrics, params = train_trial(t, data)
+    adapter, losses, metrics, params = train_trial(t, data, "cuda" if gpu else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        save_adapter(tmp, adapter, AdapterMeta(
+        folder = Path(tmp) / "adapter"  # a fixed name inside the logged model, not a random one
+        save_adapter(folder, adapter, AdapterMeta(
             backbone=t["backbone"], weights=t["weights"], weights_id=t["weights_id"],
             classnames=data.classnames, template=data.template, alpha=t["alpha"], beta=t["beta"],
             variant=t["adapter"], reduction=adapter.reduction, logit_scale=data.logit_scale,
             dataset=t["dataset"]))
-        tracking.log_trial(uri, t["run_id"], params, metrics, losses, tmp)
+        tracking.log_trial(uri, t["run_id"], params, metrics, losses, str(folder))
     tune.report({**metrics, "trial_seconds": time.perf_counter() - started})
 
 
@@ -324,7 +334,8 @@ def run_sweep(spec: SweepSpec, console) -> SweepResult:
         t["run_id"] = runs[t["key"]]
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, features=features, uri=uri, threads=max(1, int(spec.cpus_per_trial))),
+        tune.with_parameters(run_trial, features=features, uri=uri, threads=max(1, int(spec.cpus_per_trial)),
+                             gpu=spec.gpus_per_trial > 0),
         {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
     progress = TrialProgress(len(trials), console)
     tuner = tune.Tuner(
@@ -332,7 +343,8 @@ def run_sweep(spec: SweepSpec, console) -> SweepResult:
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=slots),
         run_config=tune.RunConfig(name=f"ca-flow-{sweep_id}", verbose=0, callbacks=[progress],
-                                  storage_path=str(Path("~/ray_results").expanduser())))
+                                  storage_path=spec.storage_path if "://" in spec.storage_path
+                                  else str(Path(spec.storage_path).expanduser().resolve())))
     tune_started = time.perf_counter()
     with progress:
         grid_result = tuner.fit()
