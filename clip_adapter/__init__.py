@@ -4,11 +4,12 @@ from .artifact import AdapterClassifier, AdapterMeta, load_adapter, save_adapter
 from .backbone import Backbone, BackboneError, load_backbone
 from .datasets import DatasetError, Split, few_shot
 from .features import FeatureCache, LocalEncoder
+from .methods import METHODS, FewShot, Method, make
 from .train import TrainConfig, epochs_for_shots, evaluate, fit, zero_shot_accuracy
 
 __all__ = [
     "AdapterClassifier", "AdapterMeta", "Backbone", "BackboneError", "CLIPAdapter", "DatasetError",
-    "FeatureCache", "LocalEncoder", "Split", "TrainConfig", "epochs_for_shots", "evaluate",
+    "FeatureCache", "FewShot", "LocalEncoder", "METHODS", "Method", "make", "Split", "TrainConfig", "epochs_for_shots", "evaluate",
     "few_shot", "fit", "load_adapter", "load_backbone", "save_adapter", "zero_shot_accuracy",
     "zero_shot_logits",
 ]

@@ -11,51 +11,49 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .adapter import CLIPAdapter
 from .backbone import RANDOM, Backbone, BackboneError, load_backbone, weights_identity
+from .methods import Method, make
 
-FORMAT = "ca-flow-adapter/1"
+FORMAT = "ca-flow-adapter/2"
 WEIGHTS, META = "adapter.safetensors", "adapter.json"
+TEXT = "text_classifier"  # beside the method's own tensors: every method is rebuilt from it
 
 
 @dataclass
 class AdapterMeta:
+    method: str                 # a name in clip_adapter.methods.METHODS
+    config: dict                # the method's hyperparameters (alpha, beta, ... for CLIP-Adapter)
     backbone: str
     weights: str
     weights_id: str
     classnames: list[str]
     template: str | list[str]
-    alpha: float
-    beta: float
-    variant: str
-    reduction: int
     logit_scale: float
     dataset: str = ""
     format: str = FORMAT
 
 
-def save_adapter(directory: str | Path, adapter: CLIPAdapter, meta: AdapterMeta) -> Path:
+def save_adapter(directory: str | Path, method: Method, text: torch.Tensor, meta: AdapterMeta) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # text_weights (the text classifier) travel inside the safetensors file with the adapter.
-    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()},
-              str(directory / WEIGHTS))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    tensors[TEXT] = torch.as_tensor(text, dtype=torch.float32).cpu().contiguous()
+    save_file(tensors, str(directory / WEIGHTS))
     tmp = directory / (META + ".tmp")
     tmp.write_text(json.dumps(asdict(meta), indent=2))
-    os.replace(tmp, directory / META)
+    os.replace(tmp, directory / META)  # the JSON last: a folder with it is complete
     return directory
 
 
-def load_adapter(directory: str | Path) -> tuple[CLIPAdapter, AdapterMeta]:
+def load_adapter(directory: str | Path) -> tuple[Method, AdapterMeta]:
     directory = Path(directory)
     meta = AdapterMeta(**json.loads((directory / META).read_text()))
     if meta.format != FORMAT:
         raise ValueError(f"{directory / META}: format {meta.format!r}, expected {FORMAT!r}")
     state = load_file(str(directory / WEIGHTS))
-    adapter = CLIPAdapter(state["text_weights"], meta.logit_scale, meta.alpha, meta.beta,
-                          meta.variant, meta.reduction)
-    adapter.load_state_dict(state)
-    return adapter.eval(), meta
+    method = make(meta.method, state.pop(TEXT), meta.logit_scale, **meta.config)
+    method.load_state_dict(state)
+    return method.eval(), meta
 
 
 def _to_image(image) -> Image.Image:
@@ -70,18 +68,18 @@ class AdapterClassifier:
     """Backbone + adapter: images in, class probabilities out."""
 
     def __init__(self, directory: str | Path, device: str | None = None):
-        self.adapter, self.meta = load_adapter(directory)
+        self.method, self.meta = load_adapter(directory)
         if self.meta.weights != RANDOM and weights_identity(self.meta.weights) != self.meta.weights_id:
             raise BackboneError(f"weights {self.meta.weights} are not the ones this adapter was trained on "
                                 f"({self.meta.weights_id}); restore that file")
         self.backbone: Backbone = load_backbone(self.meta.backbone, self.meta.weights, device)
-        self.adapter.to(self.backbone.device)
+        self.method.to(self.backbone.device)
 
     @torch.no_grad()
     def probabilities(self, images: list) -> torch.Tensor:
         batch = torch.stack([self.backbone.test_transform(_to_image(im)) for im in images])
         feats = self.backbone.encode_images(batch).to(self.backbone.device)
-        return self.adapter(feats).softmax(-1).cpu()
+        return self.method(feats).softmax(-1).cpu()
 
     def predict(self, images: list, top_k: int = 3) -> list[list[tuple[str, float]]]:
         probs = self.probabilities(images)

@@ -87,9 +87,9 @@ def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(adapter: CLIPAdapter, features: np.ndarray, labels: np.ndarray) -> float:
+def evaluate(adapter: torch.nn.Module, features: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy on single-view features [n, D] (or [n, 1, D])."""
-    feats = torch.from_numpy(features.reshape(len(features), -1)).to(adapter.text_weights.device)
+    feats = torch.from_numpy(features.reshape(len(features), -1)).to(next(adapter.buffers()).device)
     return accuracy(adapter(feats), labels)
 
 

@@ -4,32 +4,36 @@ import zipfile
 import pytest
 import torch
 
-from clip_adapter import AdapterClassifier, AdapterMeta, CLIPAdapter, load_adapter, save_adapter
+from clip_adapter import AdapterClassifier, AdapterMeta, load_adapter, make, save_adapter
 from clip_adapter.backbone import TINY, BackboneError, load_backbone, weights_identity
 
 
-def meta(width, **kw):
-    base = dict(backbone=TINY, weights="random", weights_id=weights_identity("random"),
-                classnames=["red", "green", "blue"], template="a photo of a {}.", alpha=0.4, beta=0.2,
-                variant="both", reduction=4, logit_scale=14.3, dataset="colours")
-    return AdapterMeta(**{**base, **kw})
+def adapter_and_meta(width, text=None, **config):
+    text = torch.randn(3, width) if text is None else text
+    method = make("clip-adapter", text, 14.3, **{"alpha": 0.4, **config})
+    meta = AdapterMeta(method="clip-adapter", config=method.config(), backbone=TINY, weights="random",
+                       weights_id=weights_identity("random"), classnames=["red", "green", "blue"],
+                       template="a photo of a {}.", logit_scale=14.3, dataset="colours")
+    return method.eval(), text, meta
 
 
 def test_round_trip_is_safetensors_and_json(tmp_path, tiny):
-    adapter = CLIPAdapter(torch.randn(3, tiny.width), 14.3, alpha=0.4, beta=0.2, variant="both")
-    torch.nn.init.normal_(adapter.visual[0].weight)
-    save_adapter(tmp_path, adapter, meta(tiny.width))
+    method, text, meta = adapter_and_meta(tiny.width, beta=0.2, variant="both")
+    torch.nn.init.normal_(method.adapter.visual[0].weight)
+    save_adapter(tmp_path, method, text, meta)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.json", "adapter.safetensors"]
     assert not zipfile.is_zipfile(tmp_path / "adapter.safetensors")  # not a torch pickle archive
-    assert json.loads((tmp_path / "adapter.json").read_text())["classnames"] == ["red", "green", "blue"]
+    saved = json.loads((tmp_path / "adapter.json").read_text())
+    assert saved["classnames"] == ["red", "green", "blue"]
+    assert saved["config"]["alpha"] == 0.4 and saved["config"]["beta"] == 0.2
     loaded, m = load_adapter(tmp_path)
     x = torch.randn(4, tiny.width)
-    assert torch.equal(loaded(x), adapter.eval()(x)) and m.variant == "both"
+    assert torch.equal(loaded(x), method(x)) and m.config["variant"] == "both"
 
 
 def test_classifier_reproduces_the_random_backbone_and_predicts(tmp_path, tiny, colour_root):
-    adapter = CLIPAdapter(torch.randn(3, tiny.width), 14.3, alpha=0.4)
-    save_adapter(tmp_path, adapter, meta(tiny.width, variant="visual"))
+    adapter, text, meta = adapter_and_meta(tiny.width)
+    save_adapter(tmp_path, adapter, text, meta)
     clf = AdapterClassifier(tmp_path, device="cpu")
     image = next((colour_root / "colours" / "red").iterdir())
     (top,) = clf.predict([image], top_k=2)
@@ -43,8 +47,9 @@ def test_weights_file_must_be_the_one_trained_on(tmp_path, tiny):
     weights = tmp_path / "w.safetensors"
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(weights))
-    save_adapter(tmp_path / "a", CLIPAdapter(torch.randn(3, tiny.width), 14.3),
-                 meta(tiny.width, variant="visual", weights=str(weights), weights_id=weights_identity(str(weights))))
+    method, text, meta = adapter_and_meta(tiny.width)
+    meta.weights, meta.weights_id = str(weights), weights_identity(str(weights))
+    save_adapter(tmp_path / "a", method, text, meta)
     assert AdapterClassifier(tmp_path / "a", device="cpu").backbone.weights == str(weights)
     weights.write_bytes(b"changed")
     with pytest.raises(BackboneError, match="not the ones this adapter was trained on"):

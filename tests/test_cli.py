@@ -20,8 +20,9 @@ from workflows.cli import app
 
 runner = CliRunner()
 SHOTS, SEEDS, ALPHAS = [1, 2], [1, 2], [0.2, 0.6]
-PARAMS = {"dataset", "shots", "seed", "alpha", "beta", "adapter", "backbone", "weights", "epochs", "lr",
+PARAMS = {"dataset", "method", "shots", "seed", "alpha", "beta", "adapter", "backbone", "weights", "epochs", "lr",
           "batch_size", "views"}
+TRIALS = 2 * len(SHOTS) * len(SEEDS) * len(ALPHAS) + 2 * len(SEEDS)  # CLIP-Adapter grid + zero-shot per seed
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def runs_of(swept):
 
 def test_sweep_reports_the_unreadable_image_and_goes_on(swept):
     assert f"skipping unreadable image {swept['corrupt']}" in " ".join(swept["result"].output.split())
-    assert "16 trials, 0 failed" in swept["result"].output
+    assert f"{TRIALS} trials, 0 failed" in swept["result"].output
 
 
 def test_mlflow_has_parent_and_one_child_per_grid_point(swept):
@@ -65,9 +66,10 @@ def test_mlflow_has_parent_and_one_child_per_grid_point(swept):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    assert len(children) == 2 * len(SHOTS) * len(SEEDS) * len(ALPHAS) == 16
+    assert len(children) == TRIALS
+    assert sum(r.data.params["method"] == "zero-shot" for r in children) == 2 * len(SEEDS)
     points = set()
-    for run in children:
+    for run in [r for r in children if r.data.params["method"] == "clip-adapter"]:
         p, m, t = run.data.params, run.data.metrics, run.data.tags
         assert run.info.status == "FINISHED"
         assert PARAMS <= set(p) and p["weights"] == "random" and p["backbone"] == TINY
@@ -88,15 +90,46 @@ def test_results_parquet_and_summary_match_mlflow(swept):
     frame = pd.read_parquet(path)
     _, runs = runs_of(swept)
     by_id = {r.info.run_id: r for r in runs}
-    assert len(frame) == 16 and (frame["status"] == "FINISHED").all()
+    assert len(frame) == TRIALS and (frame["status"] == "FINISHED").all()
     for row in frame.itertuples():
         assert by_id[row.run_id].data.metrics["test_acc"] == pytest.approx(row.test_acc)
-    # The summary picks alpha on validation, per seed, and prints the test mean beside zero-shot.
-    picked = frame.sort_values(["val_acc", "alpha"], ascending=[False, True]).groupby(["dataset", "shots", "seed"]).head(1)
-    mean = picked.groupby(["dataset", "shots"])["test_acc"].mean()
+    # The table picks alpha on validation, per seed, and prints the test mean +- std over seeds.
     out = " ".join(swept["result"].output.replace("│", " ").split())
-    for (dataset, shots), value in mean.items():
-        assert f"{dataset} {shots} 2 {100 * value:.2f} +-" in out, out
+    for dataset, cells in expected_cells(frame[frame["method"] == "clip-adapter"]).items():
+        assert f"{dataset} {' '.join(cells)}" in out, out
+
+
+def expected_cells(frame):
+    """Per dataset, 'mean +- std' per shots, recomputed by hand: best val_acc per seed, ties to lower alpha."""
+    picked = frame.sort_values(["val_acc", "alpha"], ascending=[False, True]).groupby(["dataset", "shots", "seed"]).head(1)
+    stats = picked.groupby(["dataset", "shots"])["test_acc"].agg(["mean", "std"]) * 100
+    return {d: [f"{stats.loc[(d, k), 'mean']:.2f} +- {stats.loc[(d, k), 'std']:.2f}" for k in SHOTS]
+            for d in sorted(set(picked["dataset"]))}
+
+
+def test_report_table_equals_the_mlflow_runs_and_figure_is_logged(swept):
+    out_dir = swept["work"] / "report"
+    result = runner.invoke(app, ["report", "--tracking-uri", swept["uri"], "--out", str(out_dir), "--paper"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "not comparable" in result.output  # a random tiny backbone is not RN50 + OpenAI
+    exp, runs = runs_of(swept)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    from_mlflow = pd.DataFrame([dict(dataset=r.data.params["dataset"], method=r.data.params["method"],
+                                     shots=int(r.data.params["shots"]), seed=int(r.data.params["seed"]),
+                                     alpha=float(r.data.params["alpha"]) if "alpha" in r.data.params else 0.0,
+                                     val_acc=r.data.metrics["val_acc"], test_acc=r.data.metrics["test_acc"])
+                                for r in children])
+    (sweep_dir,) = out_dir.iterdir()
+    table = pd.read_csv(sweep_dir / "table.csv", index_col=[0, 1])
+    for dataset, cells in expected_cells(from_mlflow[from_mlflow["method"] == "clip-adapter"]).items():
+        assert table.loc[("clip-adapter", dataset)].tolist() == cells
+    zs = from_mlflow[from_mlflow["method"] == "zero-shot"].groupby("dataset")["test_acc"].agg(["mean", "std"]) * 100
+    for dataset, row in zs.iterrows():  # zero-shot fits nothing: the same figure in every shots column
+        assert table.loc[("zero-shot", dataset)].tolist() == [f"{row['mean']:.2f} +- {row['std']:.2f}"] * len(SHOTS)
+    assert (sweep_dir / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    logged = {a.path for a in swept["client"].list_artifacts(parent.info.run_id, "report")}
+    assert logged == {"report/table.md", "report/table.csv", "report/figure.png"}
 
 
 def test_textile_images_went_through(swept):
@@ -117,7 +150,7 @@ def promoted(swept):
 def best_by_rule(runs, dataset):
     mine = [r for r in runs if r.data.params.get("dataset") == dataset]
     return min(mine, key=lambda r: (-r.data.metrics["val_acc"], -int(r.data.params["shots"]),
-                                    int(r.data.params["seed"]), float(r.data.params["alpha"])))
+                                    int(r.data.params["seed"]), float(r.data.params.get("alpha", 0.0))))
 
 
 def test_promote_registers_the_val_best_with_evidence_once(promoted):

@@ -241,7 +241,7 @@ def test_sweep_on_separate_head_and_worker_with_tracking_server(tmp_path):
                 started = time.monotonic()
                 sweep = subprocess.run(
                     [CA_FLOW, "sweep", "--datasets", "textile", "--backbone", "ca-flow-tiny",
-                     "--pretrained", "random", "--shots", "1,2", "--seeds", "1", "--alphas", "0.2,0.6",
+                     "--pretrained", "random", "--shots", "1,2", "--seeds", "1", "--alphas", "0.2,0.6", "--methods", "clip-adapter",
                      "--epochs", "5", "--augment-views", "2", "--address", address,
                      "--tracking-uri", uri, "--experiment", "dist",
                      "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")],

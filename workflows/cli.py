@@ -16,6 +16,9 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
 
 
+TABLE_TITLE = "test accuracy (%) at the point chosen on validation, mean +- std over seeds"
+
+
 def fail(message: str) -> None:
     err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
@@ -45,7 +48,9 @@ def sweep(
     seeds: str = typer.Option("1,2,3", help="few-shot sampling seeds"),
     alphas: str = typer.Option("0.2,0.4,0.6,0.8", help="visual residual ratios, in [0, 1]"),
     betas: str = typer.Option("0.2", help="text residual ratios, in [0, 1] (text and both adapters)"),
-    adapter: str = typer.Option("visual", help="adapter variants: visual,text,both"),
+    methods: str = typer.Option("clip-adapter,zero-shot",
+                                help="clip-adapter,zero-shot,linear-probe,tip-adapter,tip-adapter-f"),
+    adapter: str = typer.Option("visual", help="CLIP-Adapter variants: visual,text,both"),
     backbone: str = typer.Option("RN50-quickgelu", help="open_clip model name"),
     pretrained: str = typer.Option("openai", help="pretrained tag, a local weights file, or random"),
     experiment: str = typer.Option("ca-flow", help="MLflow experiment"),
@@ -62,7 +67,7 @@ def sweep(
     storage_path: str = typer.Option("~/ray_results", help="Tune's state; shared (NFS, s3://) on a multi-node cluster"),
 ):
     """Run one Ray Tune trial per (dataset, shots, seed, alpha) and track each in MLflow."""
-    from workflows.report import summary_table
+    from workflows.report import cells, paper_table, rich_tables
     from workflows.sweep import SweepSpec, run_sweep
 
     from clip_adapter.datasets import default_data_root
@@ -71,7 +76,7 @@ def sweep(
         datasets=datasets, data_root=(data_root or default_data_root()).expanduser(),
         shots=_list(shots, int, "--shots"), seeds=_list(seeds, int, "--seeds"),
         alphas=_list(alphas, float, "--alphas"), betas=_list(betas, float, "--betas"),
-        adapters=_list(adapter, str, "--adapter"), backbone=backbone, pretrained=pretrained,
+        adapters=_list(adapter, str, "--adapter"), methods=_list(methods, str, "--methods"), backbone=backbone, pretrained=pretrained,
         experiment=experiment, tracking_uri=tracking_uri, address=address,
         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, epochs=epochs,
         augment_views=augment_views, lr=lr, batch_size=batch_size,
@@ -80,7 +85,8 @@ def sweep(
         result = run_sweep(spec, console)
     except _expected_errors() as exc:
         fail(str(exc))
-    console.print(summary_table(result.results))
+    for table in rich_tables(cells(paper_table(result.results)), TABLE_TITLE):
+        console.print(table)
     console.print(f"sweep {result.sweep_id}: {len(result.results)} trials, {result.failed} failed, "
                   f"{result.seconds:.1f} s; parent run {result.parent_run_id}; results {result.results_path}")
     if result.failed:
@@ -105,7 +111,7 @@ def promote(
         client = tracking.connect(uri, must_exist=True)
         chosen = p.choose(client, experiment, _list(datasets, str, "--datasets") if datasets else None)
         table = Table(title="dry run: would promote" if dry_run else f"promoted as @{alias}")
-        for col in ("dataset", "model", "version", "run", "val_acc", "test_acc", "shots", "seed", "alpha"):
+        for col in ("dataset", "model", "version", "run", "method", "val_acc", "test_acc", "shots", "seed", "alpha"):
             table.add_column(col)
         for dataset, run in chosen.items():
             version = "-"
@@ -114,11 +120,47 @@ def promote(
                 version = done.version + ("" if done.new else " (existing)")
             prm, met = run.data.params, run.data.metrics
             table.add_row(dataset, p.model_name(dataset), version, run.info.run_id[:12],
-                          f"{met['val_acc']:.4f}", f"{met.get('test_acc', float('nan')):.4f}",
-                          prm["shots"], prm["seed"], prm["alpha"])
+                          prm.get("method", "clip-adapter"), f"{met['val_acc']:.4f}",
+                          f"{met.get('test_acc', float('nan')):.4f}", prm["shots"], prm["seed"], prm.get("alpha", "-"))
     except _expected_errors() as exc:
         fail(str(exc))
     console.print(table)
+
+
+@app.command()
+def report(
+    experiment: str = typer.Option("ca-flow", help="MLflow experiment"),
+    sweep: Optional[str] = typer.Option(None, help="sweep id; default: the latest sweep of the experiment"),
+    paper: bool = typer.Option(False, "--paper", help="show the published RN50 numbers and the difference"),
+    out: Path = typer.Option(Path("ca-flow-report"), help="folder for table.md, table.csv, figure.png"),
+    tracking_uri: Optional[str] = typer.Option(None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db"),
+):
+    """The paper's table and figure for a sweep: printed, written to --out, logged on its parent run."""
+    from workflows import tracking
+    from workflows.report import cells, comparable_to_paper, paper_table, rich_tables, write_report
+
+    try:
+        uri = tracking.resolve_uri(tracking_uri)
+        client = tracking.connect(uri, must_exist=True)
+        parent, frame = tracking.sweep_runs(client, experiment, sweep)
+    except _expected_errors() as exc:
+        fail(str(exc))
+    if frame.empty or not (frame["status"] == "FINISHED").any():
+        fail(f"sweep {parent.data.tags.get(tracking.SWEEP_ID)} has no finished trial runs to report")
+    sweep_id = parent.data.tags[tracking.SWEEP_ID]
+    params = parent.data.params
+    why_not = comparable_to_paper(params.get("backbone", ""), params.get("pretrained", "")) if paper else None
+    show_paper = paper and why_not is None
+    title = f"{TABLE_TITLE} (sweep {sweep_id}, {params.get('backbone')} / {params.get('pretrained')} weights)"
+    for table in rich_tables(cells(paper_table(frame), show_paper), title):
+        console.print(table)
+    if why_not:
+        console.print(f"--paper: {why_not}", markup=False, highlight=False)
+    paths = write_report(frame, (out / sweep_id).resolve(), title, show_paper)
+    for path in paths:
+        client.log_artifact(parent.info.run_id, str(path), "report")
+    console.print(f"wrote {', '.join(str(p) for p in paths)}; logged under report/ on run {parent.info.run_id}",
+                  markup=False, highlight=False)
 
 
 @app.command()

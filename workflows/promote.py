@@ -32,7 +32,8 @@ def rank_key(run: Run):
     """Best val_acc; ties: more shots, then lower seed, then lower alpha (closer to zero-shot)."""
     p = run.data.params
     val = run.data.metrics["val_acc"]
-    return (-(val if val == val else -1.0), -int(p["shots"]), int(p["seed"]), float(p["alpha"]), run.info.run_id)
+    return (-(val if val == val else -1.0), -int(p["shots"]), int(p["seed"]), float(p.get("alpha", 0.0)),
+            run.info.run_id)
 
 
 def choose(client: MlflowClient, experiment: str, datasets: list[str] | None = None) -> dict[str, Run]:
@@ -71,7 +72,8 @@ def promote(client: MlflowClient, dataset: str, run: Run, alias: str) -> Promoti
         p, m = run.data.params, run.data.metrics
         evidence = dict(run_id=run.info.run_id, sweep_id=run.data.tags.get(tracking.SWEEP_ID, ""),
                         val_acc=m["val_acc"], test_acc=m.get("test_acc", ""), shots=p["shots"],
-                        seed=p["seed"], alpha=p["alpha"], beta=p.get("beta", ""), adapter=p.get("adapter", ""),
+                        seed=p["seed"], method=p.get("method", "clip-adapter"), alpha=p.get("alpha", ""),
+                        beta=p.get("beta", ""), adapter=p.get("adapter", ""),
                         backbone=p.get("backbone", ""), weights=p.get("weights", ""),
                         random_weights=run.data.tags.get(tracking.RANDOM_WEIGHTS, ""))
         try:

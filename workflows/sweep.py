@@ -24,6 +24,7 @@ from ray import tune  # noqa: E402
 from clip_adapter import datasets as ds  # noqa: E402
 from clip_adapter.backbone import RANDOM, TINY, available_models, weights_identity  # noqa: E402
 from clip_adapter.features import FeatureCache, LocalEncoder  # noqa: E402
+from clip_adapter.methods import METHODS  # noqa: E402
 from clip_adapter.train import epochs_for_shots  # noqa: E402
 
 from . import tracking  # noqa: E402
@@ -44,6 +45,7 @@ class SweepSpec:
     alphas: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
     betas: list[float] = field(default_factory=lambda: [0.2])
     adapters: list[str] = field(default_factory=lambda: ["visual"])
+    methods: list[str] = field(default_factory=lambda: ["clip-adapter", "zero-shot"])
     backbone: str = "RN50-quickgelu"
     pretrained: str = "openai"
     experiment: str = "ca-flow"
@@ -77,6 +79,9 @@ class SweepSpec:
         if self.backbone not in available_models():
             raise SweepError(f"unknown backbone {self.backbone!r}; see open_clip.list_models(), e.g. "
                              f"RN50-quickgelu, ViT-B-32-quickgelu, or {TINY} for tests")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise SweepError(f"unknown method {(unknown or [''])[0]!r}; choose from {', '.join(sorted(METHODS))}")
         bad = [a for a in self.adapters if a not in ("visual", "text", "both")]
         if bad:
             raise SweepError(f"unknown adapter variant {bad[0]!r}; use visual, text or both")
@@ -84,23 +89,36 @@ class SweepSpec:
 
 # -- grid --------------------------------------------------------------------------------------
 
+def _points(spec: SweepSpec, method: str, shots: list[int]):
+    """(shots, hparams) per trial of one method on one dataset and seed."""
+    if method == "clip-adapter":
+        for k, variant, alpha, beta in itertools.product(shots, spec.adapters, spec.alphas, spec.betas):
+            if (variant == "visual" and beta != spec.betas[0]) or (variant == "text" and alpha != spec.alphas[0]):
+                continue  # a ratio the variant does not use: one trial is enough
+            yield k, dict(variant=variant, alpha=alpha, beta=beta, epochs=spec.epochs or epochs_for_shots(k),
+                          lr=spec.lr, batch_size=spec.batch_size)
+    elif not METHODS[method].trains:
+        # Nothing is fitted: one trial per (dataset, seed) is enough; it validates on the largest K.
+        yield max(shots), {}
+    else:
+        for k in shots:
+            yield k, ({"epochs": spec.epochs} if spec.epochs and method == "tip-adapter-f" else {})
+
+
 def grid(spec: SweepSpec, names: list[str]) -> list[dict]:
     """One dict per trial; its key hashes everything that changes the trial's result."""
     weights_id = weights_identity(spec.pretrained)
     trials = []
-    for dataset, shots, seed, variant, alpha, beta in itertools.product(
-            names, spec.shots, spec.seeds, spec.adapters, spec.alphas, spec.betas):
-        if variant == "visual" and beta != spec.betas[0]:
-            continue  # beta is unused by a visual-only adapter: one trial is enough
-        if variant == "text" and alpha != spec.alphas[0]:
-            continue
-        point = dict(dataset=dataset, shots=shots, seed=seed, adapter=variant, alpha=alpha, beta=beta,
-                     backbone=spec.backbone, weights=spec.pretrained, weights_id=weights_id,
-                     epochs=spec.epochs or epochs_for_shots(shots), lr=spec.lr,
-                     batch_size=spec.batch_size, views=spec.augment_views)
-        key = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
-        name = f"{dataset}-{shots}shot-seed{seed}-{variant}-a{alpha:g}" + (f"-b{beta:g}" if variant != "visual" else "")
-        trials.append(dict(point, key=key, name=name))
+    for dataset, method, seed in itertools.product(names, spec.methods, spec.seeds):
+        for shots, hparams in _points(spec, method, spec.shots):
+            point = dict(dataset=dataset, method=method, shots=shots, seed=seed, hparams=hparams,
+                         backbone=spec.backbone, weights=spec.pretrained, weights_id=weights_id,
+                         views=spec.augment_views)
+            key = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
+            name = "-".join([dataset, method, f"{shots}shot", f"seed{seed}"]
+                            + [f"{k}{v:g}" if isinstance(v, float) else str(v)
+                               for k, v in hparams.items() if k in ("variant", "alpha", "beta")])
+            trials.append(dict(point, key=key, name=name))
     return trials
 
 
@@ -201,26 +219,29 @@ def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
     """Fit and evaluate one grid point on in-memory features: no Ray, no MLflow."""
     import torch
 
-    from clip_adapter import CLIPAdapter, TrainConfig, evaluate, fit, zero_shot_accuracy
+    from clip_adapter import evaluate, zero_shot_accuracy
+    from clip_adapter.methods import FewShot, make
 
     train_rows, val_rows = data.rows[(t["shots"], t["seed"])]
     if len(train_rows) == 0:
         raise RuntimeError(f"{t['dataset']}: no readable train image for {t['shots']} shots, seed {t['seed']}")
-    torch.manual_seed(t["seed"])  # the adapter's init, reproducible per trial
-    adapter = CLIPAdapter(torch.from_numpy(data.text), data.logit_scale, t["alpha"], t["beta"], t["adapter"])
-    adapter.to(device)
-    cfg = TrainConfig(epochs=t["epochs"], lr=t["lr"], batch_size=t["batch_size"])
-    losses = fit(adapter, data.train[train_rows], data.train_labels[train_rows], cfg, seed=t["seed"])
+    few_shot = FewShot(data.train[train_rows], data.train_labels[train_rows], data.val[val_rows],
+                       data.val_labels[val_rows], data.text, data.logit_scale)
+    method = make(t["method"], torch.from_numpy(data.text), data.logit_scale, **t["hparams"]).to(device)
+    fitted = method.fit(few_shot, t["seed"])  # sees train and val only: every choice is made on val
+    method.eval()
     metrics = dict(
-        val_acc=evaluate(adapter, data.val[val_rows], data.val_labels[val_rows]),
-        test_acc=evaluate(adapter, data.test, data.test_labels),
+        val_acc=evaluate(method, few_shot.val, few_shot.val_labels),
+        test_acc=evaluate(method, data.test, data.test_labels),
         zs_test_acc=zero_shot_accuracy(data.test, data.test_labels, data.text, data.logit_scale),
-        train_loss_final=losses[-1], n_train=len(train_rows), n_val=len(val_rows), n_test=len(data.test))
-    params = {k: t[k] for k in ("dataset", "shots", "seed", "alpha", "beta", "backbone", "weights",
-                                "weights_id", "epochs", "lr", "batch_size", "views")}
-    params.update(adapter=t["adapter"], momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                  warmup_epochs=cfg.warmup_epochs)
-    return adapter.cpu(), losses, metrics, params
+        n_train=len(train_rows), n_val=len(val_rows), n_test=len(data.test))
+    if fitted.losses:
+        metrics["train_loss_final"] = fitted.losses[-1]
+    params = {k: t[k] for k in ("dataset", "method", "shots", "seed", "backbone", "weights", "weights_id", "views")}
+    config = method.config()
+    params.update({("adapter" if k == "variant" else k): v for k, v in config.items()})
+    params.update({f"chosen_{k}": v for k, v in fitted.chosen.items()})
+    return method.cpu(), fitted.losses, metrics, params
 
 
 def run_trial(config: dict, features: dict, uri: str, threads: int, gpu: bool) -> None:
@@ -235,14 +256,13 @@ def run_trial(config: dict, features: dict, uri: str, threads: int, gpu: bool) -
         raise RuntimeError("the trial was given a GPU but torch sees no CUDA device; fix the node's CUDA setup")
     t, started = config["trial"], time.perf_counter()
     data: DatasetFeatures = features[t["dataset"]]
-    adapter, losses, metrics, params = train_trial(t, data, "cuda" if gpu else "cpu")
+    method, losses, metrics, params = train_trial(t, data, "cuda" if gpu else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "adapter"  # a fixed name inside the logged model, not a random one
-        save_adapter(folder, adapter, AdapterMeta(
-            backbone=t["backbone"], weights=t["weights"], weights_id=t["weights_id"],
-            classnames=data.classnames, template=data.template, alpha=t["alpha"], beta=t["beta"],
-            variant=t["adapter"], reduction=adapter.reduction, logit_scale=data.logit_scale,
-            dataset=t["dataset"]))
+        save_adapter(folder, method, torch.from_numpy(data.text), AdapterMeta(
+            method=t["method"], config=method.config(), backbone=t["backbone"], weights=t["weights"],
+            weights_id=t["weights_id"], classnames=data.classnames, template=data.template,
+            logit_scale=data.logit_scale, dataset=t["dataset"]))
         tracking.log_trial(uri, t["run_id"], params, metrics, losses, str(folder))
     tune.report({**metrics, "trial_seconds": time.perf_counter() - started})
 
@@ -356,7 +376,10 @@ def run_sweep(spec: SweepSpec, console) -> SweepResult:
         error = result.error
         if error is not None:
             failed_runs.append(t["run_id"])
-        rows.append(dict({k: t[k] for k in ("key", "run_id", "dataset", "shots", "seed", "adapter", "alpha", "beta")},
+        hp = t["hparams"]
+        rows.append(dict({k: t[k] for k in ("key", "run_id", "dataset", "method", "shots", "seed")},
+                         adapter=hp.get("variant", ""), alpha=hp.get("alpha", float("nan")),
+                         beta=hp.get("beta", float("nan")),
                          **{k: (result.metrics or {}).get(k, float("nan"))
                             for k in ("val_acc", "test_acc", "zs_test_acc", "train_loss_final", "trial_seconds")},
                          status="FAILED" if error else "FINISHED",

@@ -129,17 +129,53 @@ def log_trial(uri: str, run_id: str, params: dict, metrics: dict, losses: list[f
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         client, now = MlflowClient(uri), int(time.time() * 1000)
-        points = ([mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()]
-                  + [mlflow.entities.Metric("train_loss", float(v), now, epoch) for epoch, v in enumerate(losses)])
-        client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
-        for start in range(0, len(points), 1000):  # MLflow's per-batch limit
-            client.log_batch(run_id, metrics=points[start:start + 1000])
         info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=ADAPTER_MODEL_CODE, signature=SIGNATURE,
                                        artifacts={"adapter": adapter_dir}, pip_requirements=["ca-flow"])
-        client.set_tag(run_id, MODEL_URI, info.model_uri)
+        points = ([mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()]
+                  + [mlflow.entities.Metric("train_loss", float(v), now, epoch) for epoch, v in enumerate(losses)])
+        # One write for params, tag and the first metrics: MLflow takes 1000 entries a batch.
+        first = 1000 - len(params) - 1
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()],
+                         tags=[mlflow.entities.RunTag(MODEL_URI, info.model_uri)], metrics=points[:first])
+        for start in range(first, len(points), 1000):
+            client.log_batch(run_id, metrics=points[start:start + 1000])
 
 
 def mark_failed(client: MlflowClient, run_ids: list[str]) -> None:
     for run_id in run_ids:
         if client.get_run(run_id).info.status in ("SCHEDULED", "RUNNING"):
             client.set_terminated(run_id, status="FAILED")
+
+
+def sweep_runs(client: MlflowClient, experiment: str, sweep_id: str | None = None):
+    """(parent run, frame of its trial runs) for a sweep: the latest in the experiment by default."""
+    import pandas as pd
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise TrackingError(f"no experiment {experiment!r} in this tracking store; run `ca-flow sweep` first")
+    where = f"tags.`{SWEEP_ID}` = '{sweep_id}'" if sweep_id else f"tags.`{SWEEP_ID}` != ''"
+    parents = [r for r in client.search_runs([exp.experiment_id], where, order_by=["attributes.start_time DESC"],
+                                             max_results=1000) if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+    if not parents:
+        raise TrackingError(f"no sweep {sweep_id or ''} in experiment {experiment!r}; see the sweep ids "
+                            f"in the MLflow UI or run `ca-flow sweep`".replace("  ", " "))
+    parent = parents[0]
+    rows, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
+                                  max_results=5000, page_token=token)
+        for r in page:
+            p, m = r.data.params, r.data.metrics
+            rows.append(dict(run_id=r.info.run_id, key=r.data.tags.get(TRIAL_KEY, ""), dataset=p.get("dataset"),
+                             method=p.get("method", "clip-adapter"), shots=int(p.get("shots", 0)),
+                             seed=int(p.get("seed", 0)), adapter=p.get("adapter", ""),
+                             alpha=float(p["alpha"]) if "alpha" in p and "chosen_alpha" not in p else float("nan"),
+                             beta=float(p["beta"]) if "beta" in p and "chosen_beta" not in p else float("nan"),
+                             val_acc=m.get("val_acc", float("nan")), test_acc=m.get("test_acc", float("nan")),
+                             zs_test_acc=m.get("zs_test_acc", float("nan")),
+                             status=r.info.status if "test_acc" in m else "FAILED"))
+        token = page.token
+        if not token:
+            break
+    return parent, pd.DataFrame(rows)

@@ -30,6 +30,7 @@ class Split:
     train: list[Item]
     val: list[Item]
     test: list[Item]
+    val_from_train: bool = False  # no held-out val (ImageNet): few_shot draws val shots from unused train
 
     @property
     def num_images(self) -> int:
@@ -117,5 +118,5 @@ def load(found: Found) -> Split:
     return kind.read(found.path, found.name)
 
 
-from . import coop, folder  # noqa: E402,F401  (registers the built-in kinds)
+from . import coop, fgvc, folder, imagenet  # noqa: E402,F401  (registers the built-in kinds)
 from .sampling import few_shot  # noqa: E402,F401
