@@ -219,7 +219,8 @@ def list_datasets(
         for found in ds.discover(root):
             split = ds.load(found)
             table.add_row(found.name, found.kind, str(found.path), str(len(split.classnames)),
-                          str(len(split.train)), str(len(split.val)), str(len(split.test)))
+                          str(len(split.train)), "from train" if split.val_from_train else str(len(split.val)),
+                          str(len(split.test)))
     except ds.DatasetError as exc:
         fail(str(exc))
     console.print(table)
