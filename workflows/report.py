@@ -11,7 +11,8 @@ from rich.table import Table
 from clip_adapter.methods import METHODS
 
 RESULT_COLUMNS = ["sweep_id", "key", "run_id", "dataset", "method", "shots", "seed", "adapter", "alpha", "beta",
-                  "val_acc", "test_acc", "zs_test_acc", "train_loss_final", "trial_seconds", "status", "error"]
+                  "val_acc", "test_acc", "zs_test_acc", "train_loss_final", "trial_seconds", "mlflow_seconds",
+                  "status", "error"]
 PICK = ["dataset", "method", "shots", "seed"]
 
 # Published RN50 / OpenAI numbers (Tip-Adapter's log, one seed), from the method reference.

@@ -257,6 +257,7 @@ def run_trial(config: dict, features: dict, uri: str, threads: int, gpu: bool) -
     t, started = config["trial"], time.perf_counter()
     data: DatasetFeatures = features[t["dataset"]]
     method, losses, metrics, params = train_trial(t, data, "cuda" if gpu else "cpu")
+    trained = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "adapter"  # a fixed name inside the logged model, not a random one
         save_adapter(folder, method, torch.from_numpy(data.text), AdapterMeta(
@@ -264,7 +265,8 @@ def run_trial(config: dict, features: dict, uri: str, threads: int, gpu: bool) -
             weights_id=t["weights_id"], classnames=data.classnames, template=data.template,
             logit_scale=data.logit_scale, dataset=t["dataset"]))
         tracking.log_trial(uri, t["run_id"], params, metrics, losses, str(folder))
-    tune.report({**metrics, "trial_seconds": time.perf_counter() - started})
+    done = time.perf_counter()
+    tune.report({**metrics, "trial_seconds": done - started, "mlflow_seconds": done - trained})
 
 
 # -- Ray -----------------------------------------------------------------------------------------
@@ -381,7 +383,8 @@ def run_sweep(spec: SweepSpec, console) -> SweepResult:
                          adapter=hp.get("variant", ""), alpha=hp.get("alpha", float("nan")),
                          beta=hp.get("beta", float("nan")),
                          **{k: (result.metrics or {}).get(k, float("nan"))
-                            for k in ("val_acc", "test_acc", "zs_test_acc", "train_loss_final", "trial_seconds")},
+                            for k in ("val_acc", "test_acc", "zs_test_acc", "train_loss_final", "trial_seconds",
+                                      "mlflow_seconds")},
                          status="FAILED" if error else "FINISHED",
                          error=(str(error).strip().splitlines() or [""])[-1] if error else ""))
     tracking.mark_failed(client, failed_runs)
