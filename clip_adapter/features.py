@@ -129,7 +129,7 @@ class LocalEncoder:
 
 @dataclass
 class Features:
-    """Everything a trial needs for one dataset, in memory."""
+    """Cached features of a list of items, in its order."""
     features: np.ndarray     # [n, views, D] raw image features
     labels: np.ndarray       # [n]
     ok: np.ndarray           # [n] bool: False where the image could not be read

@@ -18,6 +18,7 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
@@ -311,7 +312,7 @@ def check_resources(cpus: float, gpus: float) -> int:
 class SweepResult:
     sweep_id: str
     parent_run_id: str
-    results: "object"   # pandas DataFrame, one row per trial
+    results: "pd.DataFrame"   # one row per trial
     results_path: Path
     seconds: float
     tune_seconds: float   # the trials alone, from Tuner start to its end
