@@ -74,9 +74,10 @@ def encode_blobs(backbone: Backbone, blobs: list[bytes], views: int, augment: bo
         except Exception as exc:  # PIL raises several types for truncated or foreign files
             bad[i] = f"cannot decode image: {exc}"
             continue
+        img = image_id(blob) if augment else ""
         for v in range(views):
             if augment:
-                torch.manual_seed(_view_seed(image_id(blob), v))
+                torch.manual_seed(_view_seed(img, v))
                 tensors.append(backbone.train_transform(image))
             else:
                 tensors.append(backbone.test_transform(image))

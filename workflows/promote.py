@@ -19,13 +19,8 @@ def model_name(dataset: str) -> str:
 
 
 def finished_trial_runs(client: MlflowClient, exp_id: str) -> list[Run]:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([exp_id], "attributes.status = 'FINISHED'", max_results=5000, page_token=token)
-        runs += [r for r in page if tracking.MODEL_URI in r.data.tags and "val_acc" in r.data.metrics]
-        token = page.token
-        if not token:
-            return runs
+    return [r for r in tracking.all_runs(client, exp_id, "attributes.status = 'FINISHED'")
+            if tracking.MODEL_URI in r.data.tags and "val_acc" in r.data.metrics]
 
 
 def rank_key(run: Run):

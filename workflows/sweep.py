@@ -26,7 +26,7 @@ from clip_adapter import datasets as ds  # noqa: E402
 from clip_adapter.backbone import RANDOM, TINY, available_models, weights_identity  # noqa: E402
 from clip_adapter.features import FeatureCache, LocalEncoder  # noqa: E402
 from clip_adapter.methods import METHODS  # noqa: E402
-from clip_adapter.train import epochs_for_shots  # noqa: E402
+from clip_adapter.train import epochs_for_shots, zero_shot_accuracy  # noqa: E402
 
 from . import tracking  # noqa: E402
 from .progress import TrialProgress  # noqa: E402
@@ -172,8 +172,9 @@ class RayEncoder:
         return feats, bad
 
     def text(self, classnames, template):
-        return ray.get(_encode_text.options(**self._opts()).remote(
+        weights, scale = ray.get(_encode_text.options(**self._opts()).remote(
             self.backbone, self.weights, self.device, classnames, template))
+        return np.array(weights), scale  # the object store hands back read-only arrays
 
 
 @dataclass
@@ -190,6 +191,7 @@ class DatasetFeatures:
     val_labels: np.ndarray
     test: np.ndarray
     test_labels: np.ndarray
+    zs_test_acc: float        # the same for every trial of the dataset: computed once, here
     rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # (shots, seed) -> (train, val) rows
 
 
@@ -208,10 +210,11 @@ def dataset_features(split: ds.Split, spec: SweepSpec, cache: FeatureCache, enco
                   np.array([val_row[i] for i in va if i in val_row], dtype=np.int64))
             for key, (tr, va) in subsets.items()}
     n_val, test_ok = len(val_items), held.ok[len(val_items):]
+    test, test_labels = held.features[n_val:, 0][test_ok], held.labels[n_val:][test_ok]
     return DatasetFeatures(
         split.name, split.classnames, split.template, text, scale,
         train.features, train.labels, held.features[:n_val, 0], held.labels[:n_val],
-        held.features[n_val:, 0][test_ok], held.labels[n_val:][test_ok], rows)
+        test, test_labels, zero_shot_accuracy(test, test_labels, text, scale), rows)
 
 
 # -- the trial ---------------------------------------------------------------------------------
@@ -220,7 +223,7 @@ def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
     """Fit and evaluate one grid point on in-memory features: no Ray, no MLflow."""
     import torch
 
-    from clip_adapter import evaluate, zero_shot_accuracy
+    from clip_adapter import evaluate
     from clip_adapter.methods import FewShot, make
 
     train_rows, val_rows = data.rows[(t["shots"], t["seed"])]
@@ -234,7 +237,7 @@ def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
     metrics = dict(
         val_acc=evaluate(method, few_shot.val, few_shot.val_labels),
         test_acc=evaluate(method, data.test, data.test_labels),
-        zs_test_acc=zero_shot_accuracy(data.test, data.test_labels, data.text, data.logit_scale),
+        zs_test_acc=data.zs_test_acc,
         n_train=len(train_rows), n_val=len(val_rows), n_test=len(data.test))
     if fitted.losses:
         metrics["train_loss_final"] = fitted.losses[-1]

@@ -105,11 +105,22 @@ def start_parent(client: MlflowClient, exp_id: str, sweep_id: str, params: dict,
     return run.info.run_id
 
 
+def all_runs(client: MlflowClient, exp_id: str, where: str) -> list:
+    """Every run matching `where`, page by page (one search returns at most a page)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], where, max_results=5000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def child_runs(client: MlflowClient, exp_id: str, parent_id: str, sweep_id: str,
                trials: list[dict]) -> dict[str, str]:
     """trial key -> run id; runs this parent already has for a key are reused, never duplicated."""
-    existing = {r.data.tags[TRIAL_KEY]: r.info.run_id for r in client.search_runs(
-        [exp_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'", max_results=50000)}
+    existing = {r.data.tags[TRIAL_KEY]: r.info.run_id
+                for r in all_runs(client, exp_id, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'")}
     runs = {}
     for t in trials:
         if t["key"] in existing:
@@ -161,21 +172,15 @@ def sweep_runs(client: MlflowClient, experiment: str, sweep_id: str | None = Non
         raise TrackingError(f"no sweep {sweep_id or ''} in experiment {experiment!r}; see the sweep ids "
                             f"in the MLflow UI or run `ca-flow sweep`".replace("  ", " "))
     parent = parents[0]
-    rows, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
-                                  max_results=5000, page_token=token)
-        for r in page:
-            p, m = r.data.params, r.data.metrics
-            rows.append(dict(run_id=r.info.run_id, key=r.data.tags.get(TRIAL_KEY, ""), dataset=p.get("dataset"),
-                             method=p.get("method", "clip-adapter"), shots=int(p.get("shots", 0)),
-                             seed=int(p.get("seed", 0)), adapter=p.get("adapter", ""),
-                             alpha=float(p["alpha"]) if "alpha" in p and "chosen_alpha" not in p else float("nan"),
-                             beta=float(p["beta"]) if "beta" in p and "chosen_beta" not in p else float("nan"),
-                             val_acc=m.get("val_acc", float("nan")), test_acc=m.get("test_acc", float("nan")),
-                             zs_test_acc=m.get("zs_test_acc", float("nan")),
-                             status=r.info.status if "test_acc" in m else "FAILED"))
-        token = page.token
-        if not token:
-            break
+    rows = []
+    for r in all_runs(client, exp.experiment_id, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'"):
+        p, m = r.data.params, r.data.metrics
+        rows.append(dict(run_id=r.info.run_id, key=r.data.tags.get(TRIAL_KEY, ""), dataset=p.get("dataset"),
+                         method=p.get("method", "clip-adapter"), shots=int(p.get("shots", 0)),
+                         seed=int(p.get("seed", 0)), adapter=p.get("adapter", ""),
+                         alpha=float(p["alpha"]) if "alpha" in p and "chosen_alpha" not in p else float("nan"),
+                         beta=float(p["beta"]) if "beta" in p and "chosen_beta" not in p else float("nan"),
+                         val_acc=m.get("val_acc", float("nan")), test_acc=m.get("test_acc", float("nan")),
+                         zs_test_acc=m.get("zs_test_acc", float("nan")),
+                         status=r.info.status if "test_acc" in m else "FAILED"))
     return parent, pd.DataFrame(rows)
