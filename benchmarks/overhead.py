@@ -2,9 +2,10 @@
 
     python benchmarks/overhead.py [--epochs N] [--shots 1,2,4,8] [--seeds 1,2,3] [--alphas ...]
 
-Prints, side by side from one run: the plain loop (fit + evaluate on the same cached features, no
-Ray, no MLflow), the sweep with one trial at a time (--cpus-per-trial 2), and the sweep with two at
-once (--cpus-per-trial 1), each with its per-trial overhead and ratio to the loop.
+Prints, side by side from one run: the plain loop (fit + evaluate on the same features, no Ray, no
+MLflow), the sweep with one trial at a time (--cpus-per-trial 2), and the sweep with two at once
+(--cpus-per-trial 1), each with its per-trial overhead and ratio to the loop, and where the time
+outside training goes (MLflow logging inside trials, Ray Tune outside them).
 """
 from __future__ import annotations
 
@@ -17,13 +18,18 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import ray  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from clip_adapter import datasets as ds  # noqa: E402
 from clip_adapter.backbone import TINY  # noqa: E402
-from clip_adapter.features import FeatureCache, LocalEncoder  # noqa: E402
-from workflows.sweep import SweepSpec, dataset_features, grid, run_sweep, train_trial  # noqa: E402
+from clip_adapter.features import FeatureStore  # noqa: E402
+from workflows import sweep as s  # noqa: E402
+from workflows import tracking  # noqa: E402
+from workflows.encode import dataset_features  # noqa: E402
+from workflows.grid import SweepSpec, grid  # noqa: E402
+from workflows.trial import train_trial  # noqa: E402
 
 
 def main() -> None:
@@ -36,11 +42,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ca-flow-bench-"))
     spec = SweepSpec(datasets="textile", backbone=TINY, pretrained="random", epochs=args.epochs,
                      shots=[int(x) for x in args.shots.split(",")], seeds=[int(x) for x in args.seeds.split(",")],
-                     alphas=[float(x) for x in args.alphas.split(",")], cache_dir=work / "cache",
-                     tracking_uri=f"sqlite:///{work / 'mlflow.db'}", results_dir=work / "results")
+                     alphas=[float(x) for x in args.alphas.split(",")], cache_dir=str(work / "cache"),
+                     results_dir=str(work / "results"), storage_path=str(work / "ray_results")).validate()
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     split = ds.load(ds.resolve("textile", spec.data_root)[0])
-    cache = FeatureCache(spec.cache_dir, spec.backbone, spec.pretrained)
-    data = dataset_features(split, spec, cache, LocalEncoder(spec.backbone, spec.pretrained), lambda p, r: None)
+    store = FeatureStore(spec.cache_dir, spec.backbone, spec.pretrained)
+    data = dataset_features([split], spec, store, 0.0, 1, 1, lambda p, r: None)["textile"]
     trials = grid(spec, ["textile"])
 
     torch.set_num_threads(1)  # what each trial gets in the sweep
@@ -53,13 +61,14 @@ def main() -> None:
     rows = [("plain loop (1 at a time)", loop, loop, 1)]
     for cpus, label in ((2.0, "ca-flow sweep, 1 at a time"), (1.0, "ca-flow sweep, 2 at once")):
         spec.cpus_per_trial = cpus
-        result = run_sweep(spec, quiet)  # warm feature cache: the trials are what is timed
-        assert result.failed == 0, result.results["error"].tolist()
-        rows.append((label, result.tune_seconds, result.seconds, int(2 // cpus)))
-        inside, logging = result.results["trial_seconds"], result.results["mlflow_seconds"]
-        print(f"{label}: inside trials {inside.sum():.2f} s (slowest {inside.max():.2f} s, median "
-              f"{inside.median():.3f} s), of which MLflow logging {logging.sum():.2f} s (median "
-              f"{logging.median():.3f} s); Ray Tune outside trials {result.tune_seconds * int(2 // cpus) - inside.sum():.2f} s")
+        out = s.run(spec, uri, None, quiet)  # warm feature store: the trials are what is timed
+        assert out.done == len(trials), out.results[["status", "error"]]
+        runs = tracking.children(tracking.connect(uri), *_ids(uri, out.parent_run_id))
+        inside = [r.data.metrics["trial_seconds"] for r in runs]
+        rows.append((label, out.tune_seconds, out.seconds, int(2 // cpus)))
+        print(f"{label}: inside trials {sum(inside):.2f} s (median {sorted(inside)[len(inside) // 2]:.3f} s); "
+              f"Ray Tune + MLflow outside training {out.tune_seconds * int(2 // cpus) - sum(inside):.2f} s; "
+              f"whole command {out.seconds:.1f} s")
 
     n = len(trials)
     print(f"{n} trials (textile, {TINY} random, epochs {'by shots' if args.epochs is None else args.epochs}), "
@@ -69,6 +78,11 @@ def main() -> None:
         # Overhead per trial against the loop's work spread over the same number of slots.
         overhead = (trial_s - loop / slots) * slots / n
         print(f"{label:28} {trial_s:9.2f} {whole_s:8.2f} {trial_s / loop:8.2f}x {overhead:17.3f}")
+
+
+def _ids(uri, parent_id):
+    run = tracking.connect(uri).get_run(parent_id)
+    return run.info.experiment_id, parent_id
 
 
 if __name__ == "__main__":

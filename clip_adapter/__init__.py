@@ -1,15 +1,25 @@
-"""ca-flow's library: CLIP-Adapter on cached CLIP features. Knows nothing of Ray or MLflow."""
-from .adapter import CLIPAdapter, zero_shot_logits
-from .artifact import AdapterClassifier, AdapterMeta, load_adapter, save_adapter
-from .backbone import Backbone, BackboneError, load_backbone
-from .datasets import DatasetError, Split, few_shot
-from .features import FeatureCache, LocalEncoder
-from .methods import METHODS, FewShot, Method, make
-from .train import TrainConfig, epochs_for_shots, evaluate, fit, zero_shot_accuracy
+"""ca-flow's library: CLIP-Adapter on cached CLIP features. Knows nothing of Ray or MLflow.
 
-__all__ = [
-    "AdapterClassifier", "AdapterMeta", "Backbone", "BackboneError", "CLIPAdapter", "DatasetError",
-    "FeatureCache", "FewShot", "LocalEncoder", "METHODS", "Method", "make", "Split", "TrainConfig", "epochs_for_shots", "evaluate",
-    "few_shot", "fit", "load_adapter", "load_backbone", "save_adapter", "zero_shot_accuracy",
-    "zero_shot_logits",
-]
+Names load on first use, so `clip_adapter.datasets` (listing folders, validating names) never
+pays for importing torch.
+"""
+from importlib import import_module
+
+_PUBLIC = {
+    "CLIPAdapter": "adapter", "zero_shot_logits": "adapter",
+    "AdapterClassifier": "artifact", "AdapterMeta": "artifact", "load_adapter": "artifact",
+    "save_adapter": "artifact",
+    "Backbone": "backbone", "BackboneError": "backbone", "load_backbone": "backbone",
+    "DatasetError": "datasets", "Split": "datasets", "few_shot": "datasets",
+    "FeatureStore": "features", "LocalEncoder": "features",
+    "METHODS": "methods", "FewShot": "methods", "Method": "methods", "make": "methods",
+    "TrainConfig": "train", "epochs_for_shots": "train", "evaluate": "train", "fit": "train",
+    "zero_shot_accuracy": "train",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'clip_adapter' has no attribute {name!r}")
+    return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)

@@ -1,18 +1,20 @@
 """Adapter artifacts: weights in safetensors, everything else in JSON. Nothing is unpickled."""
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .backbone import RANDOM, Backbone, BackboneError, load_backbone, weights_identity
-from .methods import Method, make
+from .features import decode
+from .methods import make
+from .methods.base import Method
 
 FORMAT = "ca-flow-adapter/2"
 WEIGHTS, META = "adapter.safetensors", "adapter.json"
@@ -57,11 +59,12 @@ def load_adapter(directory: str | Path) -> tuple[Method, AdapterMeta]:
 
 
 def _to_image(image) -> Image.Image:
+    """A PIL image, image bytes, or a local file path; unreadable input raises features.ImageError."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, (bytes, bytearray)):
-        return Image.open(io.BytesIO(image)).convert("RGB")
-    return Image.open(image).convert("RGB")
+        return decode(bytes(image))
+    return decode(Path(image).read_bytes())
 
 
 class AdapterClassifier:
@@ -77,8 +80,9 @@ class AdapterClassifier:
 
     @torch.no_grad()
     def probabilities(self, images: list) -> torch.Tensor:
-        batch = torch.stack([self.backbone.test_transform(_to_image(im)) for im in images])
-        feats = self.backbone.encode_images(batch).to(self.backbone.device)
+        crop = self.backbone.preprocess.geometric(augment=False)
+        pixels = np.stack([np.asarray(crop(_to_image(im)), dtype=np.uint8) for im in images])
+        feats = torch.from_numpy(self.backbone.encode_pixels(pixels)).to(self.backbone.device)
         return self.method(feats).softmax(-1).cpu()
 
     def predict(self, images: list, top_k: int = 3) -> list[list[tuple[str, float]]]:

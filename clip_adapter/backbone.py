@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
+import numpy as np
 
 RANDOM = "random"
 RANDOM_SEED = 0
@@ -30,14 +31,72 @@ class BackboneError(RuntimeError):
     """Requested weights or model cannot be loaded; never silently replaced."""
 
 
+def model_names() -> list[str]:
+    """open_clip's built-in model names plus ca-flow's tiny one, read from its config files.
+
+    The same list as `open_clip.list_models()`, without importing open_clip and torch: argument
+    checks answer in well under a second.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    configs = Path(next(iter(spec.submodule_search_locations))) / "model_configs" if spec else None
+    names = sorted(p.stem for p in configs.glob("*.json")) if configs and configs.is_dir() else []
+    return names + [TINY]
+
+
+class Preprocess:
+    """The model's image preprocessing, split where the pixels stop being an image.
+
+    `geometric` (PIL -> PIL: resize and crop, or CoOp's augmentation) runs in CPU workers;
+    `normalize` (uint8 batch -> float tensor) runs beside the encoder, so only uint8 crops travel
+    between them. Together they equal the model's own ToTensor + Normalize transform.
+    """
+
+    def __init__(self, cfg: dict):
+        self.cfg = dict(cfg)
+        size = cfg["size"]
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.mean = np.asarray(cfg["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(cfg["std"], dtype=np.float32).reshape(1, 3, 1, 1)
+        self._test = self._train = None
+
+    def geometric(self, augment: bool) -> Callable:
+        import torchvision.transforms as T
+
+        if augment:
+            if self._train is None:  # CoOp's augmentation at the model's size
+                self._train = T.Compose([
+                    T.RandomResizedCrop(self.size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip()])
+            return self._train
+        if self._test is None:
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            steps = image_transform_v2(PreprocessCfg(**self.cfg), is_train=False).transforms
+            tensor_steps = [type(t).__name__ for t in steps[-2:]]
+            if tensor_steps != ["MaybeToTensor", "Normalize"]:
+                raise BackboneError(f"unexpected open_clip test transform {tensor_steps}; ca-flow splits it "
+                                    f"before ToTensor + Normalize")
+            self._test = T.Compose(steps[:-2])
+        return self._test
+
+    def normalize(self, pixels, device: str = "cpu"):
+        """uint8 [n, H, W, 3] -> float32 [n, 3, H, W] on `device`, as ToTensor then Normalize compute it.
+
+        The uint8 crops move to the device before they become floats: a quarter of the bytes.
+        """
+        import torch
+
+        x = torch.as_tensor(pixels).to(device).permute(0, 3, 1, 2).contiguous().float().div(255)
+        return (x - torch.from_numpy(self.mean).to(device)) / torch.from_numpy(self.std).to(device)
+
+
 @dataclass
 class Backbone:
     name: str
     weights: str          # what the user asked for: a tag, a file path, or "random"
     weights_id: str       # identity of the weights actually loaded (tag, file sha256, random seed)
-    model: torch.nn.Module
-    train_transform: Callable
-    test_transform: Callable
+    model: "torch.nn.Module"
+    preprocess: Preprocess
     tokenizer: Callable
     device: str
 
@@ -53,28 +112,28 @@ class Backbone:
     def is_random(self) -> bool:
         return self.weights == RANDOM
 
-    @torch.no_grad()
-    def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
+    @property
+    def preprocess_cfg(self) -> dict:
+        """Plain data (size, mean, std, interpolation, ...): workers rebuild `Preprocess` from it."""
+        cfg = dict(self.model.visual.preprocess_cfg)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+    def encode_images(self, batch):
         """Un-normalised image features, float32 on CPU."""
-        return self.model.encode_image(batch.to(self.device)).float().cpu()
+        import torch
 
-    @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self.device)).float().cpu()
+        with torch.no_grad():
+            return self.model.encode_image(batch.to(self.device)).float().cpu()
 
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Features [n, D] for uint8 crops [n, H, W, 3] (the output of `preprocess.geometric`)."""
+        return self.encode_images(self.preprocess.normalize(pixels, self.device)).numpy()
 
-def coop_train_transform(test_transform):
-    """CoOp's augmentation (RandomResizedCrop 0.08-1, flip) at the model's size and normalisation."""
-    import torchvision.transforms as T
+    def encode_text(self, texts: list[str]):
+        import torch
 
-    size = next(t.size for t in test_transform.transforms if isinstance(t, T.CenterCrop))
-    norm = next(t for t in test_transform.transforms if isinstance(t, T.Normalize))
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        norm,
-    ])
+        with torch.no_grad():
+            return self.model.encode_text(self.tokenizer(texts).to(self.device)).float().cpu()
 
 
 def weights_identity(weights: str) -> str:
@@ -91,12 +150,10 @@ def weights_identity(weights: str) -> str:
     return f"tag-{weights}"
 
 
-def available_models() -> list[str]:
-    return _open_clip().list_models()
-
-
 def load_backbone(name: str, weights: str = "openai", device: str | None = None) -> Backbone:
     """Build `name` with `weights`: an open_clip pretrained tag, a local weights file, or "random"."""
+    import torch
+
     open_clip = _open_clip()
     if name not in open_clip.list_models():
         raise BackboneError(f"unknown backbone {name!r}; choose one of open_clip.list_models(), "
@@ -111,7 +168,7 @@ def load_backbone(name: str, weights: str = "openai", device: str | None = None)
         torch.manual_seed(RANDOM_SEED)
         logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": that is the request
         try:
-            model, _, test_tf = open_clip.create_model_and_transforms(name, pretrained=None)
+            model = open_clip.create_model(name, pretrained=None)
         finally:
             logging.disable(logging.NOTSET)
             torch.random.set_rng_state(state)
@@ -121,13 +178,14 @@ def load_backbone(name: str, weights: str = "openai", device: str | None = None)
             raise BackboneError(f"weights file {weights} does not exist; pass an existing file, "
                                 f"a pretrained tag (e.g. openai) or 'random'")
         try:
-            model, _, test_tf = open_clip.create_model_and_transforms(
+            model = open_clip.create_model(
                 name, pretrained=str(Path(weights).expanduser()) if looks_like_path else weights)
         except Exception as exc:  # open_clip raises many types: network, key mismatch, unknown tag
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackboneError(f"cannot load {weights!r} weights for {name}: {first}; "
                                 f"check the tag/file, or use --pretrained random for an offline demo") from exc
     model.eval().requires_grad_(False).to(device)
-    return Backbone(name=name, weights=weights, weights_id=weights_identity(weights), model=model,
-                    train_transform=coop_train_transform(test_tf), test_transform=test_tf,
-                    tokenizer=open_clip.get_tokenizer(name), device=device)
+    backbone = Backbone(name=name, weights=weights, weights_id=weights_identity(weights), model=model,
+                        preprocess=None, tokenizer=open_clip.get_tokenizer(name), device=device)
+    backbone.preprocess = Preprocess(backbone.preprocess_cfg)
+    return backbone

@@ -1,95 +1,93 @@
-"""Feature cache: each image is encoded once per (backbone, weights, view) and kept as Parquet.
+"""Feature store: each image is encoded once per (backbone, weights, transform, view), kept as Parquet.
 
-Train images get `views` augmented views (seeded per image and view, so a rebuild gives the
-same features); val and test get one centre-crop view. Text classifier weights are cached too.
-The encoder is pluggable: in-process by default, Ray tasks in a sweep.
+    <root>/<model key>/model.json                        the backbone's preprocessing, width, logit scale
+    <root>/<model key>/text-<key>.parquet                a text classifier (class names + prompt)
+    <root>/<model key>/<dataset>/augment/part-*.parquet  image_id, view, feature: seeded augmented views
+    <root>/<model key>/<dataset>/center/part-*.parquet   image_id, view, feature: one centre crop
+    <root>/<model key>/<dataset>/index/part-*.parquet    path, size, mtime_ns, image_id
+
+Images are keyed by content (sha1 of their bytes); the index maps (path relative to the dataset,
+size, mtime) to that key, so a warm sweep stats its files and reads no image bytes. Shards are only
+ever added, never rewritten: two sweeps writing at once lose nothing, and reads take the first copy
+of a row. A shard that is damaged or of another schema is warned about, removed and rebuilt.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
-import tempfile
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
-from .backbone import Backbone, load_backbone, weights_identity
+from .backbone import weights_identity
 from .datasets import Item
+from .datasets.fs import Location, read_bytes, stat
 
 log = logging.getLogger(__name__)
 
-# Bump when a transform or the augmentation seeding changes: old cache entries stop matching.
-TRANSFORM_VERSION = "v1"
-AUGMENT, CENTER = "augment", "center"
+# Bump when a transform or the augmentation seeding changes: old entries stop matching.
+TRANSFORM_VERSION = "v2"
+AUGMENT, CENTER, INDEX = "augment", "center", "index"
+SHARD_ROWS = 50_000  # a new shard every so many rows: an interrupted encode keeps what it wrote
+SCHEMAS = {
+    "features": pa.schema([("image_id", pa.string()), ("view", pa.int32()),
+                           ("feature", pa.list_(pa.float32()))]),
+    INDEX: pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
+                      ("image_id", pa.string())]),
+}
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or decoded; the message says why."""
 
 
 def image_id(blob: bytes) -> str:
     return hashlib.sha1(blob).hexdigest()
 
 
-def read_images(items: list[Item]) -> tuple[list[bytes | None], dict[str, str]]:
-    """File bytes per item (None where unreadable) and {path: reason} for the unreadable ones."""
-    blobs, bad = [], {}
-    for item in items:
-        try:
-            blobs.append(Path(item.path).read_bytes())
-        except OSError as exc:
-            blobs.append(None)
-            bad[item.path] = exc.strerror or str(exc)
-    return blobs, bad
+def decode(blob: bytes) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(blob))
+            image.load()
+        return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"refused: {exc}; downscale the image") from None
+    except Exception as exc:  # PIL raises several types for truncated or foreign files
+        raise ImageError(f"cannot decode image: {exc}") from None
 
 
 def _view_seed(img_id: str, view: int) -> int:
     return int(img_id[:12], 16) ^ (view * 0x9E3779B1)
 
 
-def encode_blobs(backbone: Backbone, blobs: list[bytes], views: int, augment: bool,
-                 batch_size: int = 64) -> tuple[np.ndarray, dict[int, str]]:
-    """Features [n, views, D] for image bytes; {index: reason} for those that fail to decode."""
-    out = np.zeros((len(blobs), views, backbone.width), dtype=np.float32)
-    bad: dict[int, str] = {}
-    tensors, where = [], []
+def crops(image: Image.Image, img_id: str, views: Iterable[int], augment: bool, preprocess) -> np.ndarray:
+    """uint8 crops [len(views), H, W, 3]; augmented view v of an image is the same on every machine."""
+    import torch
 
-    def flush():
-        if tensors:
-            feats = backbone.encode_images(torch.stack(tensors)).numpy()
-            for (i, v), f in zip(where, feats):
-                out[i, v] = f
-            tensors.clear()
-            where.clear()
-
-    for i, blob in enumerate(blobs):
-        try:
-            image = Image.open(io.BytesIO(blob))
-            image.load()
-            image = image.convert("RGB")
-        except Exception as exc:  # PIL raises several types for truncated or foreign files
-            bad[i] = f"cannot decode image: {exc}"
-            continue
-        img = image_id(blob) if augment else ""
-        for v in range(views):
-            if augment:
-                torch.manual_seed(_view_seed(img, v))
-                tensors.append(backbone.train_transform(image))
-            else:
-                tensors.append(backbone.test_transform(image))
-            where.append((i, v))
-            if len(tensors) >= batch_size:
-                flush()
-    flush()
-    return out, bad
+    out = []
+    for v in views:
+        if augment:
+            torch.manual_seed(_view_seed(img_id, v))
+        out.append(np.asarray(preprocess.geometric(augment)(image), dtype=np.uint8))
+    return np.stack(out)
 
 
-def text_classifier(backbone: Backbone, classnames: list[str], template: str | list[str]) -> np.ndarray:
+def text_classifier(backbone, classnames: list[str], template: str | list[str]) -> np.ndarray:
     """L2-normalised class weights [C, D]; a list of templates is averaged (prompt ensemble)."""
+    import torch
+
     templates = [template] if isinstance(template, str) else template
     weights = []
     for name in classnames:
@@ -100,11 +98,307 @@ def text_classifier(backbone: Backbone, classnames: list[str], template: str | l
     return torch.stack(weights).numpy().astype(np.float32)
 
 
-class Encoder(Protocol):
-    """What the cache needs from a backbone; a sweep supplies one that runs on Ray."""
+# -- what to encode -------------------------------------------------------------------------------
 
-    def images(self, blobs: list[bytes], views: int, augment: bool) -> tuple[np.ndarray, dict[int, str]]: ...
-    def text(self, classnames: list[str], template: str | list[str]) -> tuple[np.ndarray, float]: ...
+@dataclass
+class Request:
+    """One image whose features (some views of it) the store lacks."""
+    dataset: str
+    path: str            # where workers read it (local path or URI)
+    rel: str             # relative to the dataset's folder: the index key, with size and mtime
+    size: int
+    mtime_ns: int
+    views: list[int]
+    augment: bool
+
+
+@dataclass
+class Group:
+    """Items of one dataset wanted with `views` views, augmented or centre-cropped."""
+    dataset: str
+    root: Location       # the dataset's folder: index paths are relative to it
+    items: list[Item]
+    views: int
+    augment: bool
+
+
+@dataclass
+class Plan:
+    """For a list of items: the content key of each (None if unknown or unreadable) and what to encode."""
+    ids: list[str | None]
+    todo: list[Request]
+    missing: dict[str, str] = field(default_factory=dict)  # path -> reason (not there at all)
+
+
+def encode_in_process(backbone, requests: list[Request], batch_size: int = 64) -> Iterator[dict]:
+    """Read, decode, crop and encode in this process: rows as the Ray pipeline yields them.
+
+    Row: request index, image_id, view, feature (or error: why the image was left out).
+    """
+    pending, where = [], []
+
+    def flush():
+        if pending:
+            feats = backbone.encode_pixels(np.concatenate(pending))
+            for (r, img, v), f in zip(where, feats):
+                yield dict(request=r, image_id=img, view=v, feature=f, error="")
+            pending.clear()
+            where.clear()
+
+    for r, req in enumerate(requests):
+        try:
+            blob = read_bytes(req.path)
+            img = image_id(blob)
+            pixels = crops(decode(blob), img, req.views, req.augment, backbone.preprocess)
+        except (OSError, ImageError) as exc:
+            yield dict(request=r, image_id="", view=-1, feature=None, error=_reason(exc))
+            continue
+        pending.append(pixels)
+        where += [(r, img, v) for v in req.views]
+        if sum(len(p) for p in pending) >= batch_size:
+            yield from flush()
+    yield from flush()
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+class FeatureStore:
+    def __init__(self, root: str | Path, backbone: str, weights: str):
+        ident = f"{backbone}|{weights_identity(weights)}|{TRANSFORM_VERSION}"
+        self.root = Path(root).expanduser().resolve()
+        self.dir = self.root / hashlib.sha1(ident.encode()).hexdigest()[:16]
+        self.backbone, self.weights = backbone, weights
+        self.images_encoded = 0
+
+    # -- shards --------------------------------------------------------------------------------
+    def _shards(self, dataset: str, part: str) -> list[Path]:
+        return sorted((self.dir / dataset / part).glob("part-*.parquet"))
+
+    def _read_shards(self, dataset: str, part: str, columns=None, filters=None) -> list[pa.Table]:
+        schema = SCHEMAS[INDEX if part == INDEX else "features"]
+        tables = []
+        for path in self._shards(dataset, part):
+            try:
+                found = pq.read_schema(path)
+                if not found.equals(schema, check_metadata=False):
+                    raise ValueError(f"schema {found.names} is not ca-flow's {schema.names}")
+                tables.append(pq.read_table(path, columns=columns, filters=filters,
+                                            page_checksum_verification=True))
+            except Exception as exc:  # truncation, bad checksum, not Parquet, another schema
+                log.warning("feature store shard %s is damaged (%s); removing it, its rows are rebuilt", path, exc)
+                path.unlink(missing_ok=True)
+        return tables
+
+    def _index(self, dataset: str) -> dict[tuple[str, int, int], str]:
+        out = {}
+        for t in self._read_shards(dataset, INDEX):
+            for rel, size, mtime, img in zip(*(t.column(c).to_pylist() for c in ("path", "size", "mtime_ns", "image_id"))):
+                out.setdefault((rel, size, mtime), img)
+        return out
+
+    def _have(self, dataset: str, kind: str) -> set[tuple[str, int]]:
+        have = set()
+        for t in self._read_shards(dataset, kind, columns=["image_id", "view"]):
+            have.update(zip(t.column("image_id").to_pylist(), t.column("view").to_pylist()))
+        return have
+
+    # -- planning and reading ------------------------------------------------------------------
+    def plan(self, dataset: str, root: Location, items: list[Item], views: int, augment: bool) -> Plan:
+        """Stat the items, find their content keys in the index, and list what lacks features."""
+        kind = AUGMENT if augment else CENTER
+        index, have = self._index(dataset), self._have(dataset, kind)
+        ids, todo, missing = [], [], {}
+        for item, st in zip(items, stat([i.path for i in items])):
+            if st is None:
+                ids.append(None)
+                missing[item.path] = "no such file"
+                continue
+            rel = root.relative(item.path)
+            img = index.get((rel, *st))
+            ids.append(img)
+            lacking = list(range(views)) if img is None else [v for v in range(views) if (img, v) not in have]
+            if lacking:
+                todo.append(Request(dataset, item.path, rel, st[0], st[1], lacking, augment))
+        # the same file listed twice (a few-shot subset overlapping another) is encoded once
+        todo = list({(r.path, r.augment): r for r in todo}.values())
+        return Plan(ids, todo, missing)
+
+    def read(self, dataset: str, ids: list[str | None], views: int, augment: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(features [n, views, D], ok [n]) for content keys; rows a sweep does not need are not loaded."""
+        wanted = sorted({i for i in ids if i is not None})
+        rows: dict[tuple[str, int], np.ndarray] = {}
+        if wanted:
+            for t in self._read_shards(dataset, AUGMENT if augment else CENTER,
+                                       filters=[("image_id", "in", wanted)]):
+                if not len(t):
+                    continue
+                flat = t.column("feature").combine_chunks()
+                dim = len(flat[0])
+                feats = flat.flatten().to_numpy().reshape(len(t), dim)
+                for img, v, f in zip(t.column("image_id").to_pylist(), t.column("view").to_pylist(), feats):
+                    if v < views:
+                        rows.setdefault((img, v), f)
+        dim = len(next(iter(rows.values()))) if rows else 0
+        out = np.zeros((len(ids), views, dim), dtype=np.float32)
+        ok = np.array([i is not None and all((i, v) in rows for v in range(views)) for i in ids], dtype=bool)
+        for r, img in enumerate(ids):
+            if ok[r]:
+                out[r] = np.stack([rows[(img, v)] for v in range(views)])
+        return out, ok
+
+    # -- writing -------------------------------------------------------------------------------
+    def writer(self) -> "ShardWriter":
+        return ShardWriter(self)
+
+    def images(self, dataset: str, root: Location, items: list[Item], views: int, augment: bool,
+               encode: Callable[[list[Request]], Iterable[dict]],
+               on_bad: Callable[[str, str], None] | None = None) -> "Features":
+        """Features for `items`, encoding (with `encode`) only the images and views the store lacks."""
+        return self.images_of([Group(dataset, Location(root), items, views, augment)], encode, on_bad)[0]
+
+    def images_of(self, groups: list["Group"], encode: Callable[[list[Request]], Iterable[dict]],
+                  on_bad: Callable[[str, str], None] | None = None) -> list["Features"]:
+        """Features per group; whatever any group lacks goes to `encode` in one call.
+
+        A shard found damaged only when its features are read is removed; one more pass then
+        encodes what it held.
+        """
+        bad: dict[str, str] = {}
+        for _ in range(2):
+            plans = [self.plan(g.dataset, g.root, g.items, g.views, g.augment) for g in groups]
+            todo = [r for p in plans for r in p.todo]
+            for p in plans:
+                bad.update(p.missing)
+            if todo:
+                with self.writer() as w:
+                    bad.update(w.add_all(todo, encode(todo)))
+                plans = [self.plan(g.dataset, g.root, g.items, g.views, g.augment) for g in groups]
+            read = [self.read(g.dataset, p.ids, g.views, g.augment) for g, p in zip(groups, plans)]
+            if all(ok.sum() == sum(i is not None for i in p.ids) for (_, ok), p in zip(read, plans)):
+                break
+        report = on_bad or (lambda p, r: log.warning("skipping unreadable image %s: %s", p, r))
+        for path, reason in bad.items():
+            report(path, reason)
+        return [Features(f, np.array([it.label for it in g.items], dtype=np.int64), ok)
+                for g, (f, ok) in zip(groups, read)]
+
+    # -- the backbone's own facts, and text classifiers ----------------------------------------
+    def model_info(self) -> dict | None:
+        try:
+            return json.loads((self.dir / "model.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put_model_info(self, info: dict) -> None:
+        _atomic_write(self.dir / "model.json", lambda tmp: tmp.write_text(json.dumps(info)))
+
+    def _text_path(self, classnames: list[str], template: str | list[str]) -> Path:
+        key = hashlib.sha1(repr((classnames, template)).encode()).hexdigest()[:16]
+        return self.dir / f"text-{key}.parquet"
+
+    def text(self, classnames: list[str], template: str | list[str]) -> tuple[np.ndarray, float] | None:
+        path = self._text_path(classnames, template)
+        if not path.exists():
+            return None
+        try:
+            table = pq.read_table(path, page_checksum_verification=True)
+            weights = np.stack(table.column("weight").to_numpy(zero_copy_only=False)).astype(np.float32)
+            return weights, float(table.schema.metadata[b"logit_scale"])
+        except Exception as exc:
+            log.warning("feature store file %s is damaged (%s); removing it, it is rebuilt", path, exc)
+            path.unlink(missing_ok=True)
+            return None
+
+    def put_text(self, classnames: list[str], template: str | list[str], weights: np.ndarray, scale: float) -> None:
+        table = pa.table({"classname": classnames, "weight": [np.asarray(w, np.float32) for w in weights]})
+        table = table.replace_schema_metadata({"logit_scale": str(scale)})
+        _atomic_write(self._text_path(classnames, template),
+                      lambda tmp: pq.write_table(table, tmp, write_page_checksum=True))
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Readers see the old file or the new one, never half of one. Files get the umask's mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ShardWriter:
+    """Collects encoded rows into new shards per (dataset, kind) and an index shard per dataset.
+
+    Rows are flushed into shards of SHARD_ROWS; each shard appears whole (written aside, then
+    renamed) and is never rewritten. Closing flushes the rest; an exception drops what is unflushed.
+    """
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self.rows: dict[tuple[str, str], list] = {}
+        self.encoded: set[tuple[str, str]] = set()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            for key in list(self.rows):
+                self._flush(*key)
+
+    def add(self, req: Request, img: str, view: int, feature: np.ndarray) -> None:
+        kind = AUGMENT if req.augment else CENTER
+        self._append(req.dataset, kind, (img, view, np.asarray(feature, np.float32)))
+        if (req.dataset, req.rel) not in self.encoded:
+            self.encoded.add((req.dataset, req.rel))
+            self.store.images_encoded += 1
+            self._append(req.dataset, INDEX, (req.rel, req.size, req.mtime_ns, img))
+
+    def add_all(self, requests: list[Request], rows: Iterable[dict]) -> dict[str, str]:
+        """Write every row; returns {path: reason} for images that could not be read."""
+        bad = {}
+        for row in rows:
+            req = requests[row["request"]]
+            if row["error"]:
+                bad[req.path] = row["error"]
+            else:
+                self.add(req, row["image_id"], int(row["view"]), row["feature"])
+        return bad
+
+    def _append(self, dataset: str, part: str, row: tuple) -> None:
+        rows = self.rows.setdefault((dataset, part), [])
+        rows.append(row)
+        if len(rows) >= SHARD_ROWS:
+            self._flush(dataset, part)
+
+    def _flush(self, dataset: str, part: str) -> None:
+        rows = self.rows.pop((dataset, part), [])
+        if not rows:
+            return
+        schema = SCHEMAS[INDEX if part == INDEX else "features"]
+        columns = list(zip(*rows))
+        if part != INDEX:
+            feats = np.stack(columns[2])
+            offsets = np.arange(0, feats.size + 1, feats.shape[1], dtype=np.int32)
+            columns[2] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(feats.ravel()))
+        table = pa.table(dict(zip(schema.names, columns)), schema=schema)
+        path = self.store.dir / dataset / part / f"part-{uuid.uuid4().hex}.parquet"
+        _atomic_write(path, lambda tmp: pq.write_table(table, tmp, write_page_checksum=True))
+
+
+@dataclass
+class Features:
+    """Features of a list of items, in its order."""
+    features: np.ndarray     # [n, views, D] raw image features
+    labels: np.ndarray       # [n]
+    ok: np.ndarray           # [n] bool: False where the image could not be read
 
 
 @dataclass
@@ -113,118 +407,17 @@ class LocalEncoder:
     backbone_name: str
     weights: str
     device: str | None = None
-    _backbone: Backbone | None = field(default=None, repr=False)
+    _backbone: object = field(default=None, repr=False)
 
     @property
-    def backbone(self) -> Backbone:
+    def backbone(self):
         if self._backbone is None:
+            from .backbone import load_backbone
             self._backbone = load_backbone(self.backbone_name, self.weights, self.device)
         return self._backbone
 
-    def images(self, blobs, views, augment):
-        return encode_blobs(self.backbone, blobs, views, augment)
+    def __call__(self, requests: list[Request]) -> Iterator[dict]:
+        return encode_in_process(self.backbone, requests)
 
-    def text(self, classnames, template):
+    def text(self, classnames: list[str], template: str | list[str]) -> tuple[np.ndarray, float]:
         return text_classifier(self.backbone, classnames, template), self.backbone.logit_scale
-
-
-@dataclass
-class Features:
-    """Cached features of a list of items, in its order."""
-    features: np.ndarray     # [n, views, D] raw image features
-    labels: np.ndarray       # [n]
-    ok: np.ndarray           # [n] bool: False where the image could not be read
-
-
-class FeatureCache:
-    def __init__(self, root: str | Path, backbone: str, weights: str):
-        ident = f"{backbone}|{weights_identity(weights)}|{TRANSFORM_VERSION}"
-        self.dir = Path(root).expanduser().resolve() / hashlib.sha1(ident.encode()).hexdigest()[:16]
-        self.backbone, self.weights = backbone, weights
-        self.images_encoded = 0
-
-    # -- files ---------------------------------------------------------------------------------
-    def _read(self, path: Path) -> pa.Table | None:
-        if not path.exists():
-            return None
-        try:
-            return pq.read_table(path, page_checksum_verification=True)
-        except Exception as exc:  # any damage (truncation, bad checksum, not parquet) means rebuild
-            log.warning("feature cache file %s is damaged (%s); rebuilding it", path, exc)
-            path.unlink(missing_ok=True)
-            return None
-
-    def _write(self, path: Path, table: pa.Table, metadata: dict | None = None) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if metadata:
-            table = table.replace_schema_metadata({k: str(v) for k, v in metadata.items()})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp, write_page_checksum=True)
-            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    # -- images --------------------------------------------------------------------------------
-    def images(self, items: list[Item], views: int, augment: bool, encoder: Encoder,
-               on_bad: Callable[[str, str], None] | None = None) -> Features:
-        """Features for `items`, encoding only (image, view) pairs the cache lacks."""
-        path = self.dir / f"{AUGMENT if augment else CENTER}.parquet"
-        table = self._read(path)
-        known: dict[tuple[str, int], np.ndarray] = {}
-        if table is not None:
-            ids, vs = table.column("image_id").to_pylist(), table.column("view").to_pylist()
-            flat = table.column("feature").combine_chunks().flatten().to_numpy().reshape(len(ids), -1)
-            known = {(i, v): flat[r] for r, (i, v) in enumerate(zip(ids, vs))}
-
-        blobs, bad = read_images(items)
-        ids = [image_id(b) if b is not None else None for b in blobs]
-        todo = {}  # image id -> blob, deduplicated (the same file may appear twice)
-        for img, blob in zip(ids, blobs):
-            if img is not None and any((img, v) not in known for v in range(views)):
-                todo[img] = blob
-        if todo:
-            todo_ids = list(todo)
-            feats, failed = encoder.images([todo[i] for i in todo_ids], views, augment)
-            self.images_encoded += len(todo_ids) - len(failed)
-            new_rows = {(img, v): feats[j, v] for j, img in enumerate(todo_ids) if j not in failed
-                        for v in range(views)}
-            for j, reason in failed.items():
-                for item, img in zip(items, ids):
-                    if img == todo_ids[j]:
-                        bad[item.path] = reason
-            if new_rows:
-                known.update(new_rows)
-                keys = list(known)
-                dim = len(next(iter(known.values())))
-                self._write(path, pa.table({
-                    "image_id": [k[0] for k in keys],
-                    "view": pa.array([k[1] for k in keys], pa.int32()),
-                    "feature": pa.FixedSizeListArray.from_arrays(
-                        pa.array(np.concatenate([known[k] for k in keys]).astype(np.float32)), dim),
-                }))
-        for p, reason in bad.items():
-            (on_bad or (lambda p, r: log.warning("skipping unreadable image %s: %s", p, r)))(p, reason)
-
-        dim = len(next(iter(known.values()))) if known else 0
-        out = np.zeros((len(items), views, dim), dtype=np.float32)
-        ok = np.array([item.path not in bad for item in items])
-        for r, img in enumerate(ids):
-            if ok[r]:
-                out[r] = np.stack([known[(img, v)] for v in range(views)])
-        return Features(out, np.array([it.label for it in items], dtype=np.int64), ok)
-
-    # -- text ----------------------------------------------------------------------------------
-    def text(self, classnames: list[str], template: str | list[str], encoder: Encoder) -> tuple[np.ndarray, float]:
-        key = hashlib.sha1(repr((classnames, template)).encode()).hexdigest()[:16]
-        path = self.dir / f"text-{key}.parquet"
-        table = self._read(path)
-        if table is not None and table.schema.metadata and b"logit_scale" in table.schema.metadata:
-            weights = np.stack(table.column("weight").to_numpy(zero_copy_only=False)).astype(np.float32)
-            return weights, float(table.schema.metadata[b"logit_scale"])
-        weights, scale = encoder.text(classnames, template)
-        self._write(path, pa.table({"classname": classnames, "weight": list(weights)}),
-                    {"logit_scale": scale})
-        return weights, scale

@@ -32,10 +32,11 @@ class TrainConfig:
 
 
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
-    """Constant warm-up, then cosine over all epochs, as CoOp's ConstantWarmupScheduler."""
+    """Constant warm-up, then cosine over all epochs, as CoOp's ConstantWarmupScheduler: the cosine
+    restarts its count after the warm-up, so the first epoch after it runs at the full lr."""
     if epoch < cfg.warmup_epochs:
         return cfg.warmup_lr
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
 
 
 def seed_everything(seed: int) -> None:

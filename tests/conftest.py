@@ -1,11 +1,21 @@
-"""Shared fixtures: generated images, the tiny open_clip model, one local Ray per session."""
+"""Shared fixtures: generated images, the tiny open_clip model, one local Ray per session.
+
+The session gets its own HOME before Ray or MLflow load: Ray's auth token, Tune's ~/ray_results,
+ca-flow's feature store and logs all land there, never in the user's. Ray keeps its default token
+authentication, as a user's would.
+"""
 from __future__ import annotations
 
 import os
+import tempfile
 
-# Before ray/mlflow are imported anywhere: no auth token files in the user's HOME, no progress bars.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+_HOME = tempfile.mkdtemp(prefix="ca-flow-test-home-")
+os.environ["HOME"] = _HOME
+os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+for _name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "CA_FLOW_DATA_ROOT",
+              "RAY_AUTH_MODE"):
+    os.environ.pop(_name, None)
 
 from pathlib import Path  # noqa: E402
 
@@ -32,6 +42,11 @@ def make_colour_tree(root: Path, per_class: int = 20, size: int = 48, seed: int 
 
 
 @pytest.fixture(scope="session")
+def home() -> Path:
+    return Path(_HOME)
+
+
+@pytest.fixture(scope="session")
 def colour_root(tmp_path_factory) -> Path:
     """A data root holding one generated imagefolder dataset, `colours`."""
     root = tmp_path_factory.mktemp("data")
@@ -49,8 +64,12 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def ray_local():
+    """One local Ray for the in-process CLI tests, started as ca-flow starts it (token auth on)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from workflows.connect import connect_ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    connect_ray(None)  # the rest of ca-flow's set-up (quiet Ray Data) on the running Ray
     yield ray
     ray.shutdown()

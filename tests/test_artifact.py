@@ -38,8 +38,11 @@ def test_classifier_reproduces_the_random_backbone_and_predicts(tmp_path, tiny, 
     image = next((colour_root / "colours" / "red").iterdir())
     (top,) = clf.predict([image], top_k=2)
     assert len(top) == 2 and top[0][0] in {"red", "green", "blue"} and top[0][1] >= top[1][1]
+    # The oracle is open_clip's own test transform (ToTensor + Normalize in one), not ca-flow's split one.
+    import open_clip
     from PIL import Image
-    expected = adapter(tiny.encode_images(tiny.test_transform(Image.open(image).convert("RGB"))[None])).softmax(-1)
+    _, _, test_transform = open_clip.create_model_and_transforms(TINY, pretrained=None)
+    expected = adapter(tiny.encode_images(test_transform(Image.open(image).convert("RGB"))[None])).softmax(-1)
     torch.testing.assert_close(clf.probabilities([image]), expected)
 
 

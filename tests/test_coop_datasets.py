@@ -218,7 +218,7 @@ def test_all_and_discover_find_every_dataset_and_no_imagefolder(all_root):
     assert {REGISTRY[n].folder for n in ALL} == {
         "imagenet", "caltech-101", "oxford_pets", "stanford_cars", "oxford_flowers", "food-101",
         "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"}
-    found = discover(all_root)
+    found, _ = discover(all_root)
     assert {f.name for f in found} == {*ALL, "textile"}
     assert all(f.kind == f.name for f in found)  # no CoOp folder mistaken for an imagefolder
     assert {f.name for f in resolve("all", all_root)} == {*ALL, "textile"}

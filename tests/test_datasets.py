@@ -74,7 +74,7 @@ def test_textile_ships_2000_real_images():
 def test_discover_and_errors(tmp_path):
     make_eurosat(tmp_path)
     make_colour_tree(tmp_path / "colours", per_class=2)
-    assert {f.name for f in discover(tmp_path)} == {"textile", "eurosat", "colours"}
+    assert {f.name for f in discover(tmp_path)[0]} == {"textile", "eurosat", "colours"}
     with pytest.raises(DatasetError, match="unknown dataset 'nope'"):
         resolve("nope", tmp_path)
     with pytest.raises(DatasetError, match="data root .* does not exist"):

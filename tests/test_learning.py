@@ -1,22 +1,28 @@
 """On images whose class is plain to see, a trained adapter beats zero-shot and chance by far."""
 import numpy as np
+import pytest
 import torch
 
-from clip_adapter import CLIPAdapter, FeatureCache, TrainConfig, evaluate, few_shot, fit, zero_shot_accuracy
+from clip_adapter import CLIPAdapter, FeatureStore, LocalEncoder, TrainConfig, evaluate, few_shot, fit, zero_shot_accuracy
 from clip_adapter.backbone import TINY
 from clip_adapter.datasets import load, resolve
-from clip_adapter.features import LocalEncoder
+from clip_adapter.methods import FewShot, make
 
 
-def test_adapter_learns_colours_with_a_random_backbone(colour_root, tiny, tmp_path):
+@pytest.fixture(scope="module")
+def colours(colour_root, tiny, tmp_path_factory):
     split = load(resolve("colours", colour_root)[0])
-    train, val = few_shot(split, 8, seed=1)
-    enc = LocalEncoder(TINY, "random")
-    enc._backbone = tiny
-    cache = FeatureCache(tmp_path, TINY, "random")
-    tr = cache.images(train, 4, True, enc)
-    te = cache.images(split.test, 1, False, enc)
-    text, scale = cache.text(split.classnames, split.template, enc)
+    enc = LocalEncoder(TINY, "random", _backbone=tiny)
+    store = FeatureStore(tmp_path_factory.mktemp("store"), TINY, "random")
+    text, scale = enc.text(split.classnames, split.template)
+    return split, enc, store, text, scale
+
+
+def test_adapter_learns_colours_with_a_random_backbone(colours):
+    split, enc, store, text, scale = colours
+    train, _ = few_shot(split, 8, seed=1)
+    tr = store.images("colours", split.root, train, 4, True, enc)
+    te = store.images("colours", split.root, split.test, 1, False, enc)
 
     torch.manual_seed(1)
     adapter = CLIPAdapter(torch.from_numpy(text), scale, alpha=0.6)
@@ -30,16 +36,22 @@ def test_adapter_learns_colours_with_a_random_backbone(colour_root, tiny, tmp_pa
     assert acc > zs + 0.25 and acc > 1 / 3 + 0.5
 
 
-def test_training_is_reproducible_per_seed(colour_root, tiny, tmp_path):
-    split = load(resolve("colours", colour_root)[0])
-    enc = LocalEncoder(TINY, "random")
-    enc._backbone = tiny
-    feats = FeatureCache(tmp_path, TINY, "random").images(few_shot(split, 4, 1)[0], 2, True, enc)
-    text = torch.randn(3, tiny.width)
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(3)
-        adapter = CLIPAdapter(text, 14.0, alpha=0.5)
-        runs.append(fit(adapter, feats.features, feats.labels, TrainConfig(epochs=5), seed=3))
-    assert runs[0] == runs[1]
-    assert np.isfinite(runs[0]).all()
+def test_training_is_reproducible_per_seed_and_differs_across_seeds(colours):
+    """The method seeds itself: the caller's RNG state does not matter, the seed does."""
+    split, enc, store, text, scale = colours
+    train, val = few_shot(split, 4, 1)
+    tr = store.images("colours", split.root, train, 2, True, enc)
+    va = store.images("colours", split.root, val, 1, False, enc)
+    data = FewShot(tr.features, tr.labels, va.features[:, 0], va.labels, text, scale)
+
+    def run(seed, disturb):
+        torch.manual_seed(disturb)  # whatever a reused Ray worker left behind
+        np.random.seed(disturb)
+        method = make("clip-adapter", text, scale, alpha=0.5, epochs=5)
+        losses = method.fit(data, seed).losses
+        return losses, [p.detach().clone() for p in method.parameters()]
+
+    a, b, c = run(3, disturb=0), run(3, disturb=99), run(4, disturb=0)
+    assert a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+    assert a[0] != c[0] and not all(torch.equal(x, y) for x, y in zip(a[1], c[1]))
+    assert np.isfinite(a[0]).all()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from clip_adapter import load_adapter, save_adapter
 from clip_adapter.adapter import zero_shot_logits
 from clip_adapter.artifact import AdapterMeta
-from clip_adapter.methods import METHODS, FewShot, make
+from clip_adapter.methods import METHODS, FewShot, make, trains
 from clip_adapter.methods.tip_adapter import TipAdapter, cache_keys
 
 C, D = 4, 16
@@ -45,7 +45,7 @@ def test_contract(name, planted, tmp_path):
     fitted = method.fit(data, seed=1)
     acc = accuracy(method, test, ytest)
     zero_shot = accuracy(make("zero-shot", data.text, data.logit_scale), test, ytest)
-    if METHODS[name].trains:
+    if trains(name):
         assert acc >= 0.85 and acc > zero_shot + 0.2, (acc, zero_shot)
     else:
         assert acc == zero_shot and not fitted.losses
@@ -88,8 +88,22 @@ def test_fewshot_carries_no_test_split():
 
 
 def test_tip_adapter_f_chooses_its_epoch_on_val(planted):
+    """The chosen epoch is the first with the most val images right, at the initial alpha, beta.
+
+    The keys after each epoch are recorded as fitting evaluates val; the oracle scores them with
+    Tip-Adapter's formula and picks the first best, as the released loop (strict '>') does.
+    """
     data, _, _ = planted
-    method = make("tip-adapter-f", data.text, data.logit_scale, epochs=5)
+    method = make("tip-adapter-f", data.text, data.logit_scale, epochs=8, lr=0.05)
+    snapshots, forward = [], method.forward
+    method.forward = lambda x: (snapshots.append(method.keys.clone()), forward(x))[1]
     fitted = method.fit(data, seed=1)
-    assert 0 <= fitted.chosen["epoch"] < 5 and len(fitted.losses) == 5
-    assert isinstance(method, TipAdapter)
+    assert len(snapshots) == 8 and len(fitted.losses) == 8 and isinstance(method, TipAdapter)
+    f = F.normalize(torch.from_numpy(data.val), dim=-1)
+    w, values = torch.from_numpy(data.text), method.values
+    correct = [int((20.0 * f @ w.T + 1.0 * ((-1) * (1.0 - 1.0 * (f @ k.T))).exp() @ values)
+                   .argmax(-1).eq(torch.from_numpy(data.val_labels)).sum()) for k in snapshots]
+    best = max(correct)
+    assert len(set(correct)) > 1 and correct.count(best) > 1  # the epochs differ, and the best is tied
+    assert fitted.chosen["epoch"] == correct.index(best) < 7
+    assert torch.equal(method.keys, snapshots[correct.index(best)])  # the chosen epoch's keys are kept

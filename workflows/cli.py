@@ -1,233 +1,278 @@
-"""The `ca-flow` command line: one sub-command per verb."""
+"""The `ca-flow` command line: one sub-command per verb.
+
+Arguments are checked before torch, Ray or MLflow load, so a wrong flag answers at once. Every
+failure is one line on stderr and a non-zero exit (see errors.py); `--json` puts one JSON document
+on stdout and nothing else there.
+"""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from .errors import Group, fail
+
+app = typer.Typer(cls=Group, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="CLIP-Adapter few-shot sweeps on Ray Tune, tracked in MLflow.")
-# Off a terminal (CI logs, pipes) rich would squeeze tables into 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
+
+URI = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="default: ./mlflow.db")
+EXPERIMENT = typer.Option(None, "--experiment", envvar="MLFLOW_EXPERIMENT_NAME",
+                          help="default: the experiment of the latest sweep in the store")
+ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray address; default: a new local Ray")
+JSON = typer.Option(False, "--json", help="one JSON document on stdout")
+
+
+def console():
+    from rich.console import Console
+
+    # Off a terminal (CI logs, pipes) rich would squeeze tables into 80 columns and wrap lines.
+    return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=not sys.stdout.isatty())
+
+
+def emit(document) -> None:
+    typer.echo(json.dumps(document, indent=2, default=str))
+
+
+def _version(value: bool):
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"ca-flow {version('ca-flow')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(ctx: typer.Context,
+         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+         debug: bool = typer.Option(False, "--debug", help="print tracebacks of unexpected errors")):
+    ctx.obj = {"debug": debug}
+
+
+def _store(uri: Optional[str], must_exist: bool = True):
+    from . import tracking
+
+    uri = tracking.resolve_uri(uri)
+    tracking.check_form(uri)
+    return uri, tracking.connect(uri, must_exist=must_exist)
+
+
+def _experiment(client, experiment: Optional[str]) -> str:
+    """--experiment, else the experiment of the latest sweep in the store."""
+    if experiment:
+        return experiment
+    from . import sweeps
+
+    found = sweeps.parents(client)
+    if not found:
+        fail("no sweep in this tracking store; run `ca-flow sweep` first, or pass --experiment / --tracking-uri")
+    return client.get_experiment(found[0].info.experiment_id).name
+
+
+@app.command()
+def sweep(
+    config: Optional[Path] = typer.Option(None, "--config", help="a sweep.toml; flags given here override it"),
+    datasets: Optional[str] = typer.Option(None, help="all, or NAME[,NAME...] (see `ca-flow datasets`)  [default: all]"),
+    data_root: Optional[str] = typer.Option(None, envvar="CA_FLOW_DATA_ROOT",
+                                            help="folder or URI (file://, s3://) of the datasets"),
+    shots: Optional[str] = typer.Option(None, help="shots per class  [default: 1,2,4,8,16]"),
+    seeds: Optional[str] = typer.Option(None, help="few-shot sampling seeds  [default: 1,2,3]"),
+    methods: Optional[str] = typer.Option(None, help="clip-adapter,zero-shot,linear-probe,tip-adapter,tip-adapter-f"
+                                                      "  [default: clip-adapter,zero-shot]"),
+    alphas: Optional[str] = typer.Option(None, help="visual residual ratios in [0, 1]  [default: 0.2,0.4,0.6,0.8]"),
+    betas: Optional[str] = typer.Option(None, help="text residual ratios in [0, 1]  [default: 0.2]"),
+    adapter: Optional[str] = typer.Option(None, help="CLIP-Adapter variants: visual,text,both  [default: visual]"),
+    backbone: Optional[str] = typer.Option(None, help="open_clip model name  [default: RN50-quickgelu]"),
+    pretrained: Optional[str] = typer.Option(None, help="pretrained tag, local weights file, or random  "
+                                                         "[default: openai]"),
+    epochs: Optional[int] = typer.Option(None, help="default: CoOp's 50/100/200 by shots"),
+    augment_views: Optional[int] = typer.Option(None, help="augmented views per train image  [default: 10]"),
+    lr: Optional[float] = typer.Option(None, help="SGD learning rate  [default: 0.002]"),
+    batch_size: Optional[int] = typer.Option(None, help="training batch size  [default: 32]"),
+    allow_fewer_shots: Optional[bool] = typer.Option(None, "--allow-fewer-shots/--no-allow-fewer-shots",
+                                                     help="train on what a class has when it has fewer than --shots"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", envvar="MLFLOW_EXPERIMENT_NAME",
+                                             help="MLflow experiment  [default: ca-flow]"),
+    cpus_per_trial: Optional[float] = typer.Option(None, help="CPUs per trial, fractions allowed  [default: 1]"),
+    gpus_per_trial: Optional[float] = typer.Option(None, help="GPUs per trial, fractions allowed  [default: 0]"),
+    max_retries: Optional[int] = typer.Option(None, help="retries of a trial whose worker or node dies  [default: 2]"),
+    cache_dir: Optional[str] = typer.Option(None, help="feature store  [default: ~/.cache/ca-flow/features]"),
+    results_dir: Optional[str] = typer.Option(None, help="per-trial Parquet  [default: ca-flow-results]"),
+    storage_path: Optional[str] = typer.Option(None, help="Tune's own state (shared storage on a cluster)  "
+                                                           "[default: ~/ray_results]"),
+    tracking_uri: Optional[str] = URI,
+    address: Optional[str] = ADDRESS,
+    dry_run: bool = typer.Option(False, "--dry-run", help="show the grid and what is to encode; start nothing"),
+    submit: bool = typer.Option(False, "--submit", help="run as a Ray job at --address http://HEAD:8265 and return"),
+    sweep_id: Optional[str] = typer.Option(None, "--sweep-id", hidden=True),
+    as_json: bool = JSON,
+):
+    """Run one Ray Tune trial per (dataset, method, shots, seed, alpha) and track each in MLflow."""
+    flags = {k: v for k, v in locals().items()
+             if k not in ("config", "tracking_uri", "address", "dry_run", "submit", "sweep_id", "as_json")}
+    from .grid import build_spec
+
+    spec = build_spec(config, flags)
+    from . import tracking
+
+    uri = tracking.resolve_uri(tracking_uri)
+    tracking.check_form(uri)
+    if dry_run:
+        return _dry_run(spec, as_json)
+    if submit:
+        return _submit(spec, uri, address, as_json)
+    from . import sweep as s
+
+    _finish(s.run(spec, uri, address, console(), sweep_id=sweep_id))
+
+
+def _dry_run(spec, as_json: bool) -> None:
+    from .sweep import dry_run
+
+    plan = dry_run(spec)
+    if as_json:
+        return emit(plan)
+    out = console()
+    for name, reason in plan["skipped"].items():
+        out.print(f"skipping {name}: {reason}", markup=False, highlight=False)
+    for dataset, per in plan["per_dataset"].items():
+        img = plan["images"][dataset]
+        out.print(f"{dataset}: {sum(per.values())} trials ({', '.join(f'{m} {n}' for m, n in per.items())}); "
+                  f"{img['images']} images, {img['cached']} in the feature store, {img['to_encode']} to encode"
+                  + (f", {img['missing']} missing" if img["missing"] else ""), markup=False, highlight=False)
+    out.print(f"dry run: {plan['trials']} trials; nothing started", markup=False, highlight=False)
+
+
+def _submit(spec, uri: str, address: Optional[str], as_json: bool) -> None:
+    from .submit import submit
+    from .sweep import new_sweep_id
+
+    if not address:
+        fail("--submit needs --address http://HEAD:8265 (the cluster's job API)")
+    from . import tracking
+
+    tracking.check(uri)
+    sweep_id = new_sweep_id()
+    job_id = submit(spec, uri, address, sweep_id)
+    if as_json:
+        return emit(dict(job_id=job_id, sweep_id=sweep_id, tracking_uri=uri))
+    typer.echo(f"submitted job {job_id}: sweep {sweep_id}\nfollow it:  ca-flow status {sweep_id} --tracking-uri "
+               f"{uri}\nstop it:    ray job stop {job_id} --address {address}  (then: ca-flow resume {sweep_id})")
+
+
+def _finish(outcome) -> None:
+    """Tables, then a last line and an exit code that say what happened."""
+    from .report import cells, paper_table, rich_tables
+
+    out = console()
+    done = outcome.results[outcome.results["status"] == "FINISHED"] if len(outcome.results) else outcome.results
+    if not outcome.note and len(done):
+        for table in rich_tables(cells(paper_table(outcome.results)), TABLE_TITLE):
+            out.print(table)
+    if outcome.note:
+        where = f"; resume with: ca-flow resume {outcome.sweep_id}" if outcome.sweep_id else ""
+        fail(f"{outcome.note}{where}", 128 + outcome.interrupted if outcome.interrupted else 1)
+    if outcome.interrupted:
+        typer.echo(f"interrupted: {outcome.done} of {outcome.total} trials done; resume with: ca-flow resume "
+                   f"{outcome.sweep_id}", err=True)
+        raise typer.Exit(128 + outcome.interrupted)
+    failed = outcome.failed
+    typer.echo(f"sweep {outcome.sweep_id}: {outcome.total} trials, {len(failed)} failed, {outcome.seconds:.1f} s; "
+               f"parent run {outcome.parent_run_id}; results {outcome.results_path}")
+    if len(failed):
+        lines = [f"  {r.dataset}-{r.method}-{r.shots}shot-seed{r.seed} ({r.key}): {r.error or r.status}"
+                 for r in failed.head(5).itertuples()]
+        more = [f"  and {len(failed) - 5} more"] if len(failed) > 5 else []
+        typer.echo("\n".join([f"error: {len(failed)} of {outcome.total} trials failed; resume with: ca-flow resume "
+                              f"{outcome.sweep_id}", *lines, *more]), err=True)
+        raise typer.Exit(1)
 
 
 TABLE_TITLE = "test accuracy (%) at the point chosen on validation, mean +- std over seeds"
 
 
-def fail(message: str) -> None:
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def _list(text: str, kind, flag: str) -> list:
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        fail(f"{flag} expects comma-separated {kind.__name__}s, e.g. {flag} {'1,2,4' if kind is int else '0.2,0.6'}; got {text!r}")
-
-
-def _expected_errors():
-    from clip_adapter import BackboneError, DatasetError
-    from workflows.promote import PromoteError
-    from workflows.sweep import SweepError
-    from workflows.tracking import TrackingError
-
-    return (BackboneError, DatasetError, PromoteError, SweepError, TrackingError)
-
-
 @app.command()
-def sweep(
-    datasets: str = typer.Option("all", help="all, or NAME[,NAME...] (see `ca-flow datasets`)"),
-    data_root: Optional[Path] = typer.Option(None, help="default: $CA_FLOW_DATA_ROOT or ~/.cache/ca-flow/data"),
-    shots: str = typer.Option("1,2,4,8,16", help="shots per class"),
-    seeds: str = typer.Option("1,2,3", help="few-shot sampling seeds"),
-    alphas: str = typer.Option("0.2,0.4,0.6,0.8", help="visual residual ratios, in [0, 1]"),
-    betas: str = typer.Option("0.2", help="text residual ratios, in [0, 1] (text and both adapters)"),
-    methods: str = typer.Option("clip-adapter,zero-shot",
-                                help="clip-adapter,zero-shot,linear-probe,tip-adapter,tip-adapter-f"),
-    adapter: str = typer.Option("visual", help="CLIP-Adapter variants: visual,text,both"),
-    backbone: str = typer.Option("RN50-quickgelu", help="open_clip model name"),
-    pretrained: str = typer.Option("openai", help="pretrained tag, a local weights file, or random"),
-    experiment: str = typer.Option("ca-flow", help="MLflow experiment"),
-    tracking_uri: Optional[str] = typer.Option(None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db"),
-    address: Optional[str] = typer.Option(None, help="Ray address; default: $RAY_ADDRESS or a new local Ray"),
-    cpus_per_trial: float = typer.Option(1.0, help="CPUs per trial (fractions allowed)"),
-    gpus_per_trial: float = typer.Option(0.0, help="GPUs per trial (fractions allowed)"),
-    epochs: Optional[int] = typer.Option(None, help="default: CoOp's 50/100/200 by shots"),
-    augment_views: int = typer.Option(10, help="augmented views cached per train image"),
-    lr: float = typer.Option(0.002, help="SGD learning rate"),
-    batch_size: int = typer.Option(32, help="training batch size"),
-    cache_dir: Path = typer.Option(Path("~/.cache/ca-flow/features"), help="feature cache folder"),
-    results_dir: Path = typer.Option(Path("ca-flow-results"), help="where the per-trial Parquet goes"),
-    storage_path: str = typer.Option("~/ray_results", help="Tune's state; shared (NFS, s3://) on a multi-node cluster"),
+def resume(
+    sweep_id: Optional[str] = typer.Argument(None, help="default: the latest unfinished sweep of --experiment"),
+    experiment: Optional[str] = EXPERIMENT,
+    tracking_uri: Optional[str] = URI,
+    address: Optional[str] = ADDRESS,
+    max_retries: Optional[int] = typer.Option(None, help="default: the sweep's own"),
+    force: bool = typer.Option(False, "--force", help="resume even if its driver still beats"),
 ):
-    """Run one Ray Tune trial per (dataset, shots, seed, alpha) and track each in MLflow."""
-    from workflows.report import cells, paper_table, rich_tables
-    from workflows.sweep import SweepSpec, run_sweep
+    """Run the grid points of a sweep that have no finished run, in the same parent run."""
+    from . import sweeps
+    from .grid import SweepError, SweepSpec
 
-    from clip_adapter.datasets import default_data_root
-
-    spec = SweepSpec(
-        datasets=datasets, data_root=(data_root or default_data_root()).expanduser(),
-        shots=_list(shots, int, "--shots"), seeds=_list(seeds, int, "--seeds"),
-        alphas=_list(alphas, float, "--alphas"), betas=_list(betas, float, "--betas"),
-        adapters=_list(adapter, str, "--adapter"), methods=_list(methods, str, "--methods"), backbone=backbone, pretrained=pretrained,
-        experiment=experiment, tracking_uri=tracking_uri, address=address,
-        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, epochs=epochs,
-        augment_views=augment_views, lr=lr, batch_size=batch_size,
-        cache_dir=cache_dir.expanduser(), results_dir=results_dir, storage_path=storage_path)
+    if max_retries is not None and max_retries < 0:
+        fail(f"--max-retries must be >= 0, got {max_retries}")
+    uri, client = _store(tracking_uri)
+    parent = sweeps.find(client, sweep_id, experiment, unfinished=True)
+    sid, state = parent.data.tags[sweeps.SWEEP_ID], sweeps.state(parent)
+    if state == "finished":
+        fail(f"sweep {sid} is finished: every grid point has a finished run; nothing to resume")
+    if state == "running" and not force:
+        fail(f"sweep {sid} is running (driver {parent.data.tags.get(sweeps.DRIVER, '?')} beats); pass --force to "
+             f"resume it anyway, or stop that driver first")
+    spec = SweepSpec.from_record(json.loads(parent.data.tags[sweeps.SPEC]))
+    if max_retries is not None:
+        spec.max_retries = max_retries
     try:
-        result = run_sweep(spec, console)
-    except _expected_errors() as exc:
-        fail(str(exc))
-    for table in rich_tables(cells(paper_table(result.results)), TABLE_TITLE):
-        console.print(table)
-    console.print(f"sweep {result.sweep_id}: {len(result.results)} trials, {result.failed} failed, "
-                  f"{result.seconds:.1f} s; parent run {result.parent_run_id}; results {result.results_path}")
-    if result.failed:
-        first = result.results[result.results["status"] == "FAILED"].iloc[0]
-        fail(f"{result.failed} of {len(result.results)} trials failed; first: {first['key']}: {first['error']}")
+        spec.validate()
+    except SweepError as exc:
+        fail(f"sweep {sid} cannot resume: {exc}")
+    from . import sweep as s
+
+    _finish(s.run(spec, uri, address, console(), parent=parent))
 
 
-@app.command()
-def promote(
-    experiment: str = typer.Option("ca-flow", help="MLflow experiment to choose from"),
-    datasets: Optional[str] = typer.Option(None, help="NAME[,NAME...]; default: every dataset with runs"),
-    alias: str = typer.Option("champion", help="registry alias given to the chosen version"),
-    tracking_uri: Optional[str] = typer.Option(None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="show the choice, register nothing"),
-):
-    """Register the best finished run per dataset (by val_acc) as clip-adapter-<dataset>@alias."""
-    from workflows import promote as p
-    from workflows import tracking
+@app.command("sweeps")
+def list_sweeps(experiment: Optional[str] = typer.Option(None, "--experiment", envvar="MLFLOW_EXPERIMENT_NAME",
+                                                         help="default: every experiment"),
+                tracking_uri: Optional[str] = URI, as_json: bool = JSON):
+    """Every sweep in the store: status, trials finished / failed / total, when, how long."""
+    from . import sweeps
 
-    try:
-        uri = tracking.resolve_uri(tracking_uri)
-        client = tracking.connect(uri, must_exist=True)
-        chosen = p.choose(client, experiment, _list(datasets, str, "--datasets") if datasets else None)
-        table = Table(title="dry run: would promote" if dry_run else f"promoted as @{alias}")
-        for col in ("dataset", "model", "version", "run", "method", "val_acc", "test_acc", "shots", "seed", "alpha"):
-            table.add_column(col)
-        for dataset, run in chosen.items():
-            version = "-"
-            if not dry_run:
-                done = p.promote(client, dataset, run, alias)
-                version = done.version + ("" if done.new else " (existing)")
-            prm, met = run.data.params, run.data.metrics
-            table.add_row(dataset, p.model_name(dataset), version, run.info.run_id[:12],
-                          prm.get("method", "clip-adapter"), f"{met['val_acc']:.4f}",
-                          f"{met.get('test_acc', float('nan')):.4f}", prm["shots"], prm["seed"], prm.get("alpha", "-"))
-    except _expected_errors() as exc:
-        fail(str(exc))
-    console.print(table)
+    _, client = _store(tracking_uri)
+    rows = [sweeps.describe(client, p) for p in sweeps.parents(client, experiment)]
+    if as_json:
+        return emit([{k: v for k, v in r.items() if k != "datasets"} for r in rows])
+    from rich.table import Table
 
-
-@app.command()
-def report(
-    experiment: str = typer.Option("ca-flow", help="MLflow experiment"),
-    sweep: Optional[str] = typer.Option(None, help="sweep id; default: the latest sweep of the experiment"),
-    paper: bool = typer.Option(False, "--paper", help="show the published RN50 numbers and the difference"),
-    out: Path = typer.Option(Path("ca-flow-report"), help="folder for table.md, table.csv, figure.png"),
-    tracking_uri: Optional[str] = typer.Option(None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db"),
-):
-    """The paper's table and figure for a sweep: printed, written to --out, logged on its parent run."""
-    from workflows import tracking
-    from workflows.report import cells, comparable_to_paper, paper_table, rich_tables, write_report
-
-    try:
-        uri = tracking.resolve_uri(tracking_uri)
-        client = tracking.connect(uri, must_exist=True)
-        parent, frame = tracking.sweep_runs(client, experiment, sweep)
-    except _expected_errors() as exc:
-        fail(str(exc))
-    if frame.empty or not (frame["status"] == "FINISHED").any():
-        fail(f"sweep {parent.data.tags.get(tracking.SWEEP_ID)} has no finished trial runs to report")
-    sweep_id = parent.data.tags[tracking.SWEEP_ID]
-    params = parent.data.params
-    why_not = comparable_to_paper(params.get("backbone", ""), params.get("pretrained", "")) if paper else None
-    show_paper = paper and why_not is None
-    title = f"{TABLE_TITLE} (sweep {sweep_id}, {params.get('backbone')} / {params.get('pretrained')} weights)"
-    for table in rich_tables(cells(paper_table(frame), show_paper), title):
-        console.print(table)
-    if why_not:
-        console.print(f"--paper: {why_not}", markup=False, highlight=False)
-    paths = write_report(frame, (out / sweep_id).resolve(), title, show_paper)
-    for path in paths:
-        client.log_artifact(parent.info.run_id, str(path), "report")
-    console.print(f"wrote {', '.join(str(p) for p in paths)}; logged under report/ on run {parent.info.run_id}",
-                  markup=False, highlight=False)
-
-
-@app.command()
-def predict(
-    images: list[Path] = typer.Argument(..., help="image files to classify"),
-    dataset: str = typer.Option(..., help="dataset whose promoted adapter to use"),
-    alias: str = typer.Option("champion", help="registry alias"),
-    tracking_uri: Optional[str] = typer.Option(None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db"),
-    top_k: int = typer.Option(3, help="classes to show per image"),
-):
-    """Classify images with the promoted adapter of a dataset."""
-    import mlflow
-    import pandas as pd
-    from PIL import Image, UnidentifiedImageError
-
-    from workflows import tracking
-    from workflows.promote import model_name
-
-    for path in images:
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except (OSError, UnidentifiedImageError) as exc:
-            fail(f"cannot read image {path}: {exc}")
-    try:
-        uri = tracking.resolve_uri(tracking_uri)
-        client = tracking.connect(uri, must_exist=True)
-        name = model_name(dataset)
-        try:
-            client.get_model_version_by_alias(name, alias)
-        except mlflow.exceptions.MlflowException:
-            fail(f"no model {name}@{alias} in {uri}; run `ca-flow promote --datasets {dataset}` first")
-        model = mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
-    except _expected_errors() as exc:
-        fail(str(exc))
-    out = model.predict(pd.DataFrame({"image": [str(p.resolve()) for p in images]}), params={"top_k": top_k})
-    for path, labels, scores in zip(images, out["top_labels"], out["top_scores"]):
-        console.print(f"{path}: " + " | ".join(f"{c} {s:.3f}" for c, s in zip(labels, scores)),
-                      markup=False, highlight=False)
-
-
-@app.command("datasets")
-def list_datasets(
-    data_root: Optional[Path] = typer.Option(None, help="default: $CA_FLOW_DATA_ROOT or ~/.cache/ca-flow/data"),
-):
-    """List the datasets found: name, layout, where, classes and image counts."""
-    from clip_adapter import datasets as ds
-
-    root = (data_root or ds.default_data_root()).expanduser()
-    if data_root is not None and not root.is_dir():
-        fail(f"data root {root} does not exist; create it or pass another --data-root")
-    table = Table(title=f"datasets (data root {root}{'' if root.is_dir() else ', missing'})")
-    for col in ("name", "layout", "location", "classes", "train", "val", "test"):
+    table = Table(title="sweeps")
+    for col in ("sweep", "experiment", "status", "finished", "failed", "total", "started", "duration"):
         table.add_column(col)
-    try:
-        for found in ds.discover(root):
-            split = ds.load(found)
-            table.add_row(found.name, found.kind, str(found.path), str(len(split.classnames)),
-                          str(len(split.train)), "from train" if split.val_from_train else str(len(split.val)),
-                          str(len(split.test)))
-    except ds.DatasetError as exc:
-        fail(str(exc))
-    console.print(table)
-    missing = [k for k in ds.REGISTRY.values() if k.folder and not (root / k.folder).exists()]
-    for kind in missing:
-        console.print(f"not found: {kind.name} (expected {kind.layout})", markup=False, highlight=False)
+    for r in rows:
+        table.add_row(r["sweep_id"], r["experiment"], r["status"], str(r["finished"]), str(r["failed"]),
+                      str(r["total"]), r["started"], f"{r['seconds']:.0f} s")
+    console().print(table)
 
+
+@app.command()
+def status(sweep_id: Optional[str] = typer.Argument(None, help="default: the latest sweep"),
+           tracking_uri: Optional[str] = URI, as_json: bool = JSON):
+    """One sweep: its status and progress per dataset."""
+    from . import sweeps
+
+    _, client = _store(tracking_uri)
+    row = sweeps.describe(client, sweeps.find(client, sweep_id))
+    if as_json:
+        return emit(row)
+    out = console()
+    out.print(f"sweep {row['sweep_id']} ({row['experiment']}): {row['status']}, {row['finished']} of {row['total']} "
+              f"trials finished, {row['failed']} failed, {row['running']} running; started {row['started']}, "
+              f"{row['seconds']:.0f} s", markup=False, highlight=False)
+    for dataset, p in row["datasets"].items():
+        out.print(f"  {dataset}: {p['finished']} / {p['total']} finished, {p['failed']} failed", markup=False,
+                  highlight=False)
+    if row["status"] in ("interrupted", "failed"):
+        out.print(f"resume with: ca-flow resume {row['sweep_id']}", markup=False, highlight=False)
+
+
+from . import cli_results  # noqa: E402,F401  (report, promote, predict, datasets)
 
 if __name__ == "__main__":
     app()

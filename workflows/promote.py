@@ -1,29 +1,47 @@
-"""Promotion: the best finished run per dataset (chosen on val_acc) into the Model Registry."""
+"""Promotion: the best finished run per dataset (by val_acc) into the Model Registry, never a worse one.
+
+The registered version is a pyfunc built here from the run's adapter files (safetensors + JSON) with
+the library's code inside it and pinned requirements: `mlflow models serve` runs it as it is.
+"""
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
-
-import mlflow
-from mlflow import MlflowClient
-from mlflow.entities import Run
+from importlib import metadata
+from pathlib import Path
 
 from . import tracking
+from .tracking import DATASET, METHOD, SWEEP_ID
 
 
 class PromoteError(RuntimeError):
     """Nothing can be promoted as asked; the message names the fix."""
 
 
+ADAPTER_MODEL_CODE = str(Path(__file__).with_name("adapter_model.py"))
+LIBRARY = str(Path(__file__).resolve().parents[1] / "clip_adapter")
+# What the served model imports; pinned to the versions it was promoted with.
+REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "safetensors", "pillow", "numpy", "pandas", "pyarrow")
+
+
+def signature():
+    """Images in (base64 bytes per row), top classes out; top_k is a call-time parameter."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score"),
+                        ColSpec(Array("string"), "top_labels"), ColSpec(Array("double"), "top_scores")]),
+        params=ParamSchema([ParamSpec("top_k", "long", 3)]))
+
+
 def model_name(dataset: str) -> str:
     return f"clip-adapter-{dataset}"
 
 
-def finished_trial_runs(client: MlflowClient, exp_id: str) -> list[Run]:
-    return [r for r in tracking.all_runs(client, exp_id, "attributes.status = 'FINISHED'")
-            if tracking.MODEL_URI in r.data.tags and "val_acc" in r.data.metrics]
-
-
-def rank_key(run: Run):
+def rank_key(run):
     """Best val_acc; ties: more shots, then lower seed, then lower alpha (closer to zero-shot)."""
     p = run.data.params
     val = run.data.metrics["val_acc"]
@@ -31,54 +49,141 @@ def rank_key(run: Run):
             run.info.run_id)
 
 
-def choose(client: MlflowClient, experiment: str, datasets: list[str] | None = None) -> dict[str, Run]:
+def choose(client, experiment: str, datasets: list[str] | None, methods: list[str]) -> dict:
+    """dataset -> the best finished trial run of `methods` in the experiment."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise PromoteError(f"no experiment {experiment!r} in this tracking store; run `ca-flow sweep` first "
                            f"or pass --experiment")
-    by_dataset: dict[str, list[Run]] = {}
-    for run in finished_trial_runs(client, exp.experiment_id):
-        by_dataset.setdefault(run.data.tags[tracking.DATASET], []).append(run)
+    by_dataset: dict[str, list] = {}
+    for run in tracking.all_runs(client, [exp.experiment_id], "attributes.status = 'FINISHED'"):
+        if tracking.PARENT in run.data.tags and tracking.is_done(run):
+            by_dataset.setdefault(run.data.tags[DATASET], []).append(run)
     if not by_dataset:
         raise PromoteError(f"experiment {experiment!r} has no finished trial runs; run `ca-flow sweep` first")
     missing = [d for d in (datasets or []) if d not in by_dataset]
     if missing:
         raise PromoteError(f"no finished runs for dataset {missing[0]} in {experiment!r} "
                            f"(have: {', '.join(sorted(by_dataset))})")
-    return {d: min(runs, key=rank_key) for d, runs in sorted(by_dataset.items())
-            if not datasets or d in datasets}
+    chosen = {}
+    for dataset, runs in sorted(by_dataset.items()):
+        if datasets and dataset not in datasets:
+            continue
+        mine = [r for r in runs if r.data.params.get("method", r.data.tags.get(METHOD)) in methods]
+        if not mine:
+            if datasets:
+                raise PromoteError(f"dataset {dataset} has no finished {' or '.join(methods)} runs in {experiment!r}; "
+                                   f"pass --methods naming the methods it has")
+            continue
+        chosen[dataset] = min(mine, key=rank_key)
+    if not chosen:
+        raise PromoteError(f"no finished {' or '.join(methods)} runs in {experiment!r}; pass --methods")
+    return chosen
 
 
 @dataclass
-class Promotion:
+class Decision:
     dataset: str
     name: str
-    version: str
-    run_id: str
-    new: bool
+    run: object
+    version: str | None   # the champion after this promotion (None for a dry run of a new model)
+    action: str           # what happened, in words
 
 
-def promote(client: MlflowClient, dataset: str, run: Run, alias: str) -> Promotion:
-    name = model_name(dataset)
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
-    if existing:
-        version, new = existing[0].version, False
-    else:
-        p, m = run.data.params, run.data.metrics
-        evidence = dict(run_id=run.info.run_id, sweep_id=run.data.tags.get(tracking.SWEEP_ID, ""),
-                        val_acc=m["val_acc"], test_acc=m.get("test_acc", ""), shots=p["shots"],
-                        seed=p["seed"], method=p.get("method", "clip-adapter"), alpha=p.get("alpha", ""),
-                        beta=p.get("beta", ""), adapter=p.get("adapter", ""),
-                        backbone=p.get("backbone", ""), weights=p.get("weights", ""),
-                        random_weights=run.data.tags.get(tracking.RANDOM_WEIGHTS, ""))
-        try:
-            client.create_registered_model(name, description=f"CLIP-Adapter for {dataset}, promoted by ca-flow")
-        except mlflow.exceptions.MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        model_uri = run.data.tags[tracking.MODEL_URI]
-        mv = client.create_model_version(name, model_uri, run_id=run.info.run_id, model_id=model_uri.split("/")[-1],
-                                         tags={k: str(v) for k, v in evidence.items()})
-        version, new = mv.version, True
+def _champion(client, name: str, alias: str):
+    import mlflow
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def decide(client, dataset: str, run, alias: str, force: bool) -> tuple[str, object | None]:
+    """('new' | 'same' | 'keep' | 'move', current champion): moves only to a strictly better run."""
+    current = _champion(client, model_name(dataset), alias)
+    if current is None:
+        return "new", current
+    if current.run_id == run.info.run_id:
+        return "same", current
+    if force:
+        return "move", current
+    p = run.data.params
+    if (current.tags.get("backbone"), current.tags.get("weights_id")) != (p.get("backbone"), p.get("weights_id")):
+        return "keep", current
+    return ("move" if run.data.metrics["val_acc"] > float(current.tags.get("val_acc", "-1")) else "keep"), current
+
+
+def promote(client, dataset: str, run, alias: str, force: bool = False, dry_run: bool = False) -> Decision:
+    name, val = model_name(dataset), run.data.metrics["val_acc"]
+    verdict, current = decide(client, dataset, run, alias, force)
+    if verdict == "same":
+        return Decision(dataset, name, run, current.version, f"already v{current.version}")
+    if verdict == "keep":
+        p, ct = run.data.params, current.tags
+        why = (f"val_acc {float(ct.get('val_acc', 'nan')):.4f} >= {val:.4f}"
+               if (ct.get("backbone"), ct.get("weights_id")) == (p.get("backbone"), p.get("weights_id"))
+               else f"{ct.get('backbone')}/{ct.get('weights')} is not comparable with {p.get('backbone')}/"
+                    f"{p.get('weights')}")
+        return Decision(dataset, name, run, current.version, f"kept v{current.version} ({why}; --force moves it)")
+    if dry_run:
+        return Decision(dataset, name, run, current.version if current else None,
+                        "would register" + (f", moving from v{current.version}" if current else ""))
+    version = register(client, dataset, run)
     client.set_registered_model_alias(name, alias, version)
-    return Promotion(dataset, name, str(version), run.info.run_id, new)
+    if current is None:
+        return Decision(dataset, name, run, version, f"new v{version}")
+    return Decision(dataset, name, run, version,
+                    f"moved v{current.version} -> v{version} (val_acc {float(current.tags.get('val_acc', 'nan')):.4f}"
+                    f" -> {val:.4f}{', forced' if force else ''})")
+
+
+def register(client, dataset: str, run) -> str:
+    """A registry version for `run` (the existing one if it has one): its adapter as a pyfunc."""
+    import mlflow
+
+    name = model_name(dataset)
+    for mv in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+        if mv.name == name:
+            return str(mv.version)
+    p, m = run.data.params, run.data.metrics
+    evidence = dict(run_id=run.info.run_id, sweep_id=run.data.tags.get(SWEEP_ID, ""), val_acc=m["val_acc"],
+                    test_acc=m.get("test_acc", ""), shots=p["shots"], seed=p["seed"],
+                    method=p.get("method", "clip-adapter"), alpha=p.get("alpha", ""), beta=p.get("beta", ""),
+                    adapter=p.get("adapter", ""), backbone=p.get("backbone", ""), weights=p.get("weights", ""),
+                    weights_id=p.get("weights_id", ""),
+                    random_weights=run.data.tags.get(tracking.RANDOM_WEIGHTS, ""))
+    try:
+        client.create_registered_model(name, description=f"CLIP-Adapter for {dataset}, promoted by ca-flow")
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_uri, model_id = log_pyfunc(client, run)
+    mv = client.create_model_version(name, model_uri, run_id=run.info.run_id, model_id=model_id,
+                                     tags={k: str(v) for k, v in evidence.items()})
+    return str(mv.version)
+
+
+def log_pyfunc(client, run) -> tuple[str, str]:
+    """The run's adapter files as a logged pyfunc model linked to the run (the run itself is untouched)."""
+    import logging
+    import warnings
+
+    import mlflow
+
+    # "No artifacts found to download" (a new model) and "no input example" (the signature is explicit).
+    logging.getLogger("mlflow.store.artifact.artifact_repo").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+    model = client.create_logged_model(run.info.experiment_id, name="adapter", source_run_id=run.info.run_id,
+                                       model_type="ca-flow-adapter")
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = client.download_artifacts(run.info.run_id, tracking.ADAPTER_DIR, tmp)
+        mlflow.pyfunc.log_model(name="adapter", model_id=model.model_id, python_model=ADAPTER_MODEL_CODE,
+                                artifacts={"adapter": adapter}, signature=signature(), code_paths=[LIBRARY],
+                                pip_requirements=requirements())
+    return f"models:/{model.model_id}", model.model_id
+
+
+def requirements() -> list[str]:
+    """Exact versions of what the model imports; the library itself travels inside the model."""
+    return [f"{pkg}=={metadata.version(pkg)}" for pkg in REQUIREMENTS] + [f"mlflow=={metadata.version('mlflow')}"]

@@ -1,4 +1,7 @@
-"""Results of a sweep: the per-trial frame, selection on validation, the paper's table and figure."""
+"""Results of a sweep: selection on validation, the paper's table and figure, the published numbers.
+
+Accuracies are fractions in MLflow and percentages here, in tables made for people (labelled %).
+"""
 from __future__ import annotations
 
 import math
@@ -6,13 +9,9 @@ import textwrap
 from pathlib import Path
 
 import pandas as pd
-from rich.table import Table
 
-from clip_adapter.methods import METHODS
+from clip_adapter.methods import NAMES, trains
 
-RESULT_COLUMNS = ["sweep_id", "key", "run_id", "dataset", "method", "shots", "seed", "adapter", "alpha", "beta",
-                  "val_acc", "test_acc", "zs_test_acc", "train_loss_final", "trial_seconds", "mlflow_seconds",
-                  "status", "error"]
 PICK = ["dataset", "method", "shots", "seed"]
 
 # Published RN50 / OpenAI numbers (Tip-Adapter's log, one seed), from the method reference.
@@ -28,15 +27,7 @@ PAPER_16_SHOT = {"clip-adapter": {
 PAPER_ZERO_SHOT = {
     "imagenet": 60.32, "sun397": 58.52, "oxford_pets": 85.83, "eurosat": 37.52, "caltech101": 85.92, "dtd": 42.20,
     "fgvc_aircraft": 17.10, "food101": 77.32, "oxford_flowers": 66.02, "ucf101": 61.35, "stanford_cars": 55.74}
-
-
-def results_frame(rows: list[dict], sweep_id: str) -> pd.DataFrame:
-    frame = pd.DataFrame(rows)
-    frame.insert(0, "sweep_id", sweep_id)
-    for col in RESULT_COLUMNS:
-        if col not in frame:
-            frame[col] = float("nan")
-    return frame[RESULT_COLUMNS].sort_values(PICK + ["adapter", "alpha", "beta"], ignore_index=True)
+ALL_11 = frozenset(PAPER_ZERO_SHOT)
 
 
 def select_on_val(frame: pd.DataFrame) -> pd.DataFrame:
@@ -55,23 +46,43 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of the test accuracy at each val-chosen point, in percent."""
     chosen = select_on_val(frame.drop(columns=["test_acc", "zs_test_acc"]))
     picked = chosen.merge(frame[["run_id", "test_acc"]], on="run_id")  # test joined after the choice
-    shots = sorted(frame.loc[frame["method"].map(lambda m: METHODS[m].trains), "shots"].unique()) \
-        or sorted(frame["shots"].unique())
-    untrained = picked["method"].map(lambda m: not METHODS[m].trains)
+    trained = picked["method"].map(trains)
+    shots = sorted(picked.loc[trained, "shots"].unique()) or sorted(picked["shots"].unique())
     # A method that fits nothing has one trial per seed: the same figure stands in every shots column.
-    picked = pd.concat([picked[~untrained]] + [picked[untrained].assign(shots=k) for k in shots])
+    picked = pd.concat([picked[trained]] + [picked[~trained].assign(shots=k) for k in shots])
     out = picked.groupby(["dataset", "method", "shots"], as_index=False).agg(
-        seeds=("seed", "nunique"), mean=("test_acc", "mean"), std=("test_acc", "std"),
+        n_seeds=("seed", "nunique"), mean=("test_acc", "mean"), std=("test_acc", "std"),
         alphas=("alpha", lambda a: ",".join(f"{x:g}" for x in a if not math.isnan(x))))
     out[["mean", "std"]] = 100 * out[["mean", "std"]].fillna({"std": 0.0})
     return out
+
+
+def published(method: str, dataset: str, shots: int) -> float | None:
+    if method == "zero-shot":
+        return PAPER_ZERO_SHOT.get(dataset)
+    return PAPER_16_SHOT.get(method, {}).get(dataset) if shots == 16 else None
+
+
+def paper_average(method: str, shots: int, datasets: list[str]) -> tuple[float, list[str]] | None:
+    """The published average comparable with ca-flow's over `datasets`, and the datasets it covers.
+
+    With all 11 datasets it is the published 11-dataset average. With fewer, it is the mean of the
+    published per-dataset numbers over the datasets both have (only 16-shot CLIP-Adapter and
+    zero-shot publish those); the average of a subset is never set against the average of all 11.
+    """
+    if set(datasets) >= ALL_11 and shots in PAPER_AVERAGE.get(method, {}):
+        return PAPER_AVERAGE[method][shots], sorted(ALL_11)
+    both = [d for d in datasets if published(method, d, shots) is not None]
+    if not both:
+        return None
+    return sum(published(method, d, shots) for d in both) / len(both), both
 
 
 def paper_table(frame: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
     """Per method: (mean, std) frames, rows the datasets plus the average, columns the shots."""
     s = summary(frame)
     blocks = {}
-    for method in [m for m in METHODS if m in set(s["method"])]:
+    for method in [m for m in NAMES if m in set(s["method"])]:
         part = s[s["method"] == method]
         mean = part.pivot(index="dataset", columns="shots", values="mean")
         std = part.pivot(index="dataset", columns="shots", values="std")
@@ -85,22 +96,24 @@ def cells(blocks, paper: bool = False) -> dict[str, pd.DataFrame]:
     out = {}
     for method, (mean, std) in blocks.items():
         text = mean.round(2).map("{:.2f}".format) + " +- " + std.round(2).map("{:.2f}".format)
-        if paper:
-            for dataset in text.index:
-                for shots in text.columns:
-                    published = _published(method, dataset, shots)
-                    if published is not None:
-                        text.loc[dataset, shots] += f" (paper {published:.2f}, {mean.loc[dataset, shots] - published:+.2f})"
+        datasets = [d for d in mean.index if d != "average"]
+        for shots in text.columns if paper else []:
+            for dataset in datasets:
+                ref = published(method, dataset, shots)
+                if ref is not None:
+                    text.loc[dataset, shots] += f" (paper {ref:.2f}, {mean.loc[dataset, shots] - ref:+.2f})"
+            avg = paper_average(method, shots, datasets)
+            if avg is not None:
+                ref, over = avg
+                ours = mean.loc[over, shots].mean()
+                if len(over) == len(datasets):
+                    where = "11 datasets" if len(over) == len(ALL_11) else ", ".join(over)
+                    text.loc["average", shots] += f" (paper {ref:.2f} over {where}, {ours - ref:+.2f})"
+                else:
+                    text.loc["average", shots] += (f" (over {', '.join(over)}: {ours:.2f}, paper {ref:.2f}, "
+                                                   f"{ours - ref:+.2f})")
         out[method] = text
     return out
-
-
-def _published(method: str, dataset: str, shots: int) -> float | None:
-    if dataset == "average":
-        return PAPER_AVERAGE.get(method, {}).get(shots)
-    if method == "zero-shot":
-        return PAPER_ZERO_SHOT.get(dataset)
-    return PAPER_16_SHOT.get(method, {}).get(dataset) if shots == 16 else None
 
 
 def comparable_to_paper(backbone: str, weights: str) -> str | None:
@@ -111,7 +124,9 @@ def comparable_to_paper(backbone: str, weights: str) -> str | None:
     return None
 
 
-def rich_tables(blocks: dict[str, pd.DataFrame], title: str) -> list[Table]:
+def rich_tables(blocks: dict[str, pd.DataFrame], title: str) -> list:
+    from rich.table import Table
+
     tables = []
     for method, block in blocks.items():
         table = Table(title=method, caption=title)
@@ -133,8 +148,17 @@ def markdown(blocks: dict[str, pd.DataFrame], title: str) -> str:
     return "\n".join(lines)
 
 
+def numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table as numbers: method, dataset, shots, mean, std (test accuracy, %), n_seeds."""
+    s = summary(frame)
+    order = {m: i for i, m in enumerate(NAMES)}
+    s = s.sort_values(["method", "dataset", "shots"], key=lambda c: c.map(order) if c.name == "method" else c)
+    return s[["method", "dataset", "shots", "mean", "std", "n_seeds"]].round(4).reset_index(drop=True)
+
+
 def figure(frame: pd.DataFrame, path: Path, title: str) -> Path:
-    """Accuracy against shots: one panel per dataset and one for the average, a line per method."""
+    """Accuracy against shots, a panel per dataset and one for the average: a line per trained method
+    with +-1 std error bars over seeds; zero-shot, which does not depend on shots, a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,19 +166,24 @@ def figure(frame: pd.DataFrame, path: Path, title: str) -> Path:
 
     s = summary(frame)
     datasets = sorted(s["dataset"].unique()) + ["average"]
+    shots = sorted(s["shots"].unique())
     cols = min(4, len(datasets))
     rows = math.ceil(len(datasets) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, dataset in zip(axes.flat, datasets):
-        for method in [m for m in METHODS if m in set(s["method"])]:
+        for i, method in enumerate(m for m in NAMES if m in set(s["method"])):
             part = s[s["method"] == method]
-            if dataset == "average":
-                part = part.groupby("shots", as_index=False)["mean"].mean()
+            part = (part.groupby("shots", as_index=False)[["mean", "std"]].mean() if dataset == "average"
+                    else part[part["dataset"] == dataset])
+            if part.empty:
+                continue
+            if trains(method):
+                ax.errorbar(part["shots"], part["mean"], yerr=part["std"], marker="o", capsize=3, label=method,
+                            color=f"C{i}")
             else:
-                part = part[part["dataset"] == dataset]
-            ax.plot(part["shots"], part["mean"], marker="o", label=method)
+                ax.axhline(part["mean"].iloc[0], linestyle="--", color=f"C{i}", label=method)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(s["shots"].unique()), [str(k) for k in sorted(s["shots"].unique())])
+        ax.set_xticks(shots, [str(k) for k in shots])
         ax.set_title(dataset)
         ax.set_xlabel("shots per class")
         ax.set_ylabel("test accuracy (%)")
@@ -171,11 +200,10 @@ def figure(frame: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def write_report(frame: pd.DataFrame, out_dir: Path, title: str, paper: bool) -> list[Path]:
-    """The table as Markdown and CSV and the figure as PNG, in out_dir; returns the paths."""
+    """The table as Markdown (cells as printed) and CSV (numbers), the figure as PNG; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = cells(paper_table(frame), paper)
     md = out_dir / "table.md"
-    md.write_text(markdown(text, title))
+    md.write_text(markdown(cells(paper_table(frame), paper), title))
     csv = out_dir / "table.csv"
-    pd.concat({m: t for m, t in text.items()}, names=["method", "dataset"]).to_csv(csv)
+    numbers(frame).to_csv(csv, index=False)
     return [md, csv, figure(frame, out_dir / "figure.png", title)]

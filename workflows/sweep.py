@@ -1,404 +1,354 @@
-"""The sweep: grid -> features (Ray tasks, cached) -> one Ray Tune trial per grid point -> MLflow."""
+"""The sweep as a durable job: a parent run that holds its spec, one Tune trial per grid point that
+MLflow has no finished run for, and an honest end (FINISHED, FAILED or KILLED, never a silent one).
+
+    plan (datasets, grid; no Ray) -> Ray -> parent run (new, or adopted by `resume`) + heartbeat
+    -> features (feature store, Ray Data for what it lacks) -> Tune over the grid points not done
+    -> close: unfinished runs KILLED / FAILED, results from MLflow, parent status
+"""
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
-import logging
-import math
 import os
-import tempfile
+import shlex
+import signal
+import sys
+import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Per-trial JSON/CSV/TensorBoard files cost seconds per trial; ca-flow logs to MLflow instead.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# ca-flow handles SIGINT itself (stop launching, close the runs, say how to resume).
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import ray  # noqa: E402
-from ray import tune  # noqa: E402
 
 from clip_adapter import datasets as ds  # noqa: E402
-from clip_adapter.backbone import RANDOM, TINY, available_models, weights_identity  # noqa: E402
-from clip_adapter.features import FeatureCache, LocalEncoder  # noqa: E402
-from clip_adapter.methods import METHODS  # noqa: E402
-from clip_adapter.train import epochs_for_shots, zero_shot_accuracy  # noqa: E402
+from clip_adapter.backbone import RANDOM, weights_identity  # noqa: E402
 
-from . import tracking  # noqa: E402
-from .progress import TrialProgress  # noqa: E402
-from .report import results_frame  # noqa: E402
+from . import sweeps, tracking  # noqa: E402
+from .grid import SweepError, SweepSpec, check_shots, counts, grid  # noqa: E402
 
-
-class SweepError(RuntimeError):
-    """The sweep cannot start as asked; the message names the fix."""
+WEIGHTS_ID = "ca_flow.weights_id"
 
 
 @dataclass
-class SweepSpec:
-    datasets: str = "all"
-    data_root: Path = field(default_factory=ds.default_data_root)
-    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    alphas: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
-    betas: list[float] = field(default_factory=lambda: [0.2])
-    adapters: list[str] = field(default_factory=lambda: ["visual"])
-    methods: list[str] = field(default_factory=lambda: ["clip-adapter", "zero-shot"])
-    backbone: str = "RN50-quickgelu"
-    pretrained: str = "openai"
-    experiment: str = "ca-flow"
-    tracking_uri: str | None = None
-    address: str | None = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    epochs: int | None = None       # None: CoOp's epochs by shots
-    augment_views: int = 10
-    lr: float = 0.002
-    batch_size: int = 32
-    cache_dir: Path = field(default_factory=lambda: Path("~/.cache/ca-flow/features").expanduser())
-    storage_path: str = "~/ray_results"  # Tune's experiment state; shared storage (NFS, s3://) on a cluster
-    results_dir: Path = field(default_factory=lambda: Path("ca-flow-results"))
-
-    def validate(self) -> None:
-        for name, values in (("alpha", self.alphas), ("beta", self.betas)):
-            bad = [v for v in values if not 0.0 <= v <= 1.0]
-            if bad:
-                raise SweepError(f"{name} {bad[0]} is outside [0, 1]; residual ratios are fractions")
-        if any(k < 1 for k in self.shots):
-            raise SweepError(f"shots must be >= 1, got {min(self.shots)}")
-        if not self.shots or not self.seeds or not self.alphas:
-            raise SweepError("--shots, --seeds and --alphas each need at least one value")
-        if self.epochs is not None and self.epochs < 1:
-            raise SweepError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.augment_views < 1:
-            raise SweepError(f"--augment-views must be >= 1, got {self.augment_views}")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise SweepError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-        if self.backbone not in available_models():
-            raise SweepError(f"unknown backbone {self.backbone!r}; see open_clip.list_models(), e.g. "
-                             f"RN50-quickgelu, ViT-B-32-quickgelu, or {TINY} for tests")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise SweepError(f"unknown method {(unknown or [''])[0]!r}; choose from {', '.join(sorted(METHODS))}")
-        bad = [a for a in self.adapters if a not in ("visual", "text", "both")]
-        if bad:
-            raise SweepError(f"unknown adapter variant {bad[0]!r}; use visual, text or both")
+class Planned:
+    spec: SweepSpec
+    splits: list
+    skipped: list
+    trials: list[dict]
+    weights_id: str
+    short: dict = field(default_factory=dict)  # dataset -> {class: train images} under --shots
 
 
-# -- grid --------------------------------------------------------------------------------------
-
-def _points(spec: SweepSpec, method: str, shots: list[int]):
-    """(shots, hparams) per trial of one method on one dataset and seed."""
-    if method == "clip-adapter":
-        for k, variant, alpha, beta in itertools.product(shots, spec.adapters, spec.alphas, spec.betas):
-            if (variant == "visual" and beta != spec.betas[0]) or (variant == "text" and alpha != spec.alphas[0]):
-                continue  # a ratio the variant does not use: one trial is enough
-            yield k, dict(variant=variant, alpha=alpha, beta=beta, epochs=spec.epochs or epochs_for_shots(k),
-                          lr=spec.lr, batch_size=spec.batch_size)
-    elif not METHODS[method].trains:
-        # Nothing is fitted: one trial per (dataset, seed) is enough; it validates on the largest K.
-        yield max(shots), {}
-    else:
-        for k in shots:
-            yield k, ({"epochs": spec.epochs} if spec.epochs and method == "tip-adapter-f" else {})
-
-
-def grid(spec: SweepSpec, names: list[str]) -> list[dict]:
-    """One dict per trial; its key hashes everything that changes the trial's result."""
+def plan(spec: SweepSpec) -> Planned:
+    """Datasets, shots and the grid, checked; nothing started, nothing written."""
+    splits, skipped = ds.load_splits(spec.datasets, spec.data_root)
+    short = {s.name: check_shots(spec, s) for s in splits}
     weights_id = weights_identity(spec.pretrained)
-    trials = []
-    for dataset, method, seed in itertools.product(names, spec.methods, spec.seeds):
-        for shots, hparams in _points(spec, method, spec.shots):
-            point = dict(dataset=dataset, method=method, shots=shots, seed=seed, hparams=hparams,
-                         backbone=spec.backbone, weights=spec.pretrained, weights_id=weights_id,
-                         views=spec.augment_views)
-            key = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
-            name = "-".join([dataset, method, f"{shots}shot", f"seed{seed}"]
-                            + [f"{k}{v:g}" if isinstance(v, float) else str(v)
-                               for k, v in hparams.items() if k in ("variant", "alpha", "beta")])
-            trials.append(dict(point, key=key, name=name))
-    return trials
-
-
-# -- features ----------------------------------------------------------------------------------
-
-_ENCODERS: dict[tuple[str, str, str], LocalEncoder] = {}
-
-
-def _encoder(backbone: str, weights: str, device: str) -> LocalEncoder:
-    # Ray reuses worker processes: keep one loaded backbone per worker.
-    key = (backbone, weights, device)
-    if key not in _ENCODERS:
-        _ENCODERS[key] = LocalEncoder(backbone, weights, device)
-    return _ENCODERS[key]
-
-
-@ray.remote
-def _encode_images(backbone, weights, device, blobs, views, augment):
-    return _encoder(backbone, weights, device).images(blobs, views, augment)
-
-
-@ray.remote
-def _encode_text(backbone, weights, device, classnames, template):
-    return _encoder(backbone, weights, device).text(classnames, template)
+    return Planned(spec, splits, skipped, grid(spec, [s.name for s in splits], weights_id), weights_id,
+                   {k: v for k, v in short.items() if v})
 
 
 @dataclass
-class RayEncoder:
-    """Encodes chunks of image bytes as Ray tasks: no worker needs the driver's data root."""
-    backbone: str
-    weights: str
-    num_gpus: float
-    slots: int
-
-    @property
-    def device(self) -> str:
-        return "cuda" if self.num_gpus else "cpu"  # explicit: a GPU task without CUDA must fail
-
-    def _opts(self):
-        return dict(num_cpus=1, num_gpus=self.num_gpus)
-
-    def images(self, blobs, views, augment):
-        size = max(16, math.ceil(len(blobs) / (2 * self.slots)))
-        starts = list(range(0, len(blobs), size))
-        refs = [_encode_images.options(**self._opts()).remote(
-            self.backbone, self.weights, self.device, blobs[s:s + size], views, augment) for s in starts]
-        parts = ray.get(refs)
-        feats = np.concatenate([f for f, _ in parts])
-        bad = {s + i: reason for s, (_, b) in zip(starts, parts) for i, reason in b.items()}
-        return feats, bad
-
-    def text(self, classnames, template):
-        weights, scale = ray.get(_encode_text.options(**self._opts()).remote(
-            self.backbone, self.weights, self.device, classnames, template))
-        return np.array(weights), scale  # the object store hands back read-only arrays
-
-
-@dataclass
-class DatasetFeatures:
-    """A dataset's cached features plus, per (shots, seed), which rows form its few-shot split."""
-    name: str
-    classnames: list[str]
-    template: str
-    text: np.ndarray
-    logit_scale: float
-    train: np.ndarray
-    train_labels: np.ndarray
-    val: np.ndarray
-    val_labels: np.ndarray
-    test: np.ndarray
-    test_labels: np.ndarray
-    zs_test_acc: float        # the same for every trial of the dataset: computed once, here
-    rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # (shots, seed) -> (train, val) rows
-
-
-def dataset_features(split: ds.Split, spec: SweepSpec, cache: FeatureCache, encoder,
-                     on_bad) -> DatasetFeatures:
-    subsets = {(k, s): ds.few_shot(split, k, s) for k in spec.shots for s in spec.seeds}
-    train_items = list(dict.fromkeys(i for tr, _ in subsets.values() for i in tr))
-    val_items = list(dict.fromkeys(i for _, va in subsets.values() for i in va))
-    train = cache.images(train_items, spec.augment_views, True, encoder, on_bad)
-    held = cache.images(val_items + split.test, 1, False, encoder, on_bad)
-    text, scale = cache.text(split.classnames, split.template, encoder)
-
-    train_row = {item: r for r, item in enumerate(train_items) if train.ok[r]}
-    val_row = {item: r for r, item in enumerate(val_items) if held.ok[r]}
-    rows = {key: (np.array([train_row[i] for i in tr if i in train_row], dtype=np.int64),
-                  np.array([val_row[i] for i in va if i in val_row], dtype=np.int64))
-            for key, (tr, va) in subsets.items()}
-    n_val, test_ok = len(val_items), held.ok[len(val_items):]
-    test, test_labels = held.features[n_val:, 0][test_ok], held.labels[n_val:][test_ok]
-    return DatasetFeatures(
-        split.name, split.classnames, split.template, text, scale,
-        train.features, train.labels, held.features[:n_val, 0], held.labels[:n_val],
-        test, test_labels, zero_shot_accuracy(test, test_labels, text, scale), rows)
-
-
-# -- the trial ---------------------------------------------------------------------------------
-
-def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
-    """Fit and evaluate one grid point on in-memory features: no Ray, no MLflow."""
-    import torch
-
-    from clip_adapter import evaluate
-    from clip_adapter.methods import FewShot, make
-
-    train_rows, val_rows = data.rows[(t["shots"], t["seed"])]
-    if len(train_rows) == 0:
-        raise RuntimeError(f"{t['dataset']}: no readable train image for {t['shots']} shots, seed {t['seed']}")
-    few_shot = FewShot(data.train[train_rows], data.train_labels[train_rows], data.val[val_rows],
-                       data.val_labels[val_rows], data.text, data.logit_scale)
-    method = make(t["method"], torch.from_numpy(data.text), data.logit_scale, **t["hparams"]).to(device)
-    fitted = method.fit(few_shot, t["seed"])  # sees train and val only: every choice is made on val
-    method.eval()
-    metrics = dict(
-        val_acc=evaluate(method, few_shot.val, few_shot.val_labels),
-        test_acc=evaluate(method, data.test, data.test_labels),
-        zs_test_acc=data.zs_test_acc,
-        n_train=len(train_rows), n_val=len(val_rows), n_test=len(data.test))
-    if fitted.losses:
-        metrics["train_loss_final"] = fitted.losses[-1]
-    params = {k: t[k] for k in ("dataset", "method", "shots", "seed", "backbone", "weights", "weights_id", "views")}
-    config = method.config()
-    params.update({("adapter" if k == "variant" else k): v for k, v in config.items()})
-    params.update({f"chosen_{k}": v for k, v in fitted.chosen.items()})
-    return method.cpu(), fitted.losses, metrics, params
-
-
-def run_trial(config: dict, features: dict, uri: str, threads: int, gpu: bool) -> None:
-    """The Tune trainable: train one grid point, log it to its MLflow run, report to Tune."""
-    import torch
-
-    from clip_adapter import save_adapter
-    from clip_adapter.artifact import AdapterMeta
-
-    torch.set_num_threads(threads)  # small matmuls: more threads than CPUs granted is much slower
-    if gpu and not torch.cuda.is_available():
-        raise RuntimeError("the trial was given a GPU but torch sees no CUDA device; fix the node's CUDA setup")
-    t, started = config["trial"], time.perf_counter()
-    data: DatasetFeatures = features[t["dataset"]]
-    method, losses, metrics, params = train_trial(t, data, "cuda" if gpu else "cpu")
-    trained = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "adapter"  # a fixed name inside the logged model, not a random one
-        save_adapter(folder, method, torch.from_numpy(data.text), AdapterMeta(
-            method=t["method"], config=method.config(), backbone=t["backbone"], weights=t["weights"],
-            weights_id=t["weights_id"], classnames=data.classnames, template=data.template,
-            logit_scale=data.logit_scale, dataset=t["dataset"]))
-        tracking.log_trial(uri, t["run_id"], params, metrics, losses, str(folder))
-    done = time.perf_counter()
-    tune.report({**metrics, "trial_seconds": done - started, "mlflow_seconds": done - trained})
-
-
-# -- Ray -----------------------------------------------------------------------------------------
-
-def connect_ray(address: str | None) -> None:
-    # Tune's own chatter (result files it no longer writes, experiment-state saves) would bury
-    # the progress bar; errors still surface through ResultGrid.
-    logging.getLogger("ray.tune").setLevel(logging.ERROR)
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SweepError(f"cannot connect to Ray at {address or 'a new local cluster'}: {first}; "
-                         f"check --address / RAY_ADDRESS") from None
-
-
-def check_resources(cpus: float, gpus: float) -> int:
-    """Refuse a per-trial request no node can meet (Tune would leave it PENDING forever).
-
-    Returns how many trials can run at once.
-    """
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    fits = [n for n in nodes if n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus]
-    if not fits:
-        total = ray.cluster_resources()
-        raise SweepError(f"no Ray node can give a trial {cpus:g} CPU and {gpus:g} GPU (cluster: "
-                         f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU); lower "
-                         f"--cpus-per-trial / --gpus-per-trial or add nodes")
-    return max(1, sum(int(min(n.get("CPU", 0) / cpus, n.get("GPU", 0) / gpus if gpus else math.inf))
-                      for n in fits))
-
-
-# -- the whole sweep -------------------------------------------------------------------------------
-
-@dataclass
-class SweepResult:
+class Outcome:
     sweep_id: str
     parent_run_id: str
-    results: "pd.DataFrame"   # one row per trial
-    results_path: Path
+    results: pd.DataFrame     # one row per grid point
+    results_path: Path | None
     seconds: float
-    tune_seconds: float   # the trials alone, from Tuner start to its end
-    failed: int
+    tune_seconds: float
+    interrupted: int = 0      # the signal that ended it, 0 if none
+    note: str = ""            # why it could not close normally (e.g. the tracking store went away)
+
+    @property
+    def total(self) -> int:
+        return len(self.results)
+
+    @property
+    def done(self) -> int:
+        return int((self.results["status"] == "FINISHED").sum())
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        return self.results[self.results["status"].isin(["FAILED", "KILLED"])]
 
 
-def run_sweep(spec: SweepSpec, console) -> SweepResult:
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Signals:
+    """First SIGINT/SIGTERM: stop launching trials and close the sweep; a second one exits at once."""
+
+    def __init__(self):
+        self.received, self.in_tune, self._old = 0, False, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame):
+        if self.received:
+            os._exit(128 + signum)
+        self.received = signum
+        if not self.in_tune:
+            raise Interrupted(signum)
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes the parent's heartbeat tag; a store that does not answer is retried next beat."""
+
+    def __init__(self, uri: str, parent_id: str):
+        super().__init__(daemon=True, name="ca-flow-heartbeat")
+        self.uri, self.parent_id, self.stopped = uri, parent_id, threading.Event()
+
+    def run(self):
+        import mlflow
+
+        client = mlflow.MlflowClient(self.uri)
+        while not self.stopped.wait(sweeps.heartbeat_seconds()):
+            try:
+                tracking.beat(client, self.parent_id)
+            except Exception:
+                pass
+
+
+def run(spec: SweepSpec, uri: str, address: str | None, console, parent=None,
+        sweep_id: str | None = None) -> Outcome:
+    """Run (or, with `parent`, resume) a sweep to its end or to an interruption."""
+    from .connect import check_resources, connect_ray
+
     started = time.perf_counter()
-    spec.validate()
-    found = ds.resolve(spec.datasets, Path(spec.data_root).expanduser())
-    splits = [ds.load(f) for f in found]
-    uri = tracking.resolve_uri(spec.tracking_uri)
+    planned = plan(spec)
+    for s in planned.skipped:
+        console.print(f"skipping {s.name} ({s.path}): {s.reason}", markup=False, highlight=False)
+    for name, short in planned.short.items():
+        console.print(f"{name}: --allow-fewer-shots: {len(short)} classes have fewer than {max(spec.shots)} train "
+                      f"images (fewest {min(short.values())}); runs log the real per-class counts",
+                      markup=False, highlight=False)
     tracking.check(uri)
-    trials = grid(spec, [s.name for s in splits])
+    with Signals() as signals:
+        try:
+            connect_ray(address)
+            slots = check_resources(spec.cpus_per_trial, spec.gpus_per_trial)
+            client = tracking.connect(uri)
+            exp_id = tracking.experiment_id(client, spec.experiment, uri)
+            if parent is None:
+                sweep_id = sweep_id or new_sweep_id()
+                parent_id = start(client, exp_id, sweep_id, planned)
+            else:
+                sweep_id, parent_id = adopt(client, parent, planned)
+        except Interrupted as stop:
+            return Outcome(sweep_id or "", "", pd.DataFrame(), None, time.perf_counter() - started, 0.0,
+                           stop.signum, "interrupted before the sweep started: nothing recorded")
+        beat = Heartbeat(uri, parent_id)
+        beat.start()
+        try:
+            return _drive(planned, uri, client, exp_id, sweep_id, parent_id, slots, signals, console, started)
+        finally:
+            beat.stopped.set()
 
-    connect_ray(spec.address)
-    slots = check_resources(spec.cpus_per_trial, spec.gpus_per_trial)
-    client = tracking.connect(uri)  # only now: a refused sweep leaves no store behind
-    exp_id = tracking.experiment_id(client, spec.experiment, uri)
+
+def new_sweep_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def start(client, exp_id: str, sweep_id: str, planned: Planned) -> str:
+    spec = planned.spec
+    record = dict(spec.record(), datasets=",".join(s.name for s in planned.splits))  # resume: the same datasets
+    params = {f"grid.{k}": ",".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v)
+              for k, v in record.items()}
+    params["grid.trials"] = len(planned.trials)
+    command = " ".join(shlex.quote(a) for a in ["ca-flow", *sys.argv[1:]])
+    parent_id = tracking.start_parent(client, exp_id, sweep_id, record, counts(planned.trials), params,
+                                      spec.pretrained == RANDOM, describe_grid(planned, command))
+    client.set_tag(parent_id, WEIGHTS_ID, planned.weights_id)
+    return parent_id
+
+
+def adopt(client, parent, planned: Planned) -> tuple[str, str]:
+    recorded = parent.data.tags.get(WEIGHTS_ID)
+    if recorded and recorded != planned.weights_id:
+        raise SweepError(f"the weights {planned.spec.pretrained} changed since sweep "
+                         f"{parent.data.tags[tracking.SWEEP_ID]} started ({recorded} -> {planned.weights_id}); "
+                         f"restore them, or start a new sweep")
+    tracking.adopt_parent(client, parent.info.run_id)
+    return parent.data.tags[tracking.SWEEP_ID], parent.info.run_id
+
+
+def describe_grid(planned: Planned, command: str) -> str:
+    spec, per = planned.spec, counts(planned.trials)
+    lines = [f"**ca-flow sweep** of {len(planned.trials)} trials: {spec.backbone} with {spec.pretrained} weights, "
+             f"shots {spec.shots}, seeds {spec.seeds}, methods {', '.join(spec.methods)}.", "",
+             "| dataset | " + " | ".join(spec.methods) + " |", "|---|" + "---|" * len(spec.methods)]
+    lines += [f"| {d} | " + " | ".join(str(m.get(x, 0)) for x in spec.methods) + " |" for d, m in per.items()]
+    return "\n".join(lines + ["", f"Command: `{command}`", "", "The spec is in `sweep.toml` among this run's artifacts."])
+
+
+def _drive(planned, uri, client, exp_id, sweep_id, parent_id, slots, signals, console, started) -> Outcome:
+    spec = planned.spec
+    done = {r.data.tags.get(tracking.TRIAL_KEY) for r in tracking.children(client, exp_id, parent_id)
+            if tracking.is_done(r)}
+    todo = [t for t in planned.trials if t["key"] not in done]
+    if done:
+        console.print(f"resuming sweep {sweep_id}: {len(done)} of {len(planned.trials)} trials already done, "
+                      f"{len(todo)} to run", markup=False, highlight=False)
     if spec.pretrained == RANDOM:
         console.print("[yellow]backbone weights: random (seeded) - results say nothing about CLIP; "
                       "for demos and tests only[/yellow]")
+    tune_seconds, errors = 0.0, {}
+    try:
+        _log_spec(client, parent_id, spec, sweep_id)
+        if todo:
+            names = {t["dataset"] for t in todo}
+            gpus = 1.0 if spec.gpus_per_trial > 0 else 0.0
+            features = _features([s for s in planned.splits if s.name in names], spec, gpus, console)
+            tune_started = time.perf_counter()
+            errors = _tune(todo, features, uri, exp_id, parent_id, sweep_id, slots, spec, signals, console)
+            tune_seconds = time.perf_counter() - tune_started
+    except Interrupted:
+        pass
+    return close(client, exp_id, parent_id, sweep_id, planned, signals.received, errors,
+                 time.perf_counter() - started, tune_seconds)
 
-    cache = FeatureCache(spec.cache_dir, spec.backbone, spec.pretrained)
-    encoder = RayEncoder(spec.backbone, spec.pretrained, 1.0 if spec.gpus_per_trial > 0 else 0.0,
-                         max(1, int(ray.cluster_resources().get("GPU" if spec.gpus_per_trial > 0 else "CPU", 1))))
-    features = {}
-    for split in splits:
-        t0, before = time.perf_counter(), cache.images_encoded
-        features[split.name] = dataset_features(
-            split, spec, cache, encoder,
-            lambda path, reason: console.print(f"[red]skipping unreadable image {path}: {reason}[/red]"))
-        console.print(f"features  {split.name}: {cache.images_encoded - before} images encoded, "
-                      f"the rest from cache ({time.perf_counter() - t0:.1f} s)")
 
-    sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    grid_params = {k: v for k, v in asdict(spec).items() if k not in ("tracking_uri", "address")}
-    grid_params.update(datasets=",".join(s.name for s in splits), trials=len(trials))
-    parent = tracking.start_parent(client, exp_id, sweep_id, grid_params, spec.pretrained == RANDOM)
-    runs = tracking.child_runs(client, exp_id, parent, sweep_id, trials)
-    for t in trials:
-        t["run_id"] = runs[t["key"]]
+def _features(splits, spec, gpus, console) -> dict:
+    """One object ref per dataset's features: trials fetch only their own dataset."""
+    import ray
 
+    from clip_adapter.features import FeatureStore
+
+    from .encode import dataset_features
+
+    store = FeatureStore(spec.cache_dir, spec.backbone, spec.pretrained)
+    t0 = time.perf_counter()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    encoders = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else max(1, cpus // 2)
+    data = dataset_features(splits, spec, store, gpus, encoders, 1 if gpus else max(1, cpus // (2 * encoders)),
+                            lambda path, reason: console.print(f"skipping unreadable image {path}: {reason}",
+                                                               markup=False, highlight=False))
+    console.print(f"features  {', '.join(data)}: {store.images_encoded} images encoded, the rest from the "
+                  f"feature store ({time.perf_counter() - t0:.1f} s)", markup=False, highlight=False)
+    return {name: ray.put(d) for name, d in data.items()}
+
+
+def _tune(todo, features, uri, exp_id, parent_id, sweep_id, slots, spec, signals, console) -> dict[str, str]:
+    """Run the trials; returns {trial key: error line} for the trials Tune gave up on."""
+    from ray import tune
+
+    from .progress import TrialProgress
+    from .trial import run_trial
+
+    class StopOnSignal(tune.Stopper):
+        def __call__(self, trial_id, result):
+            return False
+
+        def stop_all(self):
+            return bool(signals.received)
+
+    ctx = dict(uri=uri, exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, features=features, uri=uri, threads=max(1, int(spec.cpus_per_trial)),
+        tune.with_parameters(run_trial, features=features, ctx=ctx, threads=max(1, int(spec.cpus_per_trial)),
                              gpu=spec.gpus_per_trial > 0),
         {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
-    progress = TrialProgress(len(trials), console)
+    storage = spec.storage_path if "://" in spec.storage_path else str(Path(spec.storage_path).expanduser().resolve())
+    progress = TrialProgress(len(todo), console)
     tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search(trials)},
+        trainable, param_space={"trial": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=slots),
-        run_config=tune.RunConfig(name=f"ca-flow-{sweep_id}", verbose=0, callbacks=[progress],
-                                  storage_path=spec.storage_path if "://" in spec.storage_path
-                                  else str(Path(spec.storage_path).expanduser().resolve())))
-    tune_started = time.perf_counter()
-    with progress:
-        grid_result = tuner.fit()
-    tune_seconds = time.perf_counter() - tune_started
+        run_config=tune.RunConfig(name=f"ca-flow-{sweep_id}-{uuid.uuid4().hex[:4]}", verbose=0, callbacks=[progress],
+                                  storage_path=storage, stop=StopOnSignal(),
+                                  failure_config=tune.FailureConfig(max_failures=spec.max_retries)))
+    signals.in_tune = True
+    try:
+        with progress:
+            results = tuner.fit()
+    finally:
+        signals.in_tune = False
+    return {r.config["trial"]["key"]: tracking.error_line(r.error)
+            for r in results if r.error is not None and r.config}
 
-    rows, failed_runs = [], []
-    for result in grid_result:
-        t = result.config["trial"]
-        error = result.error
-        if error is not None:
-            failed_runs.append(t["run_id"])
-        hp = t["hparams"]
-        rows.append(dict({k: t[k] for k in ("key", "run_id", "dataset", "method", "shots", "seed")},
-                         adapter=hp.get("variant", ""), alpha=hp.get("alpha", float("nan")),
-                         beta=hp.get("beta", float("nan")),
-                         **{k: (result.metrics or {}).get(k, float("nan"))
-                            for k in ("val_acc", "test_acc", "zs_test_acc", "train_loss_final", "trial_seconds",
-                                      "mlflow_seconds")},
-                         status="FAILED" if error else "FINISHED",
-                         error=(str(error).strip().splitlines() or [""])[-1] if error else ""))
-    tracking.mark_failed(client, failed_runs)
-    frame = results_frame(rows, sweep_id)
-    out_dir = Path(spec.results_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{sweep_id}.parquet"
-    frame.to_parquet(path, index=False)
-    client.log_artifact(parent, str(path))
-    seconds = time.perf_counter() - started
-    client.log_metric(parent, "wall_seconds", seconds)
-    client.set_terminated(parent, status="FAILED" if len(failed_runs) == len(trials) else "FINISHED")
-    return SweepResult(sweep_id, parent, frame, path, seconds, tune_seconds, len(failed_runs))
+
+def _log_spec(client, parent_id: str, spec: SweepSpec, sweep_id: str) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sweep.toml"
+        path.write_text(spec.to_toml())
+        client.log_artifact(parent_id, str(path))
+
+
+def close(client, exp_id, parent_id, sweep_id, planned: Planned, signum: int, errors: dict,
+          seconds: float, tune_seconds: float) -> Outcome:
+    """Every run ends FINISHED, FAILED or KILLED; results come from what MLflow holds."""
+    from mlflow.exceptions import MlflowException
+
+    spec = planned.spec
+    try:
+        tracking.close_unfinished(client, exp_id, parent_id, "KILLED" if signum else "FAILED", errors)
+        results = sweeps.frame(sweep_id, tracking.children(client, exp_id, parent_id), planned.trials)
+        out_dir = Path(spec.results_dir).expanduser().resolve()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{sweep_id}.parquet"
+        results.to_parquet(path, index=False)
+        client.log_artifact(parent_id, str(path))
+        _summarise(client, parent_id, results)
+        complete = (results["status"] == "FINISHED").all()
+        client.set_terminated(parent_id, status="KILLED" if signum else "FINISHED" if complete else "FAILED")
+    except (MlflowException, OSError, tracking.TrackingError) as exc:
+        keys = {t["key"] for t in planned.trials}
+        results = pd.DataFrame({"key": sorted(keys), "status": "UNKNOWN"})
+        return Outcome(sweep_id, parent_id, results, None, seconds, tune_seconds, signum,
+                       f"the tracking store stopped answering ({tracking.error_line(exc)}); what finished is in it, "
+                       f"the rest is not recorded")
+    return Outcome(sweep_id, parent_id, results, path, seconds, tune_seconds, signum)
+
+
+def _summarise(client, parent_id: str, results: pd.DataFrame) -> None:
+    """The parent's summary: best val_acc per dataset and method, and the test_acc of that run."""
+    import re
+
+    from mlflow.entities import Metric
+
+    now, points = int(time.time() * 1000), []
+    done = results[results["status"] == "FINISHED"]
+    for (dataset, method), part in done.groupby(["dataset", "method"]):
+        best = part.sort_values(["val_acc", "shots", "seed"], ascending=[False, False, True]).iloc[0]
+        key = re.sub(r"[^\w\-. /]", "_", f"{dataset}.{method}")
+        points += [Metric(f"best_val_acc.{key}", float(best["val_acc"]), now, 0),
+                   Metric(f"best_test_acc.{key}", float(best["test_acc"]), now, 0)]
+    for start in range(0, len(points), 1000):
+        client.log_batch(parent_id, metrics=points[start:start + 1000])
+    client.log_metric(parent_id, "trials_finished", float(len(done)))
+
+
+def dry_run(spec: SweepSpec) -> dict:
+    """What a sweep would do: trials per dataset and method, images to encode and already stored."""
+    from clip_adapter.features import FeatureStore
+
+    from .encode import few_shot_items
+
+    planned = plan(spec)
+    store = FeatureStore(spec.cache_dir, spec.backbone, spec.pretrained)
+    images = {}
+    for s in planned.splits:
+        train, held = few_shot_items(s, spec)
+        pt = store.plan(s.name, s.root, train, spec.augment_views, True)
+        ph = store.plan(s.name, s.root, held, 1, False)
+        images[s.name] = dict(images=len(train) + len(held), cached=len(train) + len(held) - len(pt.todo) - len(ph.todo)
+                              - len(pt.missing) - len(ph.missing), to_encode=len(pt.todo) + len(ph.todo),
+                              missing=len(pt.missing) + len(ph.missing))
+    return dict(trials=len(planned.trials), per_dataset=counts(planned.trials), images=images,
+                skipped={s.name: s.reason for s in planned.skipped}, spec=json.loads(json.dumps(spec.record())))

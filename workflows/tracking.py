@@ -1,48 +1,39 @@
-"""MLflow: where runs go, the sweep's parent run, one child run per trial, keyed by the trial."""
+"""MLflow as the record of a sweep: the store, the experiment, the parent run, one run per trial.
+
+A trial's identity is its grid key. ca-flow, not a Ray callback, owns key -> run: a trial finds the
+run its key already has under the parent (an earlier attempt, an interrupted sweep) or makes one, so
+retries and resumes never duplicate a run. A run is FINISHED only after its metrics are written.
+"""
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import logging  # noqa: E402
-
-import mlflow  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.models import ModelSignature  # noqa: E402
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: E402
-from mlflow.types.schema import Array  # noqa: E402
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
-
-# "Creating initial MLflow database tables..." is not news for a CLI user.
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-
-SWEEP_ID, TRIAL_KEY, DATASET, RANDOM_WEIGHTS = ("ca_flow.sweep_id", "ca_flow.trial_key",
-                                                "ca_flow.dataset", "ca_flow.random_weights")
-MODEL_URI = "ca_flow.model_uri"  # models:/m-... of the adapter logged by a trial
-MODEL_NAME = "adapter"  # the logged model's name inside each child run
-ADAPTER_MODEL_CODE = str(Path(__file__).with_name("adapter_model.py"))
-
-
-# Images in (a path or base64 bytes per row), top classes out; top_k is a call-time parameter.
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "image")]),
-    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score"),
-                    ColSpec(Array("string"), "top_labels"), ColSpec(Array("double"), "top_scores")]),
-    params=ParamSchema([ParamSpec("top_k", "long", 3)]))
+SWEEP_ID, TRIAL_KEY, DATASET, METHOD = "ca_flow.sweep_id", "ca_flow.trial_key", "ca_flow.dataset", "ca_flow.method"
+RANDOM_WEIGHTS, ATTEMPT, ERROR = "ca_flow.random_weights", "ca_flow.attempt", "ca_flow.error"
+SPEC, TOTALS, HEARTBEAT, DRIVER = "ca_flow.spec", "ca_flow.trials", "ca_flow.heartbeat", "ca_flow.driver"
+PARENT, NOTE, KIND = "mlflow.parentRunId", "mlflow.note.content", "mlflow.experimentKind"
+ADAPTER_DIR = "adapter"  # the artifact folder of a trial's adapter (safetensors + JSON)
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names the fix."""
 
 
+# -- where runs go ---------------------------------------------------------------------------------
+
 def resolve_uri(uri: str | None = None) -> str:
-    """--tracking-uri, then MLFLOW_TRACKING_URI, then ./mlflow.db as an absolute SQLite path."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    """--tracking-uri (or MLFLOW_TRACKING_URI), else ./mlflow.db, SQLite paths made absolute."""
     if not uri:
         return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -51,15 +42,22 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri
 
 
-def artifact_location(uri: str) -> str | None:
-    """Beside a local SQLite store, in mlartifacts/; a server chooses its own."""
-    if uri.startswith("sqlite:///"):
-        return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts")
-    return None
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_form(uri: str) -> None:
+    """Refuse a URI MLflow cannot use, before anything starts; reads nothing."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme not in SCHEMES:
+        raise TrackingError(f"tracking URI {uri!r} is not one ca-flow can use; pass sqlite:///path/mlflow.db, "
+                            f"http://host:5000 (mlflow/serve.sh) or a database URI "
+                            f"({', '.join(s + '://' for s in SCHEMES[3:])}...)")
 
 
 def check(uri: str, must_exist: bool = False) -> None:
     """Fail with one clear line if the store cannot be reached; writes nothing."""
+    check_form(uri)
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
@@ -67,120 +65,190 @@ def check(uri: str, must_exist: bool = False) -> None:
             reason = getattr(exc, "reason", exc)
             raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
                                 f"(mlflow/serve.sh) or pass another --tracking-uri") from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not folder.is_dir():
-            raise TrackingError(f"folder {folder} for the SQLite tracking store does not exist; create it "
+    db = sqlite_path(uri)
+    if db is not None:
+        if not db.parent.is_dir():
+            raise TrackingError(f"folder {db.parent} for the SQLite tracking store does not exist; create it "
                                 f"or pass another --tracking-uri")
-        if must_exist and not Path(uri[len("sqlite:///"):]).is_file():
-            raise TrackingError(f"no MLflow store at {uri[len('sqlite:///'):]}; run `ca-flow sweep` here first "
-                                f"or pass --tracking-uri")
+        if must_exist and not db.is_file():
+            raise TrackingError(f"no MLflow store at {db}; run `ca-flow sweep` here first or pass --tracking-uri")
+        if db.is_file() and db.stat().st_size and not db.read_bytes()[:16].startswith(b"SQLite format 3"):
+            raise TrackingError(f"{db} is not an SQLite database; move it away or pass another --tracking-uri")
 
 
-def connect(uri: str, must_exist: bool = False) -> MlflowClient:
-    """A client on a store that answers and has its schema; fails with one clear line otherwise."""
-    check(uri, must_exist)
-    mlflow.set_tracking_uri(uri)  # registry calls resolve models:/ URIs through the global store
-    client = MlflowClient(uri)
+@contextmanager
+def _schema_lock(uri: str):
+    """Creating a fresh SQLite schema from several processes at once races (alembic); take turns."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    fd = os.open(db.parent, os.O_RDONLY)
     try:
-        # Creating a fresh SQLite schema from many processes at once races: do it here, once.
-        client.search_experiments(max_results=1)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def connect(uri: str, must_exist: bool = False):
+    """A client on a store that answers and has its schema; fails with one clear line otherwise."""
+    import logging
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables..." is no news
+    check(uri, must_exist)
+    try:
+        with _schema_lock(uri):
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TrackingError(f"cannot use MLflow tracking store {uri}: {first}") from None
+        raise TrackingError(f"cannot use MLflow tracking store {uri}: {first[:300]}") from None
+    mlflow.set_tracking_uri(uri)  # registry calls resolve models:/ URIs through the global store
     return client
 
 
-def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+def experiment_id(client, name: str, uri: str) -> str:
+    """The experiment, set up for model training (the UI opens it on its runs, not as GenAI)."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(uri))
+    if exp is None:
+        db = sqlite_path(uri)
+        return client.create_experiment(name, artifact_location=str(db.parent / "mlartifacts") if db else None,
+                                        tags={KIND: "custom_model_development"})
+    if exp.tags.get(KIND) != "custom_model_development":
+        client.set_experiment_tag(exp.experiment_id, KIND, "custom_model_development")
+    return exp.experiment_id
 
 
-def start_parent(client: MlflowClient, exp_id: str, sweep_id: str, params: dict, random_weights: bool) -> str:
-    run = client.create_run(exp_id, run_name=f"sweep-{sweep_id}",
-                            tags={SWEEP_ID: sweep_id, RANDOM_WEIGHTS: str(random_weights).lower()})
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
-    return run.info.run_id
+def quoted(value: str) -> str:
+    """`value` as an MLflow filter-string literal (MLflow has no escapes: pick the other quote)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise TrackingError(f"{value!r} holds both kinds of quote, which MLflow search cannot express; rename it")
 
 
-def all_runs(client: MlflowClient, exp_id: str, where: str) -> list:
+def all_runs(client, exp_ids: list[str], where: str, order_by: list[str] | None = None) -> list:
     """Every run matching `where`, page by page (one search returns at most a page)."""
     runs, token = [], None
     while True:
-        page = client.search_runs([exp_id], where, max_results=5000, page_token=token)
+        page = client.search_runs(exp_ids, where, max_results=5000, page_token=token, order_by=order_by)
         runs += list(page)
         token = page.token
         if not token:
             return runs
 
 
-def child_runs(client: MlflowClient, exp_id: str, parent_id: str, sweep_id: str,
-               trials: list[dict]) -> dict[str, str]:
-    """trial key -> run id; runs this parent already has for a key are reused, never duplicated."""
-    existing = {r.data.tags[TRIAL_KEY]: r.info.run_id
-                for r in all_runs(client, exp_id, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'")}
-    runs = {}
-    for t in trials:
-        if t["key"] in existing:
-            runs[t["key"]] = existing[t["key"]]
+# -- the sweep's parent run --------------------------------------------------------------------------
+
+def start_parent(client, exp_id: str, sweep_id: str, record: dict, totals: dict, params: dict,
+                 random_weights: bool, note: str) -> str:
+    """The parent run, holding what `resume` needs: the spec and the trials per dataset and method."""
+    from mlflow.entities import Param
+
+    run = client.create_run(exp_id, run_name=f"sweep-{sweep_id}", tags={
+        SWEEP_ID: sweep_id, RANDOM_WEIGHTS: str(random_weights).lower(), SPEC: json.dumps(record),
+        TOTALS: json.dumps(totals), NOTE: note, **driver_tags()})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return run.info.run_id
+
+
+def driver_tags() -> dict:
+    return {HEARTBEAT: str(int(time.time())), DRIVER: f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def adopt_parent(client, parent_id: str) -> None:
+    """A resumed sweep's parent: running again, driven from here."""
+    from mlflow.entities import RunTag
+
+    client.update_run(parent_id, status="RUNNING")
+    client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in driver_tags().items()])
+
+
+def beat(client, parent_id: str) -> None:
+    client.set_tag(parent_id, HEARTBEAT, str(int(time.time())))
+
+
+# -- one run per trial -----------------------------------------------------------------------------
+
+def open_trial(client, ctx: dict, t: dict) -> str:
+    """The run of trial `t`: the one its key has under the parent, else a new one; RUNNING now."""
+    found = client.search_runs([ctx["exp_id"]], f"tags.`{TRIAL_KEY}` = '{t['key']}' and "
+                                                f"tags.`{PARENT}` = '{ctx['parent_id']}'", max_results=5)
+    if found:
+        run = found[0]
+        attempt = int(run.data.tags.get(ATTEMPT, "0")) + 1
+        client.update_run(run.info.run_id, status="RUNNING")
+        client.set_tag(run.info.run_id, ATTEMPT, str(attempt))
+        if ERROR in run.data.tags:
+            client.delete_tag(run.info.run_id, ERROR)
+        return run.info.run_id
+    run = client.create_run(ctx["exp_id"], run_name=t["name"], tags={
+        PARENT: ctx["parent_id"], SWEEP_ID: ctx["sweep_id"], TRIAL_KEY: t["key"], DATASET: t["dataset"],
+        METHOD: t["method"], RANDOM_WEIGHTS: str(t["weights"] == "random").lower(), ATTEMPT: "1"})
+    return run.info.run_id
+
+
+def finish_trial(client, run_id: str, params: dict, metrics: dict, losses: list[float], adapter_dir: str,
+                 dataset: dict) -> None:
+    """The adapter's files, the dataset input, params and metrics in one batch, then FINISHED."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+
+    client.log_artifacts(run_id, adapter_dir, ADAPTER_DIR)
+    client.log_inputs(run_id, [DatasetInput(Dataset(**dataset), [InputTag("mlflow.data.context", "train")])])
+    now = int(time.time() * 1000)
+    points = ([Metric(k, float(v), now, 0) for k, v in metrics.items()]
+              + [Metric("train_loss", float(v), now, epoch) for epoch, v in enumerate(losses)])
+    first = 1000 - len(params)  # MLflow takes 1000 entries a batch
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()], metrics=points[:first])
+    for start in range(first, len(points), 1000):
+        client.log_batch(run_id, metrics=points[start:start + 1000])
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def error_line(error: BaseException | str) -> str:
+    """The cause's last line: what a user reads first in a run, a table or the sweep's exit."""
+    cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the trial's own exception
+    text = str(cause).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else type(cause).__name__
+    return last[:500]
+
+
+def fail_trial(client, run_id: str, error: BaseException | str) -> None:
+    """FAILED with the error's last line as a tag; best effort (the store may be what failed)."""
+    try:
+        client.set_tag(run_id, ERROR, error_line(error))
+        client.set_terminated(run_id, status="FAILED")
+    except Exception:
+        pass
+
+
+def close_unfinished(client, exp_id: str, parent_id: str, status: str, errors: dict[str, str] | None = None) -> int:
+    """Every child run still SCHEDULED or RUNNING becomes `status`; returns how many did.
+
+    `errors` (trial key -> last line) tags the failed ones whose trial could not say why itself.
+    """
+    closed = 0
+    for run in children(client, exp_id, parent_id):
+        if run.info.status not in ("RUNNING", "SCHEDULED"):
             continue
-        run = client.create_run(exp_id, run_name=t["name"], tags={
-            MLFLOW_PARENT_RUN_ID: parent_id, SWEEP_ID: sweep_id, TRIAL_KEY: t["key"],
-            DATASET: t["dataset"], RANDOM_WEIGHTS: str(t["weights"] == "random").lower()})
-        client.update_run(run.info.run_id, status="SCHEDULED")
-        runs[t["key"]] = run.info.run_id
-    return runs
+        key = run.data.tags.get(TRIAL_KEY, "")
+        if errors and key in errors and ERROR not in run.data.tags:
+            client.set_tag(run.info.run_id, ERROR, errors[key])
+        client.set_terminated(run.info.run_id, status=status)
+        closed += 1
+    return closed
 
 
-def log_trial(uri: str, run_id: str, params: dict, metrics: dict, losses: list[float],
-              adapter_dir: str) -> None:
-    """Called inside a trial: params, metrics, the loss curve, and the adapter as a pyfunc model."""
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        client, now = MlflowClient(uri), int(time.time() * 1000)
-        info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=ADAPTER_MODEL_CODE, signature=SIGNATURE,
-                                       artifacts={"adapter": adapter_dir}, pip_requirements=["ca-flow"])
-        points = ([mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()]
-                  + [mlflow.entities.Metric("train_loss", float(v), now, epoch) for epoch, v in enumerate(losses)])
-        # One write for params, tag and the first metrics: MLflow takes 1000 entries a batch.
-        first = 1000 - len(params) - 1
-        client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()],
-                         tags=[mlflow.entities.RunTag(MODEL_URI, info.model_uri)], metrics=points[:first])
-        for start in range(first, len(points), 1000):
-            client.log_batch(run_id, metrics=points[start:start + 1000])
+def children(client, exp_id: str, parent_id: str) -> list:
+    return all_runs(client, [exp_id], f"tags.`{PARENT}` = '{parent_id}'")
 
 
-def mark_failed(client: MlflowClient, run_ids: list[str]) -> None:
-    for run_id in run_ids:
-        if client.get_run(run_id).info.status in ("SCHEDULED", "RUNNING"):
-            client.set_terminated(run_id, status="FAILED")
-
-
-def sweep_runs(client: MlflowClient, experiment: str, sweep_id: str | None = None):
-    """(parent run, frame of its trial runs) for a sweep: the latest in the experiment by default."""
-    import pandas as pd
-
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise TrackingError(f"no experiment {experiment!r} in this tracking store; run `ca-flow sweep` first")
-    where = f"tags.`{SWEEP_ID}` = '{sweep_id}'" if sweep_id else f"tags.`{SWEEP_ID}` != ''"
-    parents = [r for r in client.search_runs([exp.experiment_id], where, order_by=["attributes.start_time DESC"],
-                                             max_results=1000) if MLFLOW_PARENT_RUN_ID not in r.data.tags]
-    if not parents:
-        raise TrackingError(f"no sweep {sweep_id or ''} in experiment {experiment!r}; see the sweep ids "
-                            f"in the MLflow UI or run `ca-flow sweep`".replace("  ", " "))
-    parent = parents[0]
-    rows = []
-    for r in all_runs(client, exp.experiment_id, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'"):
-        p, m = r.data.params, r.data.metrics
-        rows.append(dict(run_id=r.info.run_id, key=r.data.tags.get(TRIAL_KEY, ""), dataset=p.get("dataset"),
-                         method=p.get("method", "clip-adapter"), shots=int(p.get("shots", 0)),
-                         seed=int(p.get("seed", 0)), adapter=p.get("adapter", ""),
-                         alpha=float(p["alpha"]) if "alpha" in p and "chosen_alpha" not in p else float("nan"),
-                         beta=float(p["beta"]) if "beta" in p and "chosen_beta" not in p else float("nan"),
-                         val_acc=m.get("val_acc", float("nan")), test_acc=m.get("test_acc", float("nan")),
-                         zs_test_acc=m.get("zs_test_acc", float("nan")),
-                         status=r.info.status if "test_acc" in m else "FAILED"))
-    return parent, pd.DataFrame(rows)
+def is_done(run) -> bool:
+    """Done means FINISHED with its metrics: the only runs a resume skips and a table may show."""
+    return run.info.status == "FINISHED" and {"val_acc", "test_acc"} <= set(run.data.metrics)

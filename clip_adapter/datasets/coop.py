@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from . import DatasetError, DatasetKind, Item, Split, register
+from .fs import Location
 
 
-def read_split_json(split_file: Path, image_dir: Path) -> tuple[list[Item], list[Item], list[Item], list[str]]:
+def read_split_json(split_file: Location, image_dir: Location) -> tuple[list[Item], list[Item], list[Item], list[str]]:
     """Read a CoOp split file as it is, so few-shot subsets match CoOp's for the same seed."""
     if not split_file.is_file():
         raise DatasetError(f"split file {split_file} is missing; download it from the CoOp "
@@ -35,7 +35,7 @@ def prompt_names(names: list[str]) -> list[str]:
 
 
 def coop_kind(name: str, folder: str, image_dir: str, split_file: str, template: str | list[str]) -> DatasetKind:
-    def read(path: Path, dataset_name: str) -> Split:
+    def read(path: Location, dataset_name: str) -> Split:
         images = path / image_dir  # image_dir "" is the dataset folder itself (StanfordCars)
         if not images.is_dir():
             raise DatasetError(f"{images} is missing; expected {layout}")

@@ -1,23 +1,22 @@
 """FGVCAircraft as CoOp reads it: no split JSON, the dataset's own variant lists instead."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from . import DatasetError, DatasetKind, Item, Split, register
 from .coop import prompt_names
+from .fs import Location
 
 LAYOUT = ("fgvc_aircraft/images/<id>.jpg, fgvc_aircraft/variants.txt and "
           "fgvc_aircraft/images_variant_{train,val,test}.txt (CoOp layout)")
 
 
-def _lines(path: Path) -> list[str]:
+def _lines(path: Location) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"{path} is missing; expected {LAYOUT}")
     # Only blank lines are dropped (a trailing newline); CoOp keeps every other line as it is.
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def _read_split(path: Path, images: Path, label_of: dict[str, int]) -> list[Item]:
+def _read_split(path: Location, images: Location, label_of: dict[str, int]) -> list[Item]:
     items = []
     for n, line in enumerate(_lines(path), 1):
         image_id, _, variant = line.partition(" ")  # "IMAGEID VARIANT NAME WITH SPACES"
@@ -27,7 +26,7 @@ def _read_split(path: Path, images: Path, label_of: dict[str, int]) -> list[Item
     return items
 
 
-def read_fgvc(path: Path, dataset_name: str) -> Split:
+def read_fgvc(path: Location, dataset_name: str) -> Split:
     images = path / "images"
     if not images.is_dir():
         raise DatasetError(f"{images} is missing; expected {LAYOUT}")

@@ -2,24 +2,34 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 from . import DEFAULT_TEMPLATE, IMAGE_SUFFIXES, DatasetError, DatasetKind, Item, Split, register
 from .coop import read_split_json
+from .fs import Location
 
 SPLIT_SEED = 0  # fixed: the 50/20/30 split must not move with the few-shot seed
 
 
-def _images(folder: Path) -> list[Path]:
+def _images(folder: Location) -> list[Location]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def is_class_tree(folder: Path) -> bool:
+def class_tree_problem(folder: Location) -> str | None:
+    """None if `folder` is a folder-per-class tree of images, else what is wrong with it."""
     classes = [d for d in folder.iterdir() if d.is_dir()]
-    return len(classes) >= 2 and all(_images(d) for d in classes)
+    if len(classes) < 2:
+        return f"needs at least 2 class folders, found {len(classes)}"
+    empty = [d.name for d in classes if not _images(d)]
+    if empty:
+        return f"class folder{'s' if len(empty) > 1 else ''} without images: {', '.join(sorted(empty)[:5])}"
+    return None
 
 
-def seeded_split(by_class: list[list[Path]], fractions=(0.5, 0.2)) -> tuple[list[Item], list[Item], list[Item]]:
+def is_class_tree(folder: Location) -> bool:
+    return class_tree_problem(Location(folder)) is None
+
+
+def seeded_split(by_class: list[list[Location]], fractions=(0.5, 0.2)) -> tuple[list[Item], list[Item], list[Item]]:
     rng = random.Random(SPLIT_SEED)
     train, val, test = [], [], []
     for label, paths in enumerate(by_class):
@@ -33,11 +43,11 @@ def seeded_split(by_class: list[list[Path]], fractions=(0.5, 0.2)) -> tuple[list
     return train, val, test
 
 
-def read_class_tree(root: Path, name: str, kind: str, classnames: list[str] | None = None,
+def read_class_tree(root: Location, name: str, kind: str, classnames: list[str] | None = None,
                     folders: list[str] | None = None, template: str = DEFAULT_TEMPLATE) -> Split:
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder; expected one sub-folder of images per class")
-    splits = sorted(root.glob("split*.json"))
+    splits = root.glob("split*.json")
     if splits:  # a CoOp-format split beside the class folders wins over our own split
         train, val, test, names = read_split_json(splits[0], root)
         return Split(name, kind, root, names, template, train, val, test)
@@ -58,12 +68,12 @@ register(DatasetKind(
     read=lambda path, name: read_class_tree(path, name, "imagefolder")))
 
 
-def _textile_root(_data_root: Path) -> Path:
+def _textile_root(_data_root: Location) -> Location:
     try:
         import conformal_clip_data
     except ImportError:  # reported as "not found" with the layout below
-        return Path("conformal-clip-data-not-installed")
-    return conformal_clip_data.textile_simulated_root()
+        return Location("conformal-clip-data-not-installed")
+    return Location(conformal_clip_data.textile_simulated_root())
 
 
 register(DatasetKind(

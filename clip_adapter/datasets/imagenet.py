@@ -6,11 +6,9 @@ the single "a photo of a {}." gives about two points less zero-shot.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from . import DatasetError, DatasetKind, Item, Split, register
 from .coop import prompt_names
+from .fs import Location
 
 IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
                       "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
@@ -18,7 +16,7 @@ LAYOUT = ("imagenet/images/train/<wnid>/*.JPEG, imagenet/images/val/<wnid>/*.JPE
           "imagenet/classnames.txt (\"n01440764 tench\" per line; CoOp layout)")
 
 
-def read_classnames(path: Path) -> dict[str, str]:
+def read_classnames(path: Location) -> dict[str, str]:
     if not path.is_file():
         raise DatasetError(f"{path} is missing; expected {LAYOUT}")
     out = {}
@@ -29,19 +27,19 @@ def read_classnames(path: Path) -> dict[str, str]:
     return out
 
 
-def _class_folders(split_dir: Path) -> list[str]:
+def _class_folders(split_dir: Location) -> list[str]:
     if not split_dir.is_dir():
         raise DatasetError(f"{split_dir} is missing; expected {LAYOUT}")
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    return sorted(e.name for e in split_dir.iterdir() if e.is_dir())
 
 
-def _images(folder: Path, label: int) -> list[Item]:
+def _images(folder: Location, label: int) -> list[Item]:
     # CoOp lists with os.listdir unsorted (filesystem order); sorted keeps subsets stable across machines.
     return [Item(str(folder / n), label) for n in sorted(
-        e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))]
+        e.name for e in folder.iterdir() if e.is_file() and not e.name.startswith("."))]
 
 
-def read_imagenet(path: Path, dataset_name: str) -> Split:
+def read_imagenet(path: Location, dataset_name: str) -> Split:
     classnames = read_classnames(path / "classnames.txt")
     train_dir, val_dir = path / "images" / "train", path / "images" / "val"
     folders = _class_folders(train_dir)  # label = index in the sorted listing, as CoOp

@@ -1,72 +1,49 @@
-"""Few-shot methods behind one contract, registered by name (as peft registers its tuners).
+"""Few-shot methods behind one contract (`base.Method`), registered by name as peft registers its tuners.
 
-A method is fitted on a `FewShot`: the few-shot train features, the few-shot validation features
-and the text classifier. It is never handed the test split, so every choice it makes (a ratio, an
-epoch, a regularisation strength) is made on validation. It then maps image features to logits,
-and saves itself as tensors (safetensors) plus a JSON-able config.
+Each method lives in its own module, which registers its class when imported. Modules load on first
+use: listing and validating method names needs no torch.
 """
 from __future__ import annotations
 
-import abc
+from importlib import import_module
 
-from dataclasses import dataclass, field
-from typing import ClassVar
-
-import numpy as np
-import torch
-
-
-@dataclass
-class FewShot:
-    train: np.ndarray          # [n, views, D] raw image features, augmented views
-    train_labels: np.ndarray   # [n]
-    val: np.ndarray            # [m, D] raw image features, centre crop
-    val_labels: np.ndarray     # [m]
-    text: np.ndarray           # [C, D] L2-normalised text classifier
-    logit_scale: float
+# name -> the module that registers it, in the order tables show them.
+_MODULES = {"clip-adapter": "clip_adapter", "zero-shot": "zero_shot", "linear-probe": "linear_probe",
+            "tip-adapter": "tip_adapter", "tip-adapter-f": "tip_adapter"}
+NAMES = tuple(_MODULES)
+# Methods that fit nothing: one trial per (dataset, seed) is enough, and its figure stands in every
+# shots column. Said here, not on the class, so a sweep can plan its grid without torch.
+UNTRAINED = frozenset({"zero-shot"})
 
 
-@dataclass
-class Fit:
-    """What fitting found: chosen hyperparameters and, for trained methods, the loss per epoch."""
-    chosen: dict = field(default_factory=dict)
-    losses: list[float] = field(default_factory=list)
+def get(name: str):
+    """The registered class of method `name`."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(NAMES)}")
+    import_module(f".{_MODULES[name]}", __name__)
+    from .base import METHODS
+    return METHODS[name]
 
 
-class Method(torch.nn.Module, abc.ABC):
-    """Built as `make(name, text, logit_scale, **hparams)`; its state_dict is its artifact."""
-    name: ClassVar[str]
-    trains: ClassVar[bool] = True       # False: one trial per (dataset, seed) is enough
+def make(name: str, text, logit_scale: float, **hparams):
+    import torch
 
-    @abc.abstractmethod
-    def fit(self, data: FewShot, seed: int) -> Fit:
-        """Fit on train, choose on val, on the device the method's tensors are on."""
-
-    @abc.abstractmethod
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits [n, C] for raw image features [n, D]."""
-
-    @abc.abstractmethod
-    def config(self) -> dict:
-        """The hparams that rebuild this method (tensor shapes included) before its state loads."""
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.buffers()).device
+    return get(name)(torch.as_tensor(text, dtype=torch.float32), float(logit_scale), **hparams)
 
 
-METHODS: dict[str, type[Method]] = {}
+def trains(name: str) -> bool:
+    if name not in _MODULES:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(NAMES)}")
+    return name not in UNTRAINED
 
 
-def register(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls
-    return cls
-
-
-def make(name: str, text: np.ndarray | torch.Tensor, logit_scale: float, **hparams) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
-    return METHODS[name](torch.as_tensor(text, dtype=torch.float32), float(logit_scale), **hparams)
-
-
-from . import clip_adapter, linear_probe, tip_adapter, zero_shot  # noqa: E402,F401  (registration)
+def __getattr__(name: str):
+    if name == "METHODS":  # every method, loaded
+        for method in NAMES:
+            get(method)
+        from .base import METHODS
+        return METHODS
+    if name in ("FewShot", "Fit", "Method", "register"):
+        from . import base
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

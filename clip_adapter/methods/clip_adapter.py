@@ -3,7 +3,7 @@ import torch
 
 from ..adapter import CLIPAdapter
 from ..train import TrainConfig, fit
-from . import Fit, Method, register
+from .base import Fit, Method, register
 
 
 @register

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train import seed_everything
-from . import Fit, Method, register
+from .base import Fit, Method, register
 
 C_GRID = tuple(10.0 ** k for k in range(-2, 5))  # CoOp's probe searches C over decades too
 

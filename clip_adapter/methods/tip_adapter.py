@@ -3,7 +3,9 @@
 logits = s * f.W + alpha * exp(-beta * (1 - f.keys)) . values, with f and keys L2-normalised,
 values the one-hot labels of the keys. alpha weights the cache, beta sets its sharpness; both, and
 Tip-Adapter-F's epoch, are chosen on the few-shot validation split (the released code picks the
-epoch on test).
+epoch on test). Where the paper is silent this follows the released code (gaopengcuhk/Tip-Adapter,
+utils.py and main.py): how the keys are built, the search grid, its order and its tie-breaking.
+s is the backbone's logit scale, where the released code writes 100 (the same for OpenAI weights).
 """
 import math
 
@@ -15,31 +17,47 @@ from ..adapter import zero_shot_logits
 from ..train import seed_everything
 from . import Fit, Method, register
 
-# Tip-Adapter's search: search_scale [7, 3], search_step [200, 20].
-BETAS = tuple(0.1 + i * (7 - 0.1) / 200 for i in range(200))
-ALPHAS = tuple(0.1 + i * (3 - 0.1) / 20 for i in range(20))
+# The released search_hp's lists for search_scale [7, 3], search_step [200, 20] (its ImageNet and
+# OxfordPets configs; other datasets' configs widen the scale, see the README's Protocol).
+SEARCH_SCALE, SEARCH_STEP = (7, 3), (200, 20)
+BETAS = tuple(i * (SEARCH_SCALE[0] - 0.1) / SEARCH_STEP[0] + 0.1 for i in range(SEARCH_STEP[0]))
+ALPHAS = tuple(i * (SEARCH_SCALE[1] - 0.1) / SEARCH_STEP[1] + 0.1 for i in range(SEARCH_STEP[1]))
 
 
 def cache_keys(train: np.ndarray) -> torch.Tensor:
-    """Per image, the mean of its L2-normalised augmented views, normalised again (as Tip-Adapter)."""
-    views = F.normalize(torch.from_numpy(train), dim=-1)
-    return F.normalize(views.mean(1), dim=-1)
+    """Per image, the mean of its raw augmented views [n, views, D], then L2-normalised once.
+
+    As the released build_cache_model: it stacks the raw features of its augment epochs, averages
+    them and normalises the mean. Views are not normalised first: CLIP's raw norms vary per view,
+    and a view with a larger norm weighs more in the mean.
+    """
+    return F.normalize(torch.from_numpy(train).mean(1), dim=-1)
 
 
-def search(clip: torch.Tensor, affinity: torch.Tensor, values: torch.Tensor, labels: torch.Tensor,
-           alpha: float, beta: float) -> tuple[float, float]:
-    """The (alpha, beta) with the best val accuracy; ties keep the defaults, then the smallest."""
-    def acc(a, b):
-        return (clip + a * torch.exp(-b * (1 - affinity)) @ values).argmax(-1).eq(labels).float().mean().item()
+def cache_logits(affinity: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
+    """exp(-beta * (1 - affinity)) . values, written as the released code writes it."""
+    return ((-1) * (beta - beta * affinity)).exp() @ values
 
-    best = (acc(alpha, beta), alpha, beta)
+
+def search(clip: torch.Tensor, affinity: torch.Tensor, values: torch.Tensor,
+           labels: torch.Tensor) -> tuple[float, float]:
+    """(alpha, beta) as the released search_hp finds them, here on the few-shot val split.
+
+    beta outer over BETAS, alpha inner over ALPHAS; the best starts at 0 correct and only a strictly
+    better point replaces it, so ties go to the point scanned first. Correct answers are counted
+    (integers), so ties are exact. If no point gets a single val image right, the released code
+    returns its initial (0, 0): alpha 0 switches the cache off, leaving zero-shot CLIP. ca-flow
+    keeps that - with no evidence on val for any cache setting, the prior (CLIP) stands. It can
+    happen on a tiny val split (1 shot, few classes) or with random backbone weights.
+    """
+    best, alpha, beta = 0, 0.0, 0.0
     for b in BETAS:
-        cache = torch.exp(-b * (1 - affinity)) @ values
+        cache = cache_logits(affinity, values, b)
         for a in ALPHAS:
-            score = (clip + a * cache).argmax(-1).eq(labels).float().mean().item()
-            if score > best[0]:
-                best = (score, a, b)
-    return best[1], best[2]
+            correct = int((clip + cache * a).argmax(-1).eq(labels).sum())
+            if correct > best:
+                best, alpha, beta = correct, a, b
+    return alpha, beta
 
 
 @register
@@ -59,7 +77,7 @@ class TipAdapter(Method):
         return F.normalize(f, dim=-1) @ self.keys.T
 
     def forward(self, features):
-        cache = torch.exp(-self.beta * (1 - self.affinity(features))) @ self.values
+        cache = cache_logits(self.affinity(features), self.values, self.beta)
         return zero_shot_logits(features, self.text, self.logit_scale) + self.alpha * cache
 
     def _build_cache(self, data) -> None:
@@ -73,8 +91,7 @@ class TipAdapter(Method):
                 val = torch.from_numpy(data.val).to(self.text.device)
                 self.alpha, self.beta = search(zero_shot_logits(val, self.text, self.logit_scale),
                                                self.affinity(val), self.values,
-                                               torch.from_numpy(data.val_labels).to(val.device),
-                                               self.alpha, self.beta)
+                                               torch.from_numpy(data.val_labels).to(val.device))
         return {"alpha": self.alpha, "beta": self.beta}
 
     def fit(self, data, seed):
@@ -115,7 +132,7 @@ class TipAdapterF(TipAdapter):
             total = torch.zeros((), device=device)
             for idx in torch.from_numpy(rng.permutation(n)).to(device).split(self.batch_size):
                 f = F.normalize(x[idx], dim=-1)
-                cache = torch.exp(-self.beta * (1 - f @ keys.T)) @ self.values
+                cache = cache_logits(f @ keys.T, self.values, self.beta)
                 logits = self.logit_scale * f @ self.text.T + self.alpha * cache
                 loss = F.cross_entropy(logits, labels[idx])
                 opt.zero_grad(set_to_none=True)
@@ -124,11 +141,15 @@ class TipAdapterF(TipAdapter):
                 sched.step()
                 total += loss.detach() * len(idx)
             losses.append(float(total) / n)
-            with torch.no_grad():  # the epoch is chosen on val, never on test
+            # The epoch is chosen on val (the released code uses test), at the initial alpha, beta,
+            # a strictly better epoch replacing the best: ties keep the earlier epoch, as released.
+            # The best starts below 0 correct, so an all-wrong val keeps epoch 0 (the released
+            # code, starting at 0, would reload a checkpoint it never saved).
+            with torch.no_grad():
                 self.keys = keys.detach().clone()
-                acc = self(val).argmax(-1).eq(val_labels).float().mean().item() if len(val_labels) else 0.0
-                if acc > best[0]:
-                    best = (acc, epoch, self.keys)
+                correct = int(self(val).argmax(-1).eq(val_labels).sum()) if len(val_labels) else 0
+                if correct > best[0]:
+                    best = (correct, epoch, self.keys)
         self.keys = best[2]
         chosen = self._search(data)
         return Fit(chosen={**chosen, "epoch": best[1]}, losses=losses)

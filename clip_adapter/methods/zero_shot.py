@@ -2,13 +2,12 @@
 import torch
 
 from ..adapter import zero_shot_logits
-from . import Fit, Method, register
+from .base import Fit, Method, register
 
 
 @register
 class ZeroShot(Method):
     name = "zero-shot"
-    trains = False
 
     def __init__(self, text: torch.Tensor, logit_scale: float):
         super().__init__()

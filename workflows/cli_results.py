@@ -1,0 +1,184 @@
+"""The verbs on what sweeps produced: report, promote, predict; and datasets, what there is to sweep."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .cli import EXPERIMENT, JSON, TABLE_TITLE, URI, _experiment, _store, app, console, emit
+from .errors import fail
+
+
+@app.command()
+def report(
+    experiment: Optional[str] = EXPERIMENT,
+    sweep: Optional[str] = typer.Option(None, help="sweep id; default: the latest sweep (of --experiment)"),
+    paper: bool = typer.Option(False, "--paper", help="show the published RN50 numbers and the difference"),
+    out: Path = typer.Option(Path("ca-flow-report"), help="folder for table.md, table.csv, figure.png"),
+    tracking_uri: Optional[str] = URI,
+    as_json: bool = JSON,
+):
+    """The paper's table and figure for a sweep: printed, written to --out, logged on its parent run."""
+    from . import sweeps, tracking
+    from .report import cells, comparable_to_paper, numbers, paper_table, rich_tables, write_report
+
+    _, client = _store(tracking_uri)
+    parent = sweeps.find(client, sweep, experiment)
+    sweep_id = parent.data.tags[tracking.SWEEP_ID]
+    frame = sweeps.frame(sweep_id, tracking.children(client, parent.info.experiment_id, parent.info.run_id))
+    if not (frame["status"] == "FINISHED").any():
+        fail(f"sweep {sweep_id} has no finished trial runs to report; see `ca-flow status {sweep_id}`")
+    spec = json.loads(parent.data.tags[tracking.SPEC])
+    why_not = comparable_to_paper(spec["backbone"], spec["pretrained"]) if paper else None
+    show_paper = paper and why_not is None
+    title = f"{TABLE_TITLE} (sweep {sweep_id}, {spec['backbone']} / {spec['pretrained']} weights)"
+    paths = write_report(frame, (out / sweep_id).resolve(), title, show_paper)
+    for path in paths:
+        client.log_artifact(parent.info.run_id, str(path), "report")
+    if as_json:
+        return emit(dict(sweep_id=sweep_id, parent_run_id=parent.info.run_id, unit="test accuracy, %",
+                         paper=why_not or show_paper, files=[str(p) for p in paths],
+                         rows=numbers(frame).to_dict("records")))
+    con = console()
+    for table in rich_tables(cells(paper_table(frame), show_paper), title):
+        con.print(table)
+    if why_not:
+        con.print(f"--paper: {why_not}", markup=False, highlight=False)
+    con.print(f"wrote {', '.join(str(p) for p in paths)}; logged under report/ on run {parent.info.run_id}",
+              markup=False, highlight=False)
+
+
+ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
+
+
+@app.command()
+def promote(
+    experiment: Optional[str] = EXPERIMENT,
+    datasets: Optional[str] = typer.Option(None, help="NAME[,NAME...]; default: every dataset with runs"),
+    methods: str = typer.Option("clip-adapter", help="methods whose runs may become champion"),
+    alias: str = typer.Option("champion", help="registry alias given to the chosen version"),
+    tracking_uri: Optional[str] = URI,
+    dry_run: bool = typer.Option(False, "--dry-run", help="show the choice, register nothing"),
+    force: bool = typer.Option(False, "--force", help="move the alias even to a run that is not better"),
+    as_json: bool = JSON,
+):
+    """Register the best finished run per dataset (by val_acc) as clip-adapter-<dataset>@alias,
+    only where it beats the current champion."""
+    from clip_adapter.methods import NAMES
+
+    chosen_methods = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in chosen_methods if m not in NAMES] or ([] if chosen_methods else [""])
+    if bad:
+        fail(f"unknown method {bad[0]!r} in --methods; choose from {', '.join(NAMES)}")
+    if not ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
+        fail(f"--alias {alias!r} is not a registry alias: letters, digits, _ and -, not 'latest' or v<number>")
+    from . import promote as p
+
+    _, client = _store(tracking_uri)
+    exp = _experiment(client, experiment)
+    wanted = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
+    decisions = [p.promote(client, d, run, alias, force, dry_run)
+                 for d, run in p.choose(client, exp, wanted, chosen_methods).items()]
+    rows = [dict(dataset=d.dataset, model=d.name, alias=alias, version=d.version, action=d.action,
+                 run_id=d.run.info.run_id, method=d.run.data.params.get("method"),
+                 val_acc=d.run.data.metrics["val_acc"], test_acc=d.run.data.metrics.get("test_acc"),
+                 shots=int(d.run.data.params["shots"]), seed=int(d.run.data.params["seed"]),
+                 alpha=d.run.data.params.get("alpha")) for d in decisions]
+    if as_json:
+        return emit(dict(experiment=exp, dry_run=dry_run, promotions=rows))
+    from rich.table import Table
+
+    table = Table(title=f"{'dry run: ' if dry_run else ''}@{alias} in {exp} (val_acc, test_acc as fractions)")
+    for col in ("dataset", "model", "action", "run", "method", "val_acc", "test_acc", "shots", "seed", "alpha"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["dataset"], r["model"], r["action"], r["run_id"][:12], r["method"], f"{r['val_acc']:.4f}",
+                      f"{r['test_acc']:.4f}", str(r["shots"]), str(r["seed"]), r["alpha"] or "-")
+    console().print(table)
+
+
+@app.command()
+def predict(
+    images: List[Path] = typer.Argument(..., help="image files to classify"),
+    dataset: str = typer.Option(..., help="dataset whose promoted adapter to use"),
+    alias: str = typer.Option("champion", help="registry alias"),
+    tracking_uri: Optional[str] = URI,
+    top_k: int = typer.Option(3, min=1, help="classes to show per image"),
+    as_json: bool = JSON,
+):
+    """Classify images with the promoted adapter of a dataset."""
+    from clip_adapter.features import ImageError, decode
+
+    blobs = []
+    for path in images:
+        try:
+            blob = path.read_bytes()
+            decode(blob)
+        except (OSError, ImageError) as exc:
+            fail(f"cannot read image {path}: {getattr(exc, 'strerror', None) or exc}")
+        blobs.append(blob)
+    import mlflow
+    import pandas as pd
+
+    from .promote import model_name
+
+    uri, client = _store(tracking_uri)
+    name = model_name(dataset)
+    try:
+        client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        fail(f"no model {name}@{alias} in {uri}; run `ca-flow promote --datasets {dataset}` first")
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
+    # The files travel as their bytes, as they would to `mlflow models serve`: no paths cross over.
+    out = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in blobs]}),
+                        params={"top_k": top_k})
+    rows = [dict(image=str(path), top=[dict(label=c, score=round(float(s), 6)) for c, s in zip(labels, scores)])
+            for path, labels, scores in zip(images, out["top_labels"], out["top_scores"])]
+    if as_json:
+        return emit(dict(model=f"{name}@{alias}", predictions=rows))
+    for r in rows:
+        typer.echo(f"{r['image']}: " + " | ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"]))
+
+
+@app.command("datasets")
+def list_datasets(
+    data_root: Optional[str] = typer.Option(None, envvar="CA_FLOW_DATA_ROOT", help="default: ~/.cache/ca-flow/data"),
+    as_json: bool = JSON,
+):
+    """The datasets found: name, layout, where, classes and image counts; and what is not usable, and why."""
+    from clip_adapter import datasets as ds
+
+    root = ds.check_root(data_root) if data_root is not None else ds.Location(ds.default_data_root())
+    found, skipped = ds.discover(root)  # a missing default root still shows the packaged datasets
+    rows, broken = [], [dict(name=s.name, location=str(s.path), reason=s.reason) for s in skipped]
+    for f in found:
+        try:
+            split = ds.load(f)
+        except ds.DatasetError as exc:
+            broken.append(dict(name=f.name, location=str(f.path), reason=str(exc)))
+            continue
+        rows.append(dict(name=f.name, layout=f.kind, location=str(f.path), classes=len(split.classnames),
+                         train=len(split.train), val=None if split.val_from_train else len(split.val),
+                         test=len(split.test)))
+    missing = [dict(name=k.name, expected=k.layout) for k in ds.REGISTRY.values()
+               if k.folder and not (root / k.folder).exists()]
+    if as_json:
+        return emit(dict(data_root=str(root), datasets=rows, not_usable=broken, not_found=missing))
+    from rich.table import Table
+
+    table = Table(title=f"datasets (data root {root}{'' if root.is_dir() else ', missing'})")
+    for col in ("name", "layout", "location", "classes", "train", "val", "test"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["layout"], r["location"], str(r["classes"]), str(r["train"]),
+                      "from train" if r["val"] is None else str(r["val"]), str(r["test"]))
+    con = console()
+    con.print(table)
+    for b in broken:
+        con.print(f"not usable: {b['name']} ({b['location']}): {b['reason']}", markup=False, highlight=False)
+    for m in missing:
+        con.print(f"not found: {m['name']} (expected {m['expected']})", markup=False, highlight=False)

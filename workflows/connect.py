@@ -1,0 +1,78 @@
+"""Joining Ray: a new local cluster by default, or the one at --address / RAY_ADDRESS, checked fast."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+
+from .grid import SweepError
+
+CONNECT_TIMEOUT_S = 10
+
+
+def check_address(address: str) -> None:
+    """Refuse addresses Tune cannot drive, and fail within seconds where nothing answers."""
+    if address.startswith("ray://"):
+        raise SweepError(f"--address {address}: Ray Client (ray://) cannot run Tune; submit the sweep as a "
+                         f"Ray job instead: ca-flow sweep ... --submit --address http://HEAD:8265")
+    if address.startswith(("http://", "https://")):
+        raise SweepError(f"--address {address} is a Ray job API address: add --submit to send the sweep "
+                         f"there, or give the cluster's GCS address (HEAD:6379) to drive it from here")
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379), auto, or an "
+                         f"http://HEAD:8265 job API address with --submit")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise SweepError(f"nothing answers at Ray address {address} ({exc.strerror or exc}); start the "
+                         f"cluster (ray start --head) or fix --address / RAY_ADDRESS") from None
+
+
+def connect_ray(address: str | None) -> None:
+    import ray
+
+    from ray.data import DataContext
+
+    # Tune's and Ray Data's own chatter (experiment-state saves, execution plans) would bury the
+    # progress; errors still surface through the ResultGrid, the pipeline and MLflow.
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = DataContext.get_current()
+    context.enable_progress_bars = False  # ca-flow prints its own progress
+    context.issue_detectors_config.detectors = []  # its hints (hanging tasks...) are for tuning Ray Data
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address(address)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        else:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SweepError(f"cannot connect to Ray at {address or 'a new local cluster'}: {first}; "
+                         f"check --address / RAY_ADDRESS") from None
+
+
+def check_resources(cpus: float, gpus: float) -> int:
+    """Refuse a per-trial request no node can meet (Tune would leave it PENDING forever).
+
+    Returns how many trials can run at once.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus]
+    if not fits:
+        total = ray.cluster_resources()
+        raise SweepError(f"no Ray node can give a trial {cpus:g} CPU and {gpus:g} GPU (cluster: "
+                         f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU); lower "
+                         f"--cpus-per-trial / --gpus-per-trial or add nodes")
+    return max(1, sum(int(min(n.get("CPU", 0) / cpus, n.get("GPU", 0) / gpus if gpus else math.inf))
+                      for n in fits))

@@ -1,0 +1,176 @@
+"""Encoding on Ray Data: workers read, decode and crop images; an encoder actor pool makes features.
+
+    requests (path or URI, views) --map_batches(crop_batch), CPU tasks--> uint8 crops
+                                  --map_batches(Encoder), actor pool (GPUs when trials ask)--> features
+                                  --the driver--> new shards in the feature store
+
+The driver holds paths and one output batch at a time; Ray Data's streaming executor, not the
+driver's memory, bounds what is in flight. Only what the feature store lacks is ever requested.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator
+
+import numpy as np
+
+from clip_adapter.datasets import Split, few_shot
+from clip_adapter.features import FeatureStore, Group, Request
+
+from .trial import DatasetFeatures, zero_shot_accuracy
+
+CROP_BATCH = 16      # images per CPU task call
+ENCODE_BATCH = 64    # crops per encoder call
+CROP_MEMORY = 512 * 2 ** 20
+
+
+def crop_batch(batch: dict, preprocess_cfg: dict) -> dict:
+    """Read, hash, decode and crop the images of a batch: one row per (image, view) out."""
+    from clip_adapter.backbone import Preprocess
+    from clip_adapter.datasets.fs import read_bytes
+    from clip_adapter.features import ImageError, crops, decode, image_id
+
+    pre = Preprocess(preprocess_cfg)
+    out = dict(request=[], image_id=[], view=[], pixels=[], error=[])
+    blank = np.zeros((*pre.size, 3), dtype=np.uint8)
+    for r, path, views, augment in zip(batch["request"], batch["path"], batch["views"], batch["augment"]):
+        try:
+            blob = read_bytes(str(path))
+            img = image_id(blob)
+            pixels = crops(decode(blob), img, [int(v) for v in views], bool(augment), pre)
+        except (OSError, ImageError) as exc:
+            out["request"].append(r), out["image_id"].append(""), out["view"].append(-1)
+            out["pixels"].append(blank), out["error"].append(getattr(exc, "strerror", None) or str(exc))
+            continue
+        for v, p in zip(views, pixels):
+            out["request"].append(r), out["image_id"].append(img), out["view"].append(int(v))
+            out["pixels"].append(p), out["error"].append("")
+    return {k: np.stack(v) if k == "pixels" else np.array(v) for k, v in out.items()}
+
+
+class Encoder:
+    """One loaded backbone per actor; crops in, features out (rows that failed upstream pass through)."""
+
+    def __init__(self, backbone: str, weights: str, device: str, threads: int):
+        import torch
+
+        from clip_adapter.backbone import load_backbone
+
+        torch.set_num_threads(threads)
+        self.backbone = load_backbone(backbone, weights, device)  # cuda without CUDA fails: no fallback
+
+    def __call__(self, batch: dict) -> dict:
+        ok = batch["error"] == ""
+        feats = np.zeros((len(ok), self.backbone.width), dtype=np.float32)
+        if ok.any():
+            feats[ok] = self.backbone.encode_pixels(batch["pixels"][ok])
+        return dict(request=batch["request"], image_id=batch["image_id"], view=batch["view"],
+                    feature=feats, error=batch["error"])
+
+
+def pipeline(requests: list[Request], backbone: str, weights: str, preprocess_cfg: dict, gpus: float,
+             encoders: int, threads: int) -> Iterator[dict]:
+    """Rows (request, image_id, view, feature, error) for `requests`, streamed from Ray Data."""
+    import ray
+
+    items = [dict(request=i, path=r.path, views=r.views, augment=r.augment) for i, r in enumerate(requests)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // CROP_BATCH, 200)))
+    # Crop tasks declare the memory a batch of decoded images needs; their resources differing from the
+    # encoder's also keeps Ray Data from fusing the two stages into the encoder actors, which would
+    # then decode and encode in turn instead of at the same time.
+    ds = ds.map_batches(crop_batch, fn_kwargs=dict(preprocess_cfg=preprocess_cfg), batch_size=CROP_BATCH,
+                        batch_format="numpy", num_cpus=1, memory=CROP_MEMORY)
+    ds = ds.map_batches(Encoder, fn_constructor_kwargs=dict(
+                            backbone=backbone, weights=weights, device="cuda" if gpus else "cpu", threads=threads),
+                        batch_size=ENCODE_BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=encoders),
+                        num_gpus=1 if gpus else None, num_cpus=threads)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for r, img, v, f, e in zip(batch["request"], batch["image_id"], batch["view"], batch["feature"],
+                                   batch["error"]):
+            yield dict(request=int(r), image_id=str(img), view=int(v), feature=f, error=str(e))
+
+
+def model_and_text(backbone: str, weights: str, gpus: float, prompts: list[tuple[list[str], object]]):
+    """(model facts, text classifiers) from one Ray task: the driver never loads a backbone."""
+    import ray
+
+    @ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)
+    def load(prompts):
+        from clip_adapter.backbone import load_backbone
+        from clip_adapter.features import text_classifier
+
+        b = load_backbone(backbone, weights, "cuda" if gpus else "cpu")
+        info = dict(preprocess=b.preprocess_cfg, width=b.width, logit_scale=b.logit_scale)
+        return info, [text_classifier(b, names, template) for names, template in prompts]
+
+    return ray.get(load.remote(prompts))
+
+
+def split_digest(split: Split) -> str:
+    h = hashlib.sha1()
+    for part in (split.train, split.val, split.test):
+        for item in part:
+            h.update(f"{split.root.relative(item.path)}\t{item.label}\n".encode())
+        h.update(b"|")
+    return h.hexdigest()[:12]
+
+
+def subsets(split: Split, spec) -> dict:
+    return {(k, seed): few_shot(split, k, seed) for k in spec.shots for seed in spec.seeds}
+
+
+def few_shot_items(split: Split, spec) -> tuple[list, list]:
+    """(train images of every few-shot subset, val images of them + the test split), each once."""
+    subs = subsets(split, spec).values()
+    train = list(dict.fromkeys(i for tr, _ in subs for i in tr))
+    val = list(dict.fromkeys(i for _, va in subs for i in va))
+    return train, val + split.test
+
+
+def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float, encoders: int, threads: int,
+                     on_bad) -> dict[str, DatasetFeatures]:
+    """Each dataset's features for the sweep's few-shot subsets, encoding only what the store lacks."""
+    subs = {s.name: subsets(s, spec) for s in splits}
+    train_items = {s.name: list(dict.fromkeys(i for tr, _ in subs[s.name].values() for i in tr)) for s in splits}
+    val_items = {s.name: list(dict.fromkeys(i for _, va in subs[s.name].values() for i in va)) for s in splits}
+
+    texts = {s.name: store.text(s.classnames, s.template) for s in splits}
+    lacking = [s for s in splits if texts[s.name] is None]
+    if lacking:
+        info, weights = model_and_text(spec.backbone, spec.pretrained, gpus, [(s.classnames, s.template) for s in lacking])
+        store.put_model_info(info)
+        for s, w in zip(lacking, weights):
+            store.put_text(s.classnames, s.template, w, info["logit_scale"])
+            texts[s.name] = (w, info["logit_scale"])
+
+    def encode(requests):
+        info = store.model_info()
+        if info is None:
+            info = model_and_text(spec.backbone, spec.pretrained, gpus, [])[0]
+            store.put_model_info(info)
+        return pipeline(requests, spec.backbone, spec.pretrained, info["preprocess"], gpus, encoders, threads)
+
+    groups = []
+    for s in splits:
+        groups.append(Group(s.name, s.root, train_items[s.name], spec.augment_views, True))
+        groups.append(Group(s.name, s.root, val_items[s.name] + s.test, 1, False))
+    feats = store.images_of(groups, encode, on_bad)
+
+    out = {}
+    for s, train, held in zip(splits, feats[0::2], feats[1::2]):
+        text, scale = texts[s.name]
+        train_row = {item: r for r, item in enumerate(train_items[s.name]) if train.ok[r]}
+        val_row = {item: r for r, item in enumerate(val_items[s.name]) if held.ok[r]}
+        rows = {key: (np.array([train_row[i] for i in tr if i in train_row], dtype=np.int64),
+                      np.array([val_row[i] for i in va if i in val_row], dtype=np.int64))
+                for key, (tr, va) in subs[s.name].items()}
+        n_val, test_ok = len(val_items[s.name]), held.ok[len(val_items[s.name]):]
+        test, test_labels = held.features[n_val:, 0][test_ok], held.labels[n_val:][test_ok]
+        source = dict(name=s.name, digest=split_digest(s), source=str(s.root),
+                      source_type="local" if s.root.is_local else s.root.prefix.rstrip(":/"))
+        out[s.name] = DatasetFeatures(
+            s.name, s.classnames, s.template, text, scale, train.features, train.labels,
+            held.features[:n_val, 0], held.labels[:n_val], test, test_labels,
+            zero_shot_accuracy(test, test_labels, text, scale), rows, source)
+    return out
+

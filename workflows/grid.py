@@ -1,0 +1,243 @@
+"""The sweep's grid: its spec (flags, a sweep.toml, or both), checked before anything heavy loads, and
+one trial per grid point with a key that stays the same for the same point.
+
+Nothing here imports torch, Ray or MLflow: every argument error answers at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import tomllib
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from clip_adapter.backbone import TINY, model_names, weights_identity
+from clip_adapter.datasets import default_data_root
+from clip_adapter.methods import NAMES as METHOD_NAMES
+from clip_adapter.methods import trains
+
+
+class SweepError(ValueError):
+    """The sweep cannot run as asked; the message names the fix."""
+
+
+# CoOp's schedule by shots (clip_adapter.train.epochs_for_shots, without importing torch here).
+def epochs_for_shots(shots: int) -> int:
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200
+
+
+@dataclass
+class SweepSpec:
+    """Every `ca-flow sweep` flag, named as the flag with underscores (the keys of sweep.toml)."""
+    datasets: str = "all"
+    data_root: str = field(default_factory=default_data_root)
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    methods: list[str] = field(default_factory=lambda: ["clip-adapter", "zero-shot"])
+    alphas: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    betas: list[float] = field(default_factory=lambda: [0.2])
+    adapter: list[str] = field(default_factory=lambda: ["visual"])
+    backbone: str = "RN50-quickgelu"
+    pretrained: str = "openai"
+    epochs: int | None = None       # None: CoOp's 50/100/200 by shots
+    augment_views: int = 10
+    lr: float = 0.002
+    batch_size: int = 32
+    allow_fewer_shots: bool = False
+    experiment: str = "ca-flow"
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_retries: int = 2
+    cache_dir: str = "~/.cache/ca-flow/features"
+    results_dir: str = "ca-flow-results"
+    storage_path: str = "~/ray_results"  # Tune's own state; MLflow is the record of what is done
+
+    def validate(self) -> "SweepSpec":
+        for name, values in (("alpha", self.alphas), ("beta", self.betas)):
+            bad = [v for v in values if not 0.0 <= v <= 1.0]
+            if bad:
+                raise SweepError(f"{name} {bad[0]:g} is outside [0, 1]; residual ratios are fractions, "
+                                 f"e.g. --{name}s 0.2,0.6")
+        for flag in ("shots", "seeds", "alphas", "methods", "adapter"):
+            if not getattr(self, flag):
+                raise SweepError(f"--{flag} needs at least one value")
+        if min(self.shots) < 1:
+            raise SweepError(f"shots must be >= 1, got {min(self.shots)}; e.g. --shots 1,2,4,8,16")
+        if any(not 0 <= s < 2 ** 32 for s in self.seeds):
+            raise SweepError(f"seeds must be in 0..4294967295, got {[s for s in self.seeds if not 0 <= s < 2 ** 32][0]}")
+        for flag, value, low in (("epochs", self.epochs, 1), ("augment-views", self.augment_views, 1),
+                                 ("batch-size", self.batch_size, 1), ("max-retries", self.max_retries, 0)):
+            if value is not None and value < low:
+                raise SweepError(f"--{flag} must be >= {low}, got {value}")
+        if not self.lr > 0:
+            raise SweepError(f"--lr must be > 0, got {self.lr:g}")
+        if not self.cpus_per_trial > 0 or self.gpus_per_trial < 0:
+            raise SweepError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+        if self.backbone not in model_names():
+            raise SweepError(f"unknown backbone {self.backbone!r}; see open_clip.list_models(), e.g. "
+                             f"RN50-quickgelu, ViT-B-32-quickgelu, or {TINY} for tests")
+        unknown = [m for m in self.methods if m not in METHOD_NAMES]
+        if unknown:
+            raise SweepError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHOD_NAMES)}")
+        bad = [a for a in self.adapter if a not in ("visual", "text", "both")]
+        if bad:
+            raise SweepError(f"unknown adapter variant {bad[0]!r}; use visual, text or both")
+        if not self.experiment.strip():
+            raise SweepError("--experiment must not be empty")
+        return self
+
+    # -- files ---------------------------------------------------------------------------------
+    def record(self) -> dict:
+        """The spec as plain data: what the parent run keeps, and what `resume` rebuilds from."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "SweepSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+    def to_toml(self) -> str:
+        lines = ["# ca-flow sweep --config <this file> runs this grid again (flags given with it win)."]
+        for key, value in self.record().items():
+            if value is None:
+                lines.append(f"# {key} = (default)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
+
+
+LIST_TYPES = {"shots": int, "seeds": int, "alphas": float, "betas": float, "methods": str, "adapter": str}
+
+
+def parse_list(value, kind, key: str) -> list:
+    """A comma-separated string (a flag) or a list (TOML) as a deduplicated list of `kind`."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        out = [kind(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
+    except (TypeError, ValueError):
+        example = "1,2,4" if kind is int else "0.2,0.6" if kind is float else "a,b"
+        raise SweepError(f"--{key.replace('_', '-')} expects comma-separated {kind.__name__}s, e.g. "
+                         f"--{key.replace('_', '-')} {example}; got {value!r}") from None
+    if kind is int and isinstance(value, list) and any(isinstance(v, float) for v in value):
+        raise SweepError(f"{key} in the config expects integers, got {value!r}")
+    return list(dict.fromkeys(out))
+
+
+def read_config(path: str | Path) -> dict:
+    """A sweep.toml as flag values; unknown keys are an error (a typo must not run the default)."""
+    path = Path(path).expanduser()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SweepError(f"config file {path} does not exist; pass an existing sweep.toml "
+                         f"(see examples/demo.toml)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SweepError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SweepError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {f.name for f in fields(SweepSpec)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SweepError(f"config file {path}: unknown key {unknown[0]!r}; keys are the sweep flags "
+                         f"with underscores: {', '.join(sorted(known))}")
+    return raw
+
+
+def build_spec(config: str | Path | None, flags: dict) -> SweepSpec:
+    """Defaults, then the config file, then the flags given (None = not given), checked."""
+    values = read_config(config) if config else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    for key, kind in LIST_TYPES.items():
+        if key in values:
+            values[key] = parse_list(values[key], kind, key)
+    scalar = {f.name: f.type for f in fields(SweepSpec)}
+    for key in ("epochs", "augment_views", "batch_size", "max_retries"):
+        if key in values and values[key] is not None and not isinstance(values[key], int):
+            raise SweepError(f"{key} expects an integer, got {values[key]!r}")
+    for key in ("lr", "cpus_per_trial", "gpus_per_trial"):
+        if key in values and not isinstance(values[key], (int, float)):
+            raise SweepError(f"{key} expects a number, got {values[key]!r}")
+    for key in ("datasets", "data_root", "backbone", "pretrained", "experiment", "cache_dir", "results_dir",
+                "storage_path"):
+        if key in values and not isinstance(values[key], str):
+            raise SweepError(f"{key} expects a string, got {values[key]!r} ({scalar[key]})")
+        if key in values and key.endswith(("_dir", "_root")) and "://" not in values[key]:
+            values[key] = str(Path(values[key]).expanduser())
+    return SweepSpec(**values).validate()
+
+
+# -- the trials ------------------------------------------------------------------------------------
+
+def _points(spec: SweepSpec, method: str):
+    """(shots, hparams) per trial of one method on one dataset and seed."""
+    if method == "clip-adapter":
+        for k, variant, alpha, beta in itertools.product(spec.shots, spec.adapter, spec.alphas, spec.betas):
+            if (variant == "visual" and beta != spec.betas[0]) or (variant == "text" and alpha != spec.alphas[0]):
+                continue  # a ratio the variant does not use: one trial is enough
+            yield k, dict(variant=variant, alpha=alpha, beta=beta, epochs=spec.epochs or epochs_for_shots(k),
+                          lr=spec.lr, batch_size=spec.batch_size)
+    elif not trains(method):
+        # Nothing is fitted: one trial per (dataset, seed) is enough; it validates on the largest K.
+        yield max(spec.shots), {}
+    else:
+        for k in spec.shots:
+            yield k, ({"epochs": spec.epochs} if spec.epochs and method == "tip-adapter-f" else {})
+
+
+def grid(spec: SweepSpec, names: list[str], weights_id: str | None = None) -> list[dict]:
+    """One dict per trial; its key hashes everything that changes the trial's result."""
+    weights_id = weights_id or weights_identity(spec.pretrained)
+    trials = []
+    for dataset, method, seed in itertools.product(names, spec.methods, spec.seeds):
+        for shots, hparams in _points(spec, method):
+            point = dict(dataset=dataset, method=method, shots=shots, seed=seed, hparams=hparams,
+                         backbone=spec.backbone, weights=spec.pretrained, weights_id=weights_id,
+                         views=spec.augment_views)
+            key = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
+            name = "-".join([dataset, method, f"{shots}shot", f"seed{seed}"]
+                            + [f"{k}{v:g}" if isinstance(v, float) else str(v)
+                               for k, v in hparams.items() if k in ("variant", "alpha", "beta")])
+            trials.append(dict(point, key=key, name=name))
+    return trials
+
+
+def counts(trials: list[dict]) -> dict[str, dict[str, int]]:
+    """Trials per dataset and method: what `--dry-run` and `status` show."""
+    out: dict[str, dict[str, int]] = {}
+    for (dataset, method), n in Counter((t["dataset"], t["method"]) for t in trials).items():
+        out.setdefault(dataset, {})[method] = n
+    return out
+
+
+def check_shots(spec: SweepSpec, split) -> dict[str, int]:
+    """Refuse shots a class cannot give, naming the class; with allow_fewer_shots, the real counts.
+
+    Returns {class name: train images} for the classes that have fewer than the largest shots.
+    """
+    per_class = Counter(item.label for item in split.train)
+    short = {split.classnames[c]: n for c, n in sorted(per_class.items()) if n < max(spec.shots)}
+    missing = [name for c, name in enumerate(split.classnames) if per_class.get(c, 0) == 0]
+    if missing:
+        raise SweepError(f"{split.name}: class {missing[0]!r} has no train images; fix the split or the folder")
+    if short and not spec.allow_fewer_shots:
+        name, n = min(short.items(), key=lambda kv: kv[1])
+        raise SweepError(f"{split.name}: class {name!r} has {n} train images, fewer than --shots "
+                         f"{max(spec.shots)}; lower --shots, or pass --allow-fewer-shots to train on what "
+                         f"there is (the real per-class counts are then logged)")
+    return short
+
+
+# Keys of a grid point's metadata that a trial logs as params.
+POINT_PARAMS = ("dataset", "method", "shots", "seed", "backbone", "weights", "weights_id", "views")

@@ -1,0 +1,136 @@
+"""One trial: fit and evaluate one grid point on features already in memory, then log it to its run.
+
+`train_trial` knows nothing of Ray or MLflow; `run_trial` is the Ray Tune trainable around it.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import tracking
+from .grid import POINT_PARAMS
+
+
+@dataclass
+class DatasetFeatures:
+    """A dataset's features plus, per (shots, seed), which rows form its few-shot split.
+
+    One object per dataset goes into Ray's object store; only the trials of that dataset fetch it.
+    """
+    name: str
+    classnames: list[str]
+    template: str | list[str]
+    text: np.ndarray
+    logit_scale: float
+    train: np.ndarray
+    train_labels: np.ndarray
+    val: np.ndarray
+    val_labels: np.ndarray
+    test: np.ndarray
+    test_labels: np.ndarray
+    zs_test_acc: float        # the same for every trial of the dataset: computed once, by the driver
+    rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # (shots, seed) -> (train, val) rows
+    source: dict              # name, digest of the split, source: the run's MLflow dataset input
+
+
+def zero_shot_accuracy(features: np.ndarray, labels: np.ndarray, text: np.ndarray, scale: float) -> float:
+    """As clip_adapter.train.zero_shot_accuracy, in numpy: the driver never needs torch."""
+    if not len(labels):
+        return float("nan")
+    f = features / np.linalg.norm(features, axis=-1, keepdims=True)
+    return float(((scale * f @ text.T).argmax(-1) == labels).mean())
+
+
+def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
+    """Fit and evaluate one grid point on in-memory features: no Ray, no MLflow."""
+    import torch
+
+    from clip_adapter import evaluate
+    from clip_adapter.methods import FewShot, make
+
+    train_rows, val_rows = data.rows[(t["shots"], t["seed"])]
+    if len(train_rows) == 0:
+        raise RuntimeError(f"{t['dataset']}: no readable train image for {t['shots']} shots, seed {t['seed']}")
+    few_shot = FewShot(data.train[train_rows], data.train_labels[train_rows], data.val[val_rows],
+                       data.val_labels[val_rows], data.text, data.logit_scale)
+    method = make(t["method"], data.text.copy(), data.logit_scale, **t["hparams"]).to(device)
+    fitted = method.fit(few_shot, t["seed"])  # sees train and val only: every choice is made on val
+    method.eval()
+    metrics = dict(val_acc=evaluate(method, few_shot.val, few_shot.val_labels),
+                   test_acc=evaluate(method, data.test, data.test_labels), zs_test_acc=data.zs_test_acc)
+    if fitted.losses:
+        metrics["train_loss_final"] = fitted.losses[-1]
+    per_class = np.bincount(few_shot.train_labels, minlength=len(data.classnames))
+    params = {k: t[k] for k in POINT_PARAMS}
+    params.update(n_train=len(train_rows), n_val=len(val_rows), n_test=len(data.test),
+                  train_per_class_min=int(per_class.min()), train_per_class_max=int(per_class.max()))
+    params.update({("adapter" if k == "variant" else k): v for k, v in method.config().items()})
+    params.update({f"chosen_{k}": v for k, v in fitted.chosen.items()})
+    return method.cpu(), fitted.losses, metrics, params
+
+
+# Reused trial actors keep the datasets they fetched: consecutive trials are mostly of one dataset.
+_FETCHED: OrderedDict = OrderedDict()
+
+
+def _fetch(ref) -> DatasetFeatures:
+    import ray
+
+    key = ref.hex()
+    if key not in _FETCHED:
+        _FETCHED[key] = ray.get(ref)
+        while len(_FETCHED) > 2:
+            _FETCHED.popitem(last=False)
+    return _FETCHED[key]
+
+
+_CLIENTS: dict = {}
+
+
+def _client(uri: str):
+    if uri not in _CLIENTS:
+        import mlflow
+
+        _CLIENTS[uri] = mlflow.MlflowClient(uri)
+    return _CLIENTS[uri]
+
+
+def run_trial(config: dict, features: dict, ctx: dict, threads: int, gpu: bool) -> None:
+    """The Tune trainable: open the trial's run, train, log, report. An error marks the run FAILED
+    with its last line and goes on to Tune, which retries the trial up to --max-retries times."""
+    import torch
+    from ray import tune
+
+    from clip_adapter import save_adapter
+    from clip_adapter.artifact import AdapterMeta
+
+    torch.set_num_threads(threads)  # small matmuls: more threads than CPUs granted is much slower
+    # Features come from the object store as read-only arrays; trials only read them.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    t = config["trial"]
+    client = _client(ctx["uri"])
+    run_id = tracking.open_trial(client, ctx, t)
+    started = time.perf_counter()  # the run's own clock starts here too
+    try:
+        if gpu and not torch.cuda.is_available():
+            raise RuntimeError("the trial was given a GPU but torch sees no CUDA device; fix the node's CUDA setup")
+        data = _fetch(features[t["dataset"]])
+        method, losses, metrics, params = train_trial(t, data, "cuda" if gpu else "cpu")
+        trained = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            save_adapter(tmp, method, torch.from_numpy(data.text.copy()), AdapterMeta(
+                method=t["method"], config=method.config(), backbone=t["backbone"], weights=t["weights"],
+                weights_id=t["weights_id"], classnames=data.classnames, template=data.template,
+                logit_scale=data.logit_scale, dataset=t["dataset"]))
+            metrics["trial_seconds"] = time.perf_counter() - started
+            tracking.finish_trial(client, run_id, params, metrics, losses, tmp, data.source)
+    except Exception as exc:
+        tracking.fail_trial(client, run_id, exc)
+        raise
+    tune.report({**metrics, "mlflow_seconds": time.perf_counter() - trained})
