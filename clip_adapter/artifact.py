@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .backbone import RANDOM, Backbone, BackboneError, load_backbone, weights_identity
 from .features import decode
@@ -35,14 +35,20 @@ class AdapterMeta:
     format: str = FORMAT
 
 
+def adapter_files(method: Method, text: torch.Tensor, meta: AdapterMeta) -> dict[str, bytes]:
+    """The artifact as {file name: bytes}: what `save_adapter` writes, for sending it elsewhere."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    tensors[TEXT] = torch.as_tensor(text, dtype=torch.float32).cpu().contiguous()
+    return {WEIGHTS: save(tensors), META: json.dumps(asdict(meta), indent=2).encode()}
+
+
 def save_adapter(directory: str | Path, method: Method, text: torch.Tensor, meta: AdapterMeta) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
-    tensors[TEXT] = torch.as_tensor(text, dtype=torch.float32).cpu().contiguous()
-    save_file(tensors, str(directory / WEIGHTS))
+    files = adapter_files(method, text, meta)
+    (directory / WEIGHTS).write_bytes(files[WEIGHTS])
     tmp = directory / (META + ".tmp")
-    tmp.write_text(json.dumps(asdict(meta), indent=2))
+    tmp.write_bytes(files[META])
     os.replace(tmp, directory / META)  # the JSON last: a folder with it is complete
     return directory
 

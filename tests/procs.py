@@ -277,3 +277,67 @@ def assert_sweep_complete(uri: str, experiment: str, expected_trials: int) -> di
     assert len(children) == expected_trials, (len(children), expected_trials)
     assert parents[0].info.status == "FINISHED", parents[0].info.status
     return dict(parent=parents[0], children=children)
+
+
+# -- whole sessions: what a process and everything it spawned became --------------------------------
+# Ray puts each of its worker processes in a process group of its own, so a group kill misses them;
+# they stay in the session of the process that started Ray (a Proc leader: its sid is its pid).
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()  # state, ppid, pgrp, session, ...
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live process (not a zombie) in session `sid`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields and fields[3] == str(sid) and fields[0] != "Z":
+                out.append(int(entry.name))
+    return out
+
+
+def pids_matching(pattern: str, sid: int | None = None) -> dict[int, str]:
+    """pid -> command line of the processes (of session `sid`, if given) whose command line matches."""
+    rx = re.compile(pattern)
+    pids = session_pids(sid) if sid is not None else [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+    found = {}
+    for pid in pids:
+        cmd = cmdline(pid)
+        if pid != os.getpid() and rx.search(cmd):
+            found[pid] = cmd[:200]
+    return found
+
+
+def kill_session(sid: int, timeout: float = 15.0) -> list[int]:
+    """SIGKILL every process of session `sid` (one a test started) until none is left; returns the
+    pids that were still there."""
+    found = session_pids(sid)
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = session_pids(sid)
+        if not pids or time.monotonic() > deadline:
+            return found
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""

@@ -107,3 +107,11 @@ def test_tip_adapter_f_chooses_its_epoch_on_val(planted):
     assert len(set(correct)) > 1 and correct.count(best) > 1  # the epochs differ, and the best is tied
     assert fitted.chosen["epoch"] == correct.index(best) < 7
     assert torch.equal(method.keys, snapshots[correct.index(best)])  # the chosen epoch's keys are kept
+
+
+def test_every_name_is_registered_by_its_module():
+    """The lazy name table and the classes' own names agree (one place decides what exists)."""
+    from clip_adapter.methods import NAMES, UNTRAINED, get
+
+    assert tuple(METHODS) == NAMES and all(get(n).name == n for n in NAMES)
+    assert UNTRAINED == {"zero-shot"} and [n for n in NAMES if not trains(n)] == ["zero-shot"]

@@ -1,4 +1,6 @@
 """Every method through the real CLI on miniatures of CoOp layouts: sweep, report, promote, predict."""
+import json
+import re
 import zlib
 
 import numpy as np
@@ -39,14 +41,14 @@ def swept(tmp_path_factory, ray_local):
         "--alphas", "0.2", "--augment-views", "2", "--epochs", "3", "--tracking-uri", uri,
         "--cache-dir", str(work / "cache"), "--results-dir", str(work / "results")])
     assert result.exit_code == 0, result.output + result.stderr
-    return dict(work=work, uri=uri, result=result, client=MlflowClient(uri))
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ca-flow")
+    runs = [r for r in client.search_runs([exp.experiment_id], max_results=500) if "mlflow.parentRunId" in r.data.tags]
+    return dict(work=work, uri=uri, result=result, client=client, runs=runs)
 
 
 def test_every_method_ran_and_chose_on_val(swept):
-    client = swept["client"]
-    exp = client.get_experiment_by_name("ca-flow")
-    runs = [r for r in client.search_runs([exp.experiment_id], max_results=500) if "mlflow.parentRunId" in r.data.tags]
-    by_method = {m: [r for r in runs if r.data.params["method"] == m] for m in METHODS}
+    by_method = {m: [r for r in swept["runs"] if r.data.params["method"] == m] for m in METHODS}
     # per dataset: 2 shots x 1 seed for trained methods, one zero-shot trial per seed
     assert {m: len(rs) for m, rs in by_method.items()} == {
         "clip-adapter": 4, "zero-shot": 2, "linear-probe": 4, "tip-adapter": 4, "tip-adapter-f": 4}
@@ -55,21 +57,54 @@ def test_every_method_ran_and_chose_on_val(swept):
             assert r.info.status == "FINISHED" and CHOSEN.get(method, set()) <= set(r.data.params)
     imagenet = [r for r in by_method["tip-adapter"] if r.data.params["dataset"] == "imagenet"]
     for r in imagenet:  # val shots drawn from train: min(K, 4) per class of the 3 classes
-        assert r.data.metrics["n_val"] == 3 * min(int(r.data.params["shots"]), 4)
-        assert r.data.metrics["n_test"] == 9
+        assert r.data.params["n_val"] == str(3 * min(int(r.data.params["shots"]), 4))
+        assert r.data.params["n_test"] == "9"
+
+
+def test_the_sweep_prints_one_table_per_method(swept):
+    titles = re.findall(r"^\s*([a-z-]+)\s*$", swept["result"].output, flags=re.M)
+    assert [t for t in titles if t in METHODS] == METHODS  # each block titled by its method, in order
+
+
+def best(runs, dataset, methods):
+    """The documented rule, written out: best val_acc; ties more shots, lower seed, lower alpha."""
+    mine = [r for r in runs if r.data.params["dataset"] == dataset and r.data.params["method"] in methods]
+    return sorted(mine, key=lambda r: (-r.data.metrics["val_acc"], -int(r.data.params["shots"]),
+                                       int(r.data.params["seed"]), float(r.data.params.get("alpha", 0.0)),
+                                       r.info.run_id))[0]
 
 
 def test_report_paper_promote_predict(swept):
-    work, uri = swept["work"], swept["uri"]
-    out = " ".join(swept["result"].output.split())
-    for method in METHODS:
-        assert method in out  # the sweep prints one table block per method
+    work, uri, client = swept["work"], swept["uri"], swept["client"]
     report = runner.invoke(app, ["report", "--paper", "--tracking-uri", uri, "--out", str(work / "report")])
     assert report.exit_code == 0, report.output + report.stderr
     assert "not comparable" in report.output and len(list((work / "report").glob("*/figure.png"))) == 1
-    promote = runner.invoke(app, ["promote", "--tracking-uri", uri])
+    # Default: only clip-adapter runs may become champion.
+    promote = runner.invoke(app, ["promote", "--tracking-uri", uri, "--json"])
     assert promote.exit_code == 0, promote.output + promote.stderr
+    chosen = {p["dataset"]: p for p in json.loads(promote.stdout)["promotions"]}
+    for dataset in ("imagenet", "fgvc_aircraft"):
+        want = best(swept["runs"], dataset, {"clip-adapter"})
+        version = client.get_model_version_by_alias(f"clip-adapter-{dataset}", "champion")
+        assert version.run_id == want.info.run_id == chosen[dataset]["run_id"]
+        assert chosen[dataset]["method"] == "clip-adapter" and chosen[dataset]["action"] == "new v1"
+    # Naming every method lets the best of all of them in, if it beats the champion on val_acc.
+    promote = runner.invoke(app, ["promote", "--tracking-uri", uri, "--methods", ",".join(METHODS), "--json"])
+    assert promote.exit_code == 0, promote.output + promote.stderr
+    for p in json.loads(promote.stdout)["promotions"]:
+        champion = best(swept["runs"], p["dataset"], {"clip-adapter"})
+        overall = best(swept["runs"], p["dataset"], set(METHODS))
+        moved = overall.data.metrics["val_acc"] > champion.data.metrics["val_acc"]
+        assert p["run_id"] == overall.info.run_id
+        assert p["action"].startswith("moved v1 -> v2" if moved else ("already" if overall is champion else "kept v1"))
+    # predict's top class and score are the champion adapter's, read directly from its files.
+    from clip_adapter import AdapterClassifier
+
     image = next((work / "data" / "imagenet" / "images" / "val").rglob("*.JPEG"))
-    predicted = runner.invoke(app, ["predict", "--dataset", "imagenet", "--tracking-uri", uri, str(image)])
+    predicted = runner.invoke(app, ["predict", "--dataset", "imagenet", "--tracking-uri", uri, "--json", str(image)])
     assert predicted.exit_code == 0, predicted.output + predicted.stderr
-    assert any(name in predicted.output for name in ("tench", "goldfish", "Chihuahua dog"))
+    (got,) = json.loads(predicted.stdout)["predictions"]
+    version = client.get_model_version_by_alias("clip-adapter-imagenet", "champion")
+    folder = client.download_artifacts(version.run_id, "adapter", str(work / "oracle"))
+    want = AdapterClassifier(folder, device="cpu").predict([str(image)], 3)[0]
+    assert [(t["label"], round(t["score"], 4)) for t in got["top"]] == [(c, round(s, 4)) for c, s in want]

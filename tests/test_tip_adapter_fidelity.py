@@ -151,7 +151,7 @@ def test_tip_adapter_uses_the_backbone_logit_scale():
 # -- Other protocol claims ----------------------------------------------------------------------------
 
 def test_augment_views_default_to_ten_as_the_released_augment_epoch():
-    from workflows.sweep import SweepSpec
+    from workflows.grid import SweepSpec
 
     assert SweepSpec().augment_views == 10
 

@@ -56,8 +56,16 @@ def _store(uri: Optional[str], must_exist: bool = True):
     from . import tracking
 
     uri = tracking.resolve_uri(uri)
-    tracking.check_form(uri)
+    tracking.check(uri, must_exist)  # a wrong URI or a missing store answers before MLflow loads
     return uri, tracking.connect(uri, must_exist=must_exist)
+
+
+def _sweep_id(sweep_id: Optional[str]) -> None:
+    """A malformed sweep id is an argument error: answer it before MLflow loads."""
+    from .sweeps import SWEEP_ID_FORM
+
+    if sweep_id is not None and not SWEEP_ID_FORM.match(sweep_id):
+        fail(f"{sweep_id!r} is not a sweep id (they look like 20261127-101500-1a2b3c); see `ca-flow sweeps`")
 
 
 def _experiment(client, experiment: Optional[str]) -> str:
@@ -75,34 +83,34 @@ def _experiment(client, experiment: Optional[str]) -> str:
 @app.command()
 def sweep(
     config: Optional[Path] = typer.Option(None, "--config", help="a sweep.toml; flags given here override it"),
-    datasets: Optional[str] = typer.Option(None, help="all, or NAME[,NAME...] (see `ca-flow datasets`)  [default: all]"),
+    datasets: Optional[str] = typer.Option(None, help="all, or NAME[,NAME...] (see `ca-flow datasets`)  \\[default: all]"),
     data_root: Optional[str] = typer.Option(None, envvar="CA_FLOW_DATA_ROOT",
                                             help="folder or URI (file://, s3://) of the datasets"),
-    shots: Optional[str] = typer.Option(None, help="shots per class  [default: 1,2,4,8,16]"),
-    seeds: Optional[str] = typer.Option(None, help="few-shot sampling seeds  [default: 1,2,3]"),
+    shots: Optional[str] = typer.Option(None, help="shots per class  \\[default: 1,2,4,8,16]"),
+    seeds: Optional[str] = typer.Option(None, help="few-shot sampling seeds  \\[default: 1,2,3]"),
     methods: Optional[str] = typer.Option(None, help="clip-adapter,zero-shot,linear-probe,tip-adapter,tip-adapter-f"
-                                                      "  [default: clip-adapter,zero-shot]"),
-    alphas: Optional[str] = typer.Option(None, help="visual residual ratios in [0, 1]  [default: 0.2,0.4,0.6,0.8]"),
-    betas: Optional[str] = typer.Option(None, help="text residual ratios in [0, 1]  [default: 0.2]"),
-    adapter: Optional[str] = typer.Option(None, help="CLIP-Adapter variants: visual,text,both  [default: visual]"),
-    backbone: Optional[str] = typer.Option(None, help="open_clip model name  [default: RN50-quickgelu]"),
+                                                      "  \\[default: clip-adapter,zero-shot]"),
+    alphas: Optional[str] = typer.Option(None, help="visual residual ratios in [0, 1]  \\[default: 0.2,0.4,0.6,0.8]"),
+    betas: Optional[str] = typer.Option(None, help="text residual ratios in [0, 1]  \\[default: 0.2]"),
+    adapter: Optional[str] = typer.Option(None, help="CLIP-Adapter variants: visual,text,both  \\[default: visual]"),
+    backbone: Optional[str] = typer.Option(None, help="open_clip model name  \\[default: RN50-quickgelu]"),
     pretrained: Optional[str] = typer.Option(None, help="pretrained tag, local weights file, or random  "
-                                                         "[default: openai]"),
+                                                         "\\[default: openai]"),
     epochs: Optional[int] = typer.Option(None, help="default: CoOp's 50/100/200 by shots"),
-    augment_views: Optional[int] = typer.Option(None, help="augmented views per train image  [default: 10]"),
-    lr: Optional[float] = typer.Option(None, help="SGD learning rate  [default: 0.002]"),
-    batch_size: Optional[int] = typer.Option(None, help="training batch size  [default: 32]"),
+    augment_views: Optional[int] = typer.Option(None, help="augmented views per train image  \\[default: 10]"),
+    lr: Optional[float] = typer.Option(None, help="SGD learning rate  \\[default: 0.002]"),
+    batch_size: Optional[int] = typer.Option(None, help="training batch size  \\[default: 32]"),
     allow_fewer_shots: Optional[bool] = typer.Option(None, "--allow-fewer-shots/--no-allow-fewer-shots",
                                                      help="train on what a class has when it has fewer than --shots"),
     experiment: Optional[str] = typer.Option(None, "--experiment", envvar="MLFLOW_EXPERIMENT_NAME",
-                                             help="MLflow experiment  [default: ca-flow]"),
-    cpus_per_trial: Optional[float] = typer.Option(None, help="CPUs per trial, fractions allowed  [default: 1]"),
-    gpus_per_trial: Optional[float] = typer.Option(None, help="GPUs per trial, fractions allowed  [default: 0]"),
-    max_retries: Optional[int] = typer.Option(None, help="retries of a trial whose worker or node dies  [default: 2]"),
-    cache_dir: Optional[str] = typer.Option(None, help="feature store  [default: ~/.cache/ca-flow/features]"),
-    results_dir: Optional[str] = typer.Option(None, help="per-trial Parquet  [default: ca-flow-results]"),
+                                             help="MLflow experiment  \\[default: ca-flow]"),
+    cpus_per_trial: Optional[float] = typer.Option(None, help="CPUs per trial, fractions allowed  \\[default: 1]"),
+    gpus_per_trial: Optional[float] = typer.Option(None, help="GPUs per trial, fractions allowed  \\[default: 0]"),
+    max_retries: Optional[int] = typer.Option(None, help="retries of a trial whose worker or node dies  \\[default: 2]"),
+    cache_dir: Optional[str] = typer.Option(None, help="feature store  \\[default: ~/.cache/ca-flow/features]"),
+    results_dir: Optional[str] = typer.Option(None, help="per-trial Parquet  \\[default: ca-flow-results]"),
     storage_path: Optional[str] = typer.Option(None, help="Tune's own state (shared storage on a cluster)  "
-                                                           "[default: ~/ray_results]"),
+                                                           "\\[default: ~/ray_results]"),
     tracking_uri: Optional[str] = URI,
     address: Optional[str] = ADDRESS,
     dry_run: bool = typer.Option(False, "--dry-run", help="show the grid and what is to encode; start nothing"),
@@ -115,6 +123,7 @@ def sweep(
              if k not in ("config", "tracking_uri", "address", "dry_run", "submit", "sweep_id", "as_json")}
     from .grid import build_spec
 
+    _sweep_id(sweep_id)  # the hidden flag `submit` passes: the same form as every sweep id
     spec = build_spec(config, flags)
     from . import tracking
 
@@ -180,6 +189,8 @@ def _finish(outcome) -> None:
                    f"{outcome.sweep_id}", err=True)
         raise typer.Exit(128 + outcome.interrupted)
     failed = outcome.failed
+    if outcome.browse:
+        typer.echo(f"runs: {outcome.browse}")
     typer.echo(f"sweep {outcome.sweep_id}: {outcome.total} trials, {len(failed)} failed, {outcome.seconds:.1f} s; "
                f"parent run {outcome.parent_run_id}; results {outcome.results_path}")
     if len(failed):
@@ -209,6 +220,7 @@ def resume(
 
     if max_retries is not None and max_retries < 0:
         fail(f"--max-retries must be >= 0, got {max_retries}")
+    _sweep_id(sweep_id)
     uri, client = _store(tracking_uri)
     parent = sweeps.find(client, sweep_id, experiment, unfinished=True)
     sid, state = parent.data.tags[sweeps.SWEEP_ID], sweeps.state(parent)
@@ -257,6 +269,7 @@ def status(sweep_id: Optional[str] = typer.Argument(None, help="default: the lat
     """One sweep: its status and progress per dataset."""
     from . import sweeps
 
+    _sweep_id(sweep_id)
     _, client = _store(tracking_uri)
     row = sweeps.describe(client, sweeps.find(client, sweep_id))
     if as_json:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .cli import EXPERIMENT, JSON, TABLE_TITLE, URI, _experiment, _store, app, console, emit
+from .cli import EXPERIMENT, JSON, TABLE_TITLE, URI, _experiment, _store, _sweep_id, app, console, emit
 from .errors import fail
 
 
@@ -26,6 +27,7 @@ def report(
     from . import sweeps, tracking
     from .report import cells, comparable_to_paper, numbers, paper_table, rich_tables, write_report
 
+    _sweep_id(sweep)
     _, client = _store(tracking_uri)
     parent = sweeps.find(client, sweep, experiment)
     sweep_id = parent.data.tags[tracking.SWEEP_ID]
@@ -131,7 +133,7 @@ def predict(
     try:
         client.get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException:
-        fail(f"no model {name}@{alias} in {uri}; run `ca-flow promote --datasets {dataset}` first")
+        fail(f"no model {name}@{alias} in {uri}; run `ca-flow promote --datasets {shlex.quote(dataset)}` first")
     model = mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
     # The files travel as their bytes, as they would to `mlflow models serve`: no paths cross over.
     out = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in blobs]}),

@@ -50,7 +50,7 @@ class SweepSpec:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_retries: int = 2
-    cache_dir: str = "~/.cache/ca-flow/features"
+    cache_dir: str = field(default_factory=lambda: str(Path("~/.cache/ca-flow/features").expanduser()))
     results_dir: str = "ca-flow-results"
     storage_path: str = "~/ray_results"  # Tune's own state; MLflow is the record of what is done
 
@@ -86,6 +86,16 @@ class SweepSpec:
             raise SweepError(f"unknown adapter variant {bad[0]!r}; use visual, text or both")
         if not self.experiment.strip():
             raise SweepError("--experiment must not be empty")
+        for flag in ("cache_dir", "results_dir", "storage_path"):  # found out only after the trials
+            folder = getattr(self, flag)
+            if "://" not in folder and Path(folder).expanduser().exists() and not Path(folder).expanduser().is_dir():
+                raise SweepError(f"--{flag.replace('_', '-')} {folder} is a file, not a folder; pass a folder "
+                                 f"(it is created if missing)")
+        weights = Path(self.pretrained).expanduser()
+        if (any(sep in self.pretrained for sep in "/\\") or self.pretrained.endswith((".pt", ".bin", ".safetensors"))) \
+                and not weights.is_file():  # as load_backbone tells a file from a tag
+            raise SweepError(f"weights file {self.pretrained} does not exist; pass an existing file, a pretrained "
+                             f"tag (e.g. openai) or 'random'")
         return self
 
     # -- files ---------------------------------------------------------------------------------
@@ -159,6 +169,8 @@ def build_spec(config: str | Path | None, flags: dict) -> SweepSpec:
     """Defaults, then the config file, then the flags given (None = not given), checked."""
     values = read_config(config) if config else {}
     values.update({k: v for k, v in flags.items() if v is not None})
+    if isinstance(values.get("datasets"), list):  # a TOML array, like every other list key
+        values["datasets"] = ",".join(parse_list(values["datasets"], str, "datasets"))
     for key, kind in LIST_TYPES.items():
         if key in values:
             values[key] = parse_list(values[key], kind, key)

@@ -180,7 +180,10 @@ def log_pyfunc(client, run) -> tuple[str, str]:
         adapter = client.download_artifacts(run.info.run_id, tracking.ADAPTER_DIR, tmp)
         mlflow.pyfunc.log_model(name="adapter", model_id=model.model_id, python_model=ADAPTER_MODEL_CODE,
                                 artifacts={"adapter": adapter}, signature=signature(), code_paths=[LIBRARY],
-                                pip_requirements=requirements())
+                                pip_requirements=requirements(),
+                                # Declared (off), so that a load's model_config={"image_root": DIR} may set it:
+                                # MLflow drops load-time keys the logged model does not declare.
+                                model_config={"image_root": None})
     return f"models:/{model.model_id}", model.model_id
 
 

@@ -157,8 +157,20 @@ def numbers(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def figure(frame: pd.DataFrame, path: Path, title: str) -> Path:
+    """The figure (see `draw`) as a PNG at `path`."""
+    fig = draw(frame, title)  # selects the Agg backend before pyplot loads
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw(frame: pd.DataFrame, title: str):
     """Accuracy against shots, a panel per dataset and one for the average: a line per trained method
-    with +-1 std error bars over seeds; zero-shot, which does not depend on shots, a dashed line."""
+    with +-1 std error bars over seeds; zero-shot, which does not depend on shots, a dashed line.
+    Returns the matplotlib Figure (Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,10 +205,7 @@ def figure(frame: pd.DataFrame, path: Path, title: str) -> Path:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(textwrap.fill(title, 40 * cols), fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_report(frame: pd.DataFrame, out_dir: Path, title: str, paper: bool) -> list[Path]:

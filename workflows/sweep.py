@@ -23,6 +23,8 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # ca-flow handles SIGINT itself (stop launching, close the runs, say how to resume).
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+# A failed trial attempt is its run's error tag and one line at the end, not a traceback from Tune.
+os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
 
 import pandas as pd  # noqa: E402
 
@@ -33,6 +35,7 @@ from . import sweeps, tracking  # noqa: E402
 from .grid import SweepError, SweepSpec, check_shots, counts, grid  # noqa: E402
 
 WEIGHTS_ID = "ca_flow.weights_id"
+NOTE_LIMIT = 8000
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Outcome:
     tune_seconds: float
     interrupted: int = 0      # the signal that ended it, 0 if none
     note: str = ""            # why it could not close normally (e.g. the tracking store went away)
+    browse: str = ""          # the MLflow UI's runs table for this experiment
 
     @property
     def total(self) -> int:
@@ -94,6 +98,11 @@ class Signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
+
+    def reinstall(self) -> None:
+        """ray.init puts its own SIGTERM handler (exit at once) in place: put ours back."""
+        for sig in self._old:
+            signal.signal(sig, self._handle)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -142,6 +151,7 @@ def run(spec: SweepSpec, uri: str, address: str | None, console, parent=None,
     with Signals() as signals:
         try:
             connect_ray(address)
+            signals.reinstall()
             slots = check_resources(spec.cpus_per_trial, spec.gpus_per_trial)
             client = tracking.connect(uri)
             exp_id = tracking.experiment_id(client, spec.experiment, uri)
@@ -157,6 +167,13 @@ def run(spec: SweepSpec, uri: str, address: str | None, console, parent=None,
         beat.start()
         try:
             return _drive(planned, uri, client, exp_id, sweep_id, parent_id, slots, signals, console, started)
+        except Exception as exc:  # e.g. weights that do not load: the sweep's runs end FAILED, saying why
+            try:  # best effort: the error to show is `exc`, even if the store is what failed
+                tracking.close_unfinished(client, exp_id, parent_id, "FAILED")
+            except Exception:
+                pass
+            tracking.fail_trial(client, parent_id, exc)
+            raise
         finally:
             beat.stopped.set()
 
@@ -191,7 +208,8 @@ def adopt(client, parent, planned: Planned) -> tuple[str, str]:
 def describe_grid(planned: Planned, command: str) -> str:
     spec, per = planned.spec, counts(planned.trials)
     lines = [f"**ca-flow sweep** of {len(planned.trials)} trials: {spec.backbone} with {spec.pretrained} weights, "
-             f"shots {spec.shots}, seeds {spec.seeds}, methods {', '.join(spec.methods)}.", "",
+             f"shots {', '.join(map(str, spec.shots))}, seeds {', '.join(map(str, spec.seeds))}, "
+             f"methods {', '.join(spec.methods)}.", "",
              "| dataset | " + " | ".join(spec.methods) + " |", "|---|" + "---|" * len(spec.methods)]
     lines += [f"| {d} | " + " | ".join(str(m.get(x, 0)) for x in spec.methods) + " |" for d, m in per.items()]
     return "\n".join(lines + ["", f"Command: `{command}`", "", "The spec is in `sweep.toml` among this run's artifacts."])
@@ -299,12 +317,16 @@ def close(client, exp_id, parent_id, sweep_id, planned: Planned, signum: int, er
     try:
         tracking.close_unfinished(client, exp_id, parent_id, "KILLED" if signum else "FAILED", errors)
         results = sweeps.frame(sweep_id, tracking.children(client, exp_id, parent_id), planned.trials)
+        # A trial Tune gave up on before it had a run (the store failed as it began) failed all the same.
+        lost = (results["run_id"] == "") & results["key"].isin(list(errors))
+        results.loc[lost, "status"], results.loc[lost, "error"] = "FAILED", results.loc[lost, "key"].map(errors)
         out_dir = Path(spec.results_dir).expanduser().resolve()
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{sweep_id}.parquet"
         results.to_parquet(path, index=False)
         client.log_artifact(parent_id, str(path))
         _summarise(client, parent_id, results)
+        _describe_results(client, parent_id, results)
         complete = (results["status"] == "FINISHED").all()
         client.set_terminated(parent_id, status="KILLED" if signum else "FINISHED" if complete else "FAILED")
     except (MlflowException, OSError, tracking.TrackingError) as exc:
@@ -313,7 +335,8 @@ def close(client, exp_id, parent_id, sweep_id, planned: Planned, signum: int, er
         return Outcome(sweep_id, parent_id, results, None, seconds, tune_seconds, signum,
                        f"the tracking store stopped answering ({tracking.error_line(exc)}); what finished is in it, "
                        f"the rest is not recorded")
-    return Outcome(sweep_id, parent_id, results, path, seconds, tune_seconds, signum)
+    return Outcome(sweep_id, parent_id, results, path, seconds, tune_seconds, signum,
+                   browse=tracking.ui_link(client.tracking_uri, exp_id))
 
 
 def _summarise(client, parent_id: str, results: pd.DataFrame) -> None:
@@ -332,6 +355,19 @@ def _summarise(client, parent_id: str, results: pd.DataFrame) -> None:
     for start in range(0, len(points), 1000):
         client.log_batch(parent_id, metrics=points[start:start + 1000])
     client.log_metric(parent_id, "trials_finished", float(len(done)))
+
+
+def _describe_results(client, parent_id: str, results: pd.DataFrame) -> None:
+    """The parent's description: the grid and command (written at the start), then the table."""
+    from .report import cells, markdown, paper_table
+
+    note = client.get_run(parent_id).data.tags.get(tracking.NOTE, "").split("\n\n# Results")[0]
+    if (results["status"] == "FINISHED").any():
+        table = markdown(cells(paper_table(results)), "Results")
+        note += "\n\n" + table + "\n\nTest accuracy (%) at the point chosen on validation, mean +- std over seeds."
+    if len(note) > NOTE_LIMIT:  # a tag holds 8000 characters; the whole table is in report/ and the Parquet
+        note = note[:NOTE_LIMIT - 80] + "\n\n(table cut here: see `ca-flow report` for all of it)"
+    client.set_tag(parent_id, tracking.NOTE, note)
 
 
 def dry_run(spec: SweepSpec) -> dict:

@@ -110,7 +110,8 @@ def describe(client, parent) -> dict:
     runs = tracking.children(client, info.experiment_id, info.run_id)
     prog = progress(parent, runs)
     end = info.end_time or (None if state(parent) == "running" else max(
-        [r.info.end_time or 0 for r in runs] + [int(float(parent.data.tags.get(HEARTBEAT, 0)) * 1000)]))
+        [r.info.end_time or 0 for r in runs] + [int(float(parent.data.tags.get(HEARTBEAT, 0)) * 1000),
+                                                info.start_time]))
     started = info.start_time / 1000
     return dict(sweep_id=parent.data.tags[SWEEP_ID], experiment=client.get_experiment(info.experiment_id).name,
                 status=state(parent), finished=prog["finished"], failed=prog["failed"], running=prog["running"],
@@ -125,14 +126,17 @@ def frame(sweep_id: str, runs: list, trials: list[dict] | None = None) -> pd.Dat
     A run shows FINISHED only with its metrics; anything else shows its own status and error.
     """
     rows, seen = [], set()
+    points = {t["key"]: t for t in trials or []}  # a run that failed before logging params: its grid point
     for r in runs:
         p, m, tags = r.data.params, r.data.metrics, r.data.tags
         seen.add(tags.get(tracking.TRIAL_KEY))
         done = tracking.is_done(r)
+        point = points.get(tags.get(tracking.TRIAL_KEY), {})
         rows.append(dict(
             key=tags.get(tracking.TRIAL_KEY, ""), run_id=r.info.run_id,
             dataset=p.get("dataset", tags.get(tracking.DATASET)), method=p.get("method", tags.get(tracking.METHOD)),
-            shots=int(p["shots"]) if "shots" in p else None, seed=int(p["seed"]) if "seed" in p else None,
+            shots=int(p["shots"]) if "shots" in p else point.get("shots"),
+            seed=int(p["seed"]) if "seed" in p else point.get("seed"),
             adapter=p.get("adapter", ""),
             alpha=float(p["alpha"]) if "alpha" in p and "chosen_alpha" not in p else float("nan"),
             beta=float(p["beta"]) if "beta" in p and "chosen_beta" not in p else float("nan"),

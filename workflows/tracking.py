@@ -26,6 +26,15 @@ ADAPTER_DIR = "adapter"  # the artifact folder of a trial's adapter (safetensors
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
 
 
+# A shared view of the runs table (what the UI's Share button stores): the columns a sweep is read by.
+# MLflow's UI opens it from the link `ui_link` prints; without it the table shows no param or metric.
+VIEW_KEY = "ca-flow"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW = {"selectedColumns": ["attributes.`Dataset`", "metrics.`val_acc`", "metrics.`test_acc`", "metrics.`zs_test_acc`",
+                            "metrics.`trial_seconds`", "params.`method`", "params.`shots`", "params.`seed`",
+                            "params.`alpha`", "params.`adapter`"]}
+
+
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names the fix."""
 
@@ -113,14 +122,31 @@ def connect(uri: str, must_exist: bool = False):
 
 def experiment_id(client, name: str, uri: str) -> str:
     """The experiment, set up for model training (the UI opens it on its runs, not as GenAI)."""
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
     if exp is None:
         db = sqlite_path(uri)
-        return client.create_experiment(name, artifact_location=str(db.parent / "mlartifacts") if db else None,
-                                        tags={KIND: "custom_model_development"})
+        try:
+            return client.create_experiment(name, artifact_location=str(db.parent / "mlartifacts") if db else None,
+                                            tags={KIND: "custom_model_development"})
+        except MlflowException as exc:  # another sweep created it meanwhile: use that one
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS" or client.get_experiment_by_name(name) is None:
+                raise
+            exp = client.get_experiment_by_name(name)
     if exp.tags.get(KIND) != "custom_model_development":
         client.set_experiment_tag(exp.experiment_id, KIND, "custom_model_development")
+    if VIEW_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, VIEW_TAG, json.dumps(VIEW))
     return exp.experiment_id
+
+
+def ui_link(uri: str, exp_id: str) -> str:
+    """Where the runs table opens with ca-flow's columns: the server's UI, or `mlflow ui` on a local store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}"
+    return (f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY} "
+            f"(after: mlflow ui --backend-store-uri {uri})")
 
 
 def quoted(value: str) -> str:

@@ -1,0 +1,112 @@
+"""The sweep's recorder: one Ray actor beside the driver that writes every trial's record to MLflow.
+
+Trials tell it when they start, finish or fail, and do not wait for the writes: a trial worker never
+imports MLflow (it starts seconds sooner), no trial searches the store for its run, a local SQLite
+store has one writer, and the writes overlap the next trial's training. The recorder owns
+key -> run: a trial retried by Tune, or run again by `resume`, gets the run its key already has.
+
+A run still becomes FINISHED only after its metrics are written, in that order, by this one writer.
+What could not be written (the store went away) is reported by `drain`, which the driver calls
+before it closes the sweep; those trials stay unfinished and `resume` runs them again.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from . import tracking
+
+
+class Recorder:
+    def __init__(self, uri: str, exp_id: str, parent_id: str, sweep_id: str):
+        import mlflow
+
+        self.client = mlflow.MlflowClient(uri)
+        self.uri, self.ctx = uri, dict(exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id)
+        self.runs: dict[str, str] = {}       # trial key -> run id
+        self.attempts: dict[str, int] = {}
+        self.unwritten: dict[str, str] = {}  # trial key -> why its record could not be written
+        self.down_since: float | None = None
+        for run in tracking.children(self.client, exp_id, parent_id):
+            key = run.data.tags.get(tracking.TRIAL_KEY)
+            if key:
+                self.runs[key] = run.info.run_id
+                self.attempts[key] = int(run.data.tags.get(tracking.ATTEMPT, "0"))
+
+    def ready(self) -> bool:
+        return True
+
+    def _write(self, key: str, what: str, write) -> None:
+        """One write; a store that failed a moment ago is checked first, so a long outage costs one
+        quick probe per write instead of MLflow's whole retry budget each time."""
+        if self.down_since is not None and not self._reachable():
+            self.unwritten[key] = f"{what} not recorded: the tracking store is unreachable"
+            return
+        try:
+            write()
+            self.down_since = None
+        except Exception as exc:
+            self.down_since = time.time()
+            self.unwritten[key] = f"{what} not recorded: {tracking.error_line(exc)}"
+
+    def _reachable(self) -> bool:
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        try:
+            urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=2).read()
+            return True
+        except OSError:
+            return False
+
+    def start(self, t: dict) -> None:
+        """The trial's run, created (or reopened) as the trial starts: RUNNING, attempt + 1."""
+        key = t["key"]
+        self.unwritten.pop(key, None)
+
+        def write():
+            attempt = self.attempts.get(key, 0) + 1
+            if key in self.runs:
+                run_id = self.runs[key]
+                self.client.update_run(run_id, status="RUNNING")
+                self.client.set_tag(run_id, tracking.ATTEMPT, str(attempt))
+            else:
+                self.runs[key] = tracking.create_trial_run(self.client, self.ctx, t)
+            self.attempts[key] = attempt
+        self._write(key, "start", write)
+
+    def finish(self, key: str, params: dict, metrics: dict, losses: list[float], files: dict[str, bytes],
+               dataset: dict) -> None:
+        if key not in self.runs:
+            self.unwritten.setdefault(key, "finish not recorded: the trial's run was never created")
+            return
+        folder = Path(tempfile.mkdtemp(prefix="ca-flow-adapter-"))
+        try:
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+            self._write(key, "result", lambda: tracking.finish_trial(
+                self.client, self.runs[key], params, metrics, losses, str(folder), dataset))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def fail(self, key: str, error: str) -> None:
+        if key in self.runs:
+            self._write(key, "failure", lambda: tracking.fail_trial(self.client, self.runs[key], error))
+
+    def drain(self) -> dict[str, str]:
+        """Called last: every write sent before it is done (an actor runs calls in order)."""
+        return dict(self.unwritten)
+
+
+def start_recorder(uri: str, exp_id: str, parent_id: str, sweep_id: str):
+    """The recorder actor on the driver's node: it lives and dies with the sweep."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(Recorder).options(
+        num_cpus=0, max_restarts=0, name=f"ca-flow-recorder-{sweep_id}",
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(uri, exp_id, parent_id, sweep_id)
+    return actor
