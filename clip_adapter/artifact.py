@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save
 
 from .backbone import RANDOM, Backbone, BackboneError, load_backbone, weights_identity
-from .features import decode
+from .images import decode
 from .methods import make
 from .methods.base import Method
 
@@ -65,7 +65,7 @@ def load_adapter(directory: str | Path) -> tuple[Method, AdapterMeta]:
 
 
 def _to_image(image) -> Image.Image:
-    """A PIL image, image bytes, or a local file path; unreadable input raises features.ImageError."""
+    """A PIL image, image bytes, or a local file path; unreadable input raises images.ImageError."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, (bytes, bytearray)):

@@ -14,12 +14,10 @@ of a row. A shard that is damaged or of another schema is warned about, removed 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -27,11 +25,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from .backbone import weights_identity
 from .datasets import Item
 from .datasets.fs import Location, read_bytes, stat
+from .images import ImageError, crops, decode, image_id
 
 log = logging.getLogger(__name__)
 
@@ -45,43 +43,6 @@ SCHEMAS = {
     INDEX: pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
                       ("image_id", pa.string())]),
 }
-
-
-class ImageError(ValueError):
-    """An image that cannot be read or decoded; the message says why."""
-
-
-def image_id(blob: bytes) -> str:
-    return hashlib.sha1(blob).hexdigest()
-
-
-def decode(blob: bytes) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(blob))
-            image.load()
-        return image.convert("RGB")
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"refused: {exc}; downscale the image") from None
-    except Exception as exc:  # PIL raises several types for truncated or foreign files
-        raise ImageError(f"cannot decode image: {exc}") from None
-
-
-def _view_seed(img_id: str, view: int) -> int:
-    return int(img_id[:12], 16) ^ (view * 0x9E3779B1)
-
-
-def crops(image: Image.Image, img_id: str, views: Iterable[int], augment: bool, preprocess) -> np.ndarray:
-    """uint8 crops [len(views), H, W, 3]; augmented view v of an image is the same on every machine."""
-    import torch
-
-    out = []
-    for v in views:
-        if augment:
-            torch.manual_seed(_view_seed(img_id, v))
-        out.append(np.asarray(preprocess.geometric(augment)(image), dtype=np.uint8))
-    return np.stack(out)
 
 
 def text_classifier(backbone, classnames: list[str], template: str | list[str]) -> np.ndarray:

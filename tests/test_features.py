@@ -1,6 +1,5 @@
 """The feature store: shards per dataset and view kind, an index so warm reads touch no image bytes."""
 import os
-import threading
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +10,7 @@ from conftest import make_colour_tree
 from PIL import Image
 
 from clip_adapter import features as F
+from clip_adapter import images as im
 from clip_adapter.backbone import TINY
 from clip_adapter.datasets import load, resolve
 from clip_adapter.features import FeatureStore, LocalEncoder
@@ -161,29 +161,28 @@ def test_split_preprocessing_equals_open_clips_transform(split, tiny):
     import torchvision.transforms as T
 
     _, _, test_transform = open_clip.create_model_and_transforms(TINY, pretrained=None)
-    image = F.decode(open(split.test[0].path, "rb").read())
-    ours = tiny.preprocess.normalize(F.crops(image, "ab" * 20, [0], False, tiny.preprocess))
+    image = im.decode(open(split.test[0].path, "rb").read())
+    ours = tiny.preprocess.normalize(im.crops(image, "ab" * 20, [0], False, tiny.preprocess))
     assert torch.equal(ours[0], test_transform(image))
     norm = next(t for t in test_transform.transforms if isinstance(t, T.Normalize))
     coop = T.Compose([T.RandomResizedCrop(64, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ToTensor(), norm])
     img_id = "0123456789abcdef" * 2
     for view in (0, 3):
-        torch.manual_seed(F._view_seed(img_id, view))
+        torch.manual_seed(im._view_seed(img_id, view))
         expected = coop(image)
-        got = tiny.preprocess.normalize(F.crops(image, img_id, [view], True, tiny.preprocess))[0]
+        got = tiny.preprocess.normalize(im.crops(image, img_id, [view], True, tiny.preprocess))[0]
         assert torch.equal(got, expected)
 
 
 def test_decompression_bomb_is_refused_with_a_clear_reason():
     blob = _huge_png()
-    with pytest.raises(F.ImageError, match="refused: .*downscale"):
-        F.decode(blob)
+    with pytest.raises(im.ImageError, match="refused: .*downscale"):
+        im.decode(blob)
 
 
 def _huge_png() -> bytes:
     """A tiny file that claims 200 megapixels (PIL's bomb check reads the header only)."""
-    import io
     import struct
     import zlib
 

@@ -50,7 +50,7 @@ class ClipAdapterModel(PythonModel):
                             f"accepted by a served model; send the file's bytes, base64-encoded)") from None
 
     def predict(self, context, model_input, params=None):
-        from clip_adapter.features import ImageError, decode
+        from clip_adapter.images import ImageError, decode
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in frame.columns:

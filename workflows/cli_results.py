@@ -113,7 +113,7 @@ def predict(
     as_json: bool = JSON,
 ):
     """Classify images with the promoted adapter of a dataset."""
-    from clip_adapter.features import ImageError, decode
+    from clip_adapter.images import ImageError, decode
 
     blobs = []
     for path in images:

@@ -39,16 +39,16 @@ def connect_ray(address: str | None) -> None:
 
     # Tune's and Ray Data's own chatter (experiment-state saves, execution plans) would bury the
     # progress; errors still surface through the ResultGrid, the pipeline and MLflow.
-    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # "Trials did not complete": ca-flow says which
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = DataContext.get_current()
     context.enable_progress_bars = False  # ca-flow prints its own progress
     context.issue_detectors_config.detectors = []  # its hints (hanging tasks...) are for tuning Ray Data
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        check_address(address)
+        check_address(address)  # even where Ray is already up: a bad address is the user's to fix
+    if ray.is_initialized():
+        return
     try:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)

@@ -28,7 +28,7 @@ def crop_batch(batch: dict, preprocess_cfg: dict) -> dict:
     """Read, hash, decode and crop the images of a batch: one row per (image, view) out."""
     from clip_adapter.backbone import Preprocess
     from clip_adapter.datasets.fs import read_bytes
-    from clip_adapter.features import ImageError, crops, decode, image_id
+    from clip_adapter.images import ImageError, crops, decode, image_id
 
     pre = Preprocess(preprocess_cfg)
     out = dict(request=[], image_id=[], view=[], pixels=[], error=[])

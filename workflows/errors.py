@@ -21,7 +21,7 @@ LOG_DIR = Path("~/.cache/ca-flow/logs")
 def expected() -> tuple[type, ...]:
     from clip_adapter.backbone import BackboneError
     from clip_adapter.datasets import DatasetError
-    from clip_adapter.features import ImageError
+    from clip_adapter.images import ImageError
 
     from .grid import SweepError
     from .tracking import TrackingError

@@ -5,6 +5,8 @@ from ray.tune import Callback
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from .trial import FAILED
+
 
 class TrialProgress(Callback):
     def __init__(self, total: int, console):
@@ -27,7 +29,9 @@ class TrialProgress(Callback):
         self.bar.stop()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if self.bar:
+        if FAILED in (trial.last_result or {}):
+            self.on_trial_error(iteration, trials, trial)
+        elif self.bar:
             self.bar.advance(self.task)
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -28,6 +28,7 @@ class Recorder:
         self.uri, self.ctx = uri, dict(exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id)
         self.runs: dict[str, str] = {}       # trial key -> run id
         self.attempts: dict[str, int] = {}
+        self.errored: set[str] = set()       # runs carrying an error tag from a failed attempt
         self.unwritten: dict[str, str] = {}  # trial key -> why its record could not be written
         self.down_since: float | None = None
         for run in tracking.children(self.client, exp_id, parent_id):
@@ -35,9 +36,8 @@ class Recorder:
             if key:
                 self.runs[key] = run.info.run_id
                 self.attempts[key] = int(run.data.tags.get(tracking.ATTEMPT, "0"))
-
-    def ready(self) -> bool:
-        return True
+                if tracking.ERROR in run.data.tags:
+                    self.errored.add(key)
 
     def _write(self, key: str, what: str, write) -> None:
         """One write; a store that failed a moment ago is checked first, so a long outage costs one
@@ -61,7 +61,7 @@ class Recorder:
         except OSError:
             return False
 
-    def start(self, t: dict) -> None:
+    def start(self, t: dict, start_ms: int) -> None:
         """The trial's run, created (or reopened) as the trial starts: RUNNING, attempt + 1."""
         key = t["key"]
         self.unwritten.pop(key, None)
@@ -69,30 +69,35 @@ class Recorder:
         def write():
             attempt = self.attempts.get(key, 0) + 1
             if key in self.runs:
-                run_id = self.runs[key]
-                self.client.update_run(run_id, status="RUNNING")
-                self.client.set_tag(run_id, tracking.ATTEMPT, str(attempt))
+                tracking.reopen_trial_run(self.client, self.runs[key], attempt, key in self.errored)
+                self.errored.discard(key)
             else:
-                self.runs[key] = tracking.create_trial_run(self.client, self.ctx, t)
+                self.runs[key] = tracking.create_trial_run(self.client, self.ctx, t, start_ms)
             self.attempts[key] = attempt
         self._write(key, "start", write)
 
     def finish(self, key: str, params: dict, metrics: dict, losses: list[float], files: dict[str, bytes],
-               dataset: dict) -> None:
+               dataset: dict, end_ms: int) -> None:
         if key not in self.runs:
             self.unwritten.setdefault(key, "finish not recorded: the trial's run was never created")
             return
         folder = Path(tempfile.mkdtemp(prefix="ca-flow-adapter-"))
+
+        def write():
+            if key in self.errored:  # a failed attempt's tag, written after the retry started
+                self.client.delete_tag(self.runs[key], tracking.ERROR)
+                self.errored.discard(key)
+            tracking.finish_trial(self.client, self.runs[key], params, metrics, losses, str(folder), dataset, end_ms)
         try:
             for name, data in files.items():
                 (folder / name).write_bytes(data)
-            self._write(key, "result", lambda: tracking.finish_trial(
-                self.client, self.runs[key], params, metrics, losses, str(folder), dataset))
+            self._write(key, "result", write)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
     def fail(self, key: str, error: str) -> None:
         if key in self.runs:
+            self.errored.add(key)
             self._write(key, "failure", lambda: tracking.fail_trial(self.client, self.runs[key], error))
 
     def drain(self) -> dict[str, str]:
@@ -110,3 +115,13 @@ def start_recorder(uri: str, exp_id: str, parent_id: str, sweep_id: str):
         num_cpus=0, max_restarts=0, name=f"ca-flow-recorder-{sweep_id}",
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(uri, exp_id, parent_id, sweep_id)
     return actor
+
+
+def drain(recorder) -> dict[str, str]:
+    """{trial key: why its record is missing}; a recorder that died leaves its trials to `close`."""
+    import ray
+
+    try:
+        return ray.get(recorder.drain.remote())
+    except Exception:  # its unfinished runs are then closed FAILED by the driver, and resume reruns them
+        return {}

@@ -172,7 +172,10 @@ def run(spec: SweepSpec, uri: str, address: str | None, console, parent=None,
                 tracking.close_unfinished(client, exp_id, parent_id, "FAILED")
             except Exception:
                 pass
-            tracking.fail_trial(client, parent_id, exc)
+            try:
+                tracking.fail_trial(client, parent_id, exc)
+            except Exception:
+                pass
             raise
         finally:
             beat.stopped.set()
@@ -230,11 +233,15 @@ def _drive(planned, uri, client, exp_id, sweep_id, parent_id, slots, signals, co
     try:
         _log_spec(client, parent_id, spec, sweep_id)
         if todo:
+            from .recorder import drain, start_recorder
+
+            recorder = start_recorder(uri, exp_id, parent_id, sweep_id)  # it starts while features load
             names = {t["dataset"] for t in todo}
             gpus = 1.0 if spec.gpus_per_trial > 0 else 0.0
             features = _features([s for s in planned.splits if s.name in names], spec, gpus, console)
             tune_started = time.perf_counter()
-            errors = _tune(todo, features, uri, exp_id, parent_id, sweep_id, slots, spec, signals, console)
+            errors = _tune(todo, features, recorder, slots, spec, signals, console)
+            errors.update(drain(recorder))  # the records trials handed over are written (or why not)
             tune_seconds = time.perf_counter() - tune_started
     except Interrupted:
         pass
@@ -262,12 +269,12 @@ def _features(splits, spec, gpus, console) -> dict:
     return {name: ray.put(d) for name, d in data.items()}
 
 
-def _tune(todo, features, uri, exp_id, parent_id, sweep_id, slots, spec, signals, console) -> dict[str, str]:
+def _tune(todo, features, recorder, slots, spec, signals, console) -> dict[str, str]:
     """Run the trials; returns {trial key: error line} for the trials Tune gave up on."""
     from ray import tune
 
     from .progress import TrialProgress
-    from .trial import run_trial
+    from .trial import FAILED, run_trial
 
     class StopOnSignal(tune.Stopper):
         def __call__(self, trial_id, result):
@@ -276,17 +283,16 @@ def _tune(todo, features, uri, exp_id, parent_id, sweep_id, slots, spec, signals
         def stop_all(self):
             return bool(signals.received)
 
-    ctx = dict(uri=uri, exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, features=features, ctx=ctx, threads=max(1, int(spec.cpus_per_trial)),
-                             gpu=spec.gpus_per_trial > 0),
+        tune.with_parameters(run_trial, features=features, recorder=recorder,
+                             threads=max(1, int(spec.cpus_per_trial)), gpu=spec.gpus_per_trial > 0),
         {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
     storage = spec.storage_path if "://" in spec.storage_path else str(Path(spec.storage_path).expanduser().resolve())
     progress = TrialProgress(len(todo), console)
     tuner = tune.Tuner(
         trainable, param_space={"trial": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=slots),
-        run_config=tune.RunConfig(name=f"ca-flow-{sweep_id}-{uuid.uuid4().hex[:4]}", verbose=0, callbacks=[progress],
+        run_config=tune.RunConfig(name=f"ca-flow-{uuid.uuid4().hex[:8]}", verbose=0, callbacks=[progress],
                                   storage_path=storage, stop=StopOnSignal(),
                                   failure_config=tune.FailureConfig(max_failures=spec.max_retries)))
     signals.in_tune = True
@@ -295,8 +301,15 @@ def _tune(todo, features, uri, exp_id, parent_id, sweep_id, slots, spec, signals
             results = tuner.fit()
     finally:
         signals.in_tune = False
-    return {r.config["trial"]["key"]: tracking.error_line(r.error)
-            for r in results if r.error is not None and r.config}
+    errors = {}
+    for r in results:
+        if not r.config:
+            continue
+        if r.error is not None:  # Tune gave up: retries spent on a lost worker or node
+            errors[r.config["trial"]["key"]] = tracking.error_line(r.error)
+        elif FAILED in (r.metrics or {}):  # the trial's own error, not retried
+            errors[r.config["trial"]["key"]] = r.metrics[FAILED]
+    return errors
 
 
 def _log_spec(client, parent_id: str, spec: SweepSpec, sweep_id: str) -> None:

@@ -1,8 +1,9 @@
 """MLflow as the record of a sweep: the store, the experiment, the parent run, one run per trial.
 
-A trial's identity is its grid key. ca-flow, not a Ray callback, owns key -> run: a trial finds the
-run its key already has under the parent (an earlier attempt, an interrupted sweep) or makes one, so
-retries and resumes never duplicate a run. A run is FINISHED only after its metrics are written.
+A trial's identity is its grid key. ca-flow, not a Ray callback, owns key -> run (the recorder, see
+recorder.py): a trial gets the run its key already has under the parent (an earlier attempt, an
+interrupted sweep) or a new one, so retries and resumes never duplicate a run. A run is FINISHED
+only after its metrics are written.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # ca-flow prints its own link
 
 SWEEP_ID, TRIAL_KEY, DATASET, METHOD = "ca_flow.sweep_id", "ca_flow.trial_key", "ca_flow.dataset", "ca_flow.method"
 RANDOM_WEIGHTS, ATTEMPT, ERROR = "ca_flow.random_weights", "ca_flow.attempt", "ca_flow.error"
@@ -116,7 +118,14 @@ def connect(uri: str, must_exist: bool = False):
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TrackingError(f"cannot use MLflow tracking store {uri}: {first[:300]}") from None
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # registry calls resolve models:/ URIs through the global store
+    # ...and set_tracking_uri exports it too: the next command in this process (a notebook, a test)
+    # would silently take this store for its own default.
+    if exported is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = exported
     return client
 
 
@@ -201,39 +210,38 @@ def beat(client, parent_id: str) -> None:
 
 # -- one run per trial -----------------------------------------------------------------------------
 
-def open_trial(client, ctx: dict, t: dict) -> str:
-    """The run of trial `t`: the one its key has under the parent, else a new one; RUNNING now."""
-    found = client.search_runs([ctx["exp_id"]], f"tags.`{TRIAL_KEY}` = '{t['key']}' and "
-                                                f"tags.`{PARENT}` = '{ctx['parent_id']}'", max_results=5)
-    if found:
-        run = found[0]
-        attempt = int(run.data.tags.get(ATTEMPT, "0")) + 1
-        client.update_run(run.info.run_id, status="RUNNING")
-        client.set_tag(run.info.run_id, ATTEMPT, str(attempt))
-        if ERROR in run.data.tags:
-            client.delete_tag(run.info.run_id, ERROR)
-        return run.info.run_id
-    run = client.create_run(ctx["exp_id"], run_name=t["name"], tags={
+def create_trial_run(client, ctx: dict, t: dict, start_ms: int | None = None) -> str:
+    """A new run for trial `t` under the sweep's parent, RUNNING from when the trial began, tagged with its key."""
+    run = client.create_run(ctx["exp_id"], start_time=start_ms, run_name=t["name"], tags={
         PARENT: ctx["parent_id"], SWEEP_ID: ctx["sweep_id"], TRIAL_KEY: t["key"], DATASET: t["dataset"],
         METHOD: t["method"], RANDOM_WEIGHTS: str(t["weights"] == "random").lower(), ATTEMPT: "1"})
     return run.info.run_id
 
 
+def reopen_trial_run(client, run_id: str, attempt: int, clear_error: bool) -> None:
+    """The run a trial already has (an earlier attempt, an interrupted sweep): RUNNING again."""
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, ATTEMPT, str(attempt))
+    if clear_error:
+        client.delete_tag(run_id, ERROR)
+
+
 def finish_trial(client, run_id: str, params: dict, metrics: dict, losses: list[float], adapter_dir: str,
-                 dataset: dict) -> None:
-    """The adapter's files, the dataset input, params and metrics in one batch, then FINISHED."""
+                 dataset: dict, end_ms: int | None = None) -> None:
+    """The adapter's files, the dataset input, params and metrics in one batch, then FINISHED as of
+    when the trial ended (the recorder may write a moment later)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 
     client.log_artifacts(run_id, adapter_dir, ADAPTER_DIR)
     client.log_inputs(run_id, [DatasetInput(Dataset(**dataset), [InputTag("mlflow.data.context", "train")])])
-    now = int(time.time() * 1000)
+    now = end_ms or int(time.time() * 1000)
     points = ([Metric(k, float(v), now, 0) for k, v in metrics.items()]
               + [Metric("train_loss", float(v), now, epoch) for epoch, v in enumerate(losses)])
     first = 1000 - len(params)  # MLflow takes 1000 entries a batch
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()], metrics=points[:first])
     for start in range(first, len(points), 1000):
         client.log_batch(run_id, metrics=points[start:start + 1000])
-    client.set_terminated(run_id, status="FINISHED")
+    client.set_terminated(run_id, status="FINISHED", end_time=now)
 
 
 def error_line(error: BaseException | str) -> str:
@@ -246,12 +254,9 @@ def error_line(error: BaseException | str) -> str:
 
 
 def fail_trial(client, run_id: str, error: BaseException | str) -> None:
-    """FAILED with the error's last line as a tag; best effort (the store may be what failed)."""
-    try:
-        client.set_tag(run_id, ERROR, error_line(error))
-        client.set_terminated(run_id, status="FAILED")
-    except Exception:
-        pass
+    """FAILED with the error's last line as a tag."""
+    client.set_tag(run_id, ERROR, error_line(error))
+    client.set_terminated(run_id, status="FAILED")
 
 
 def close_unfinished(client, exp_id: str, parent_id: str, status: str, errors: dict[str, str] | None = None) -> int:

@@ -4,12 +4,11 @@
 """
 from __future__ import annotations
 
-import tempfile
+import math
 import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -49,8 +48,6 @@ def zero_shot_accuracy(features: np.ndarray, labels: np.ndarray, text: np.ndarra
 
 def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
     """Fit and evaluate one grid point on in-memory features: no Ray, no MLflow."""
-    import torch
-
     from clip_adapter import evaluate
     from clip_adapter.methods import FewShot, make
 
@@ -90,47 +87,53 @@ def _fetch(ref) -> DatasetFeatures:
     return _FETCHED[key]
 
 
-_CLIENTS: dict = {}
+FAILED = "ca_flow_error"  # the result key of a trial that failed for good, with its error's last line
 
 
-def _client(uri: str):
-    if uri not in _CLIENTS:
-        import mlflow
+def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -> None:
+    """The Tune trainable: train one grid point, hand its record to the sweep's recorder, report.
 
-        _CLIENTS[uri] = mlflow.MlflowClient(uri)
-    return _CLIENTS[uri]
-
-
-def run_trial(config: dict, features: dict, ctx: dict, threads: int, gpu: bool) -> None:
-    """The Tune trainable: open the trial's run, train, log, report. An error marks the run FAILED
-    with its last line and goes on to Tune, which retries the trial up to --max-retries times."""
+    An error goes to the recorder (the run becomes FAILED with its last line). Ray's own failures and
+    a node's go on to Tune, which retries the trial up to --max-retries times, in the same run; an
+    error of the trial itself (its data, its numbers) is final: another attempt would fail alike.
+    """
     import torch
     from ray import tune
 
-    from clip_adapter import save_adapter
-    from clip_adapter.artifact import AdapterMeta
+    from clip_adapter.artifact import AdapterMeta, adapter_files
 
     torch.set_num_threads(threads)  # small matmuls: more threads than CPUs granted is much slower
     # Features come from the object store as read-only arrays; trials only read them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     t = config["trial"]
-    client = _client(ctx["uri"])
-    run_id = tracking.open_trial(client, ctx, t)
-    started = time.perf_counter()  # the run's own clock starts here too
+    # The run starts and ends with the trial, by the trial's clock: nothing here waits for MLflow.
+    recorder.start.remote(t, int(time.time() * 1000))
+    started = time.perf_counter()
     try:
         if gpu and not torch.cuda.is_available():
-            raise RuntimeError("the trial was given a GPU but torch sees no CUDA device; fix the node's CUDA setup")
+            raise NodeError("the trial was given a GPU but torch sees no CUDA device; fix the node's CUDA setup")
         data = _fetch(features[t["dataset"]])
         method, losses, metrics, params = train_trial(t, data, "cuda" if gpu else "cpu")
-        trained = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            save_adapter(tmp, method, torch.from_numpy(data.text.copy()), AdapterMeta(
-                method=t["method"], config=method.config(), backbone=t["backbone"], weights=t["weights"],
-                weights_id=t["weights_id"], classnames=data.classnames, template=data.template,
-                logit_scale=data.logit_scale, dataset=t["dataset"]))
-            metrics["trial_seconds"] = time.perf_counter() - started
-            tracking.finish_trial(client, run_id, params, metrics, losses, tmp, data.source)
+        files = adapter_files(method, torch.from_numpy(data.text.copy()), AdapterMeta(
+            method=t["method"], config=method.config(), backbone=t["backbone"], weights=t["weights"],
+            weights_id=t["weights_id"], classnames=data.classnames, template=data.template,
+            logit_scale=data.logit_scale, dataset=t["dataset"]))
+        metrics["trial_seconds"] = time.perf_counter() - started
     except Exception as exc:
-        tracking.fail_trial(client, run_id, exc)
-        raise
-    tune.report({**metrics, "mlflow_seconds": time.perf_counter() - trained})
+        recorder.fail.remote(t["key"], tracking.error_line(exc))
+        if _retryable(exc):
+            raise
+        tune.report({FAILED: tracking.error_line(exc)})
+        return
+    recorder.finish.remote(t["key"], params, metrics, losses, files, data.source, math.ceil(time.time() * 1000))
+    tune.report(metrics)
+
+
+class NodeError(RuntimeError):
+    """The node cannot run the trial as asked; another node may."""
+
+
+def _retryable(exc: Exception) -> bool:
+    from ray.exceptions import RayError  # a lost object, a dead actor or node
+
+    return isinstance(exc, (RayError, NodeError))
