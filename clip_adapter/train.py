@@ -46,6 +46,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class SGD:
+    """torch.optim.SGD's update (momentum, weight decay; no dampening, no Nesterov), step for step.
+
+    Written out because a process's first torch.optim step imports torch._dynamo (2-3 s on 2 CPUs),
+    a cost every fresh trial actor would pay before its first trial.
+    """
+
+    def __init__(self, params: list[torch.Tensor], momentum: float, weight_decay: float):
+        self.params, self.momentum, self.weight_decay = params, momentum, weight_decay
+        self.lr = 0.0
+        self.buffers: list[torch.Tensor | None] = [None] * len(params)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            d = p.grad.add(p, alpha=self.weight_decay)
+            buf = self.buffers[i]
+            self.buffers[i] = d if buf is None else buf.mul_(self.momentum).add_(d)
+            p.add_(self.buffers[i], alpha=-self.lr)
+
+
 def fit(adapter: CLIPAdapter, features: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
         seed: int) -> list[float]:
     """Train on [n, views, D] features; each epoch draws one cached view per image. Loss per epoch.
@@ -57,21 +84,19 @@ def fit(adapter: CLIPAdapter, features: np.ndarray, labels: np.ndarray, cfg: Tra
     device = adapter.text_weights.device
     feats = torch.from_numpy(features).to(device)
     targets = torch.from_numpy(labels).to(device)
-    params = [p for p in adapter.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = SGD([p for p in adapter.parameters() if p.requires_grad], cfg.momentum, cfg.weight_decay)
     n, views = feats.shape[:2]
     losses = []
     adapter.train()
     for epoch in range(cfg.epochs):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, cfg)
+        opt.lr = lr_at(epoch, cfg)
         x = feats[torch.arange(n, device=device), torch.from_numpy(rng.integers(views, size=n)).to(device)]
         order = torch.from_numpy(rng.permutation(n)).to(device)
         total = torch.zeros((), device=device)
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             loss = F.cross_entropy(adapter(x[idx]), targets[idx])
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.detach() * len(idx)

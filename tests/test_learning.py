@@ -55,3 +55,33 @@ def test_training_is_reproducible_per_seed_and_differs_across_seeds(colours):
     assert a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
     assert a[0] != c[0] and not all(torch.equal(x, y) for x, y in zip(a[1], c[1]))
     assert np.isfinite(a[0]).all()
+
+
+def test_written_out_sgd_steps_exactly_as_torch_optim_sgd():
+    """train.SGD stands in for torch.optim.SGD (see its docstring): same momentum, weight decay and
+    per-epoch lr changes give the same parameters, bit for bit, with a frozen parameter left alone."""
+    from clip_adapter.train import SGD
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    twin = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    initial = [p.detach().clone() for p in twin]
+    ours, theirs = SGD(list(net.parameters()), 0.9, 5e-4), torch.optim.SGD(twin, lr=0.0, momentum=0.9,
+                                                                           weight_decay=5e-4)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+
+    def forward(params):
+        w1, b1, w2, b2 = params
+        return torch.nn.functional.cross_entropy(torch.relu(x @ w1.T + b1) @ w2.T + b2, y)
+
+    for step in range(300):
+        ours.lr = theirs.param_groups[0]["lr"] = 0.05 * (1 + step // 50)
+        ours.zero_grad()
+        forward(list(net.parameters())).backward()
+        ours.step()
+        theirs.zero_grad()
+        forward(twin).backward()
+        theirs.step()
+    for a, b in zip(net.parameters(), twin):
+        assert torch.equal(a, b)
+    assert all(not torch.equal(a, b) for a, b in zip(twin, initial))  # both trained every parameter
