@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,16 +32,16 @@ GRID = ["--backbone", "ca-flow-tiny", "--pretrained", "random", "--methods", "cl
 
 
 def make_images(root: Path, n: int, classes: int = 10, size: int = 256) -> Path:
-    """n noise JPEGs (about 55 KB each) in `classes` folders; made once per size."""
-    folder = root / f"gen{n}"
+    """n noise JPEGs (about 60 KB each: noise does not compress) in `classes` folders; made once per size."""
+    folder = root / f"noise{n}"
     if (folder / ".done").exists():
         return folder
     rng = np.random.default_rng(n)
     for i in range(n):
         d = folder / f"class{i % classes:02d}"
         d.mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)  # blocky noise: JPEG-ish sizes
-        Image.fromarray(pixels).resize((size, size), Image.NEAREST).save(d / f"img{i:06d}.jpg", quality=90)
+        pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(d / f"img{i:06d}.jpg", quality=90)
     (folder / ".done").write_text("")
     return folder
 
@@ -147,6 +148,11 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="ca-flow-scale-"))
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
+    # Token auth, as a user's cluster has it (cluster/README.md): the heads, the sweeps and the sampler
+    # in this process share the token in ~/.ray/auth_token.
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=60)
+    env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"] = "token"
     versions = [("after", REPO)] + ([("before", Path(args.before).resolve())] if args.before else [])
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
@@ -158,9 +164,10 @@ def main() -> None:
             for root_form in (["path", "file://"] if version == "after" else ["path"]):
                 data_root = str(work / "data") if root_form == "path" else f"file://{work / 'data'}"
                 run_dir = work / f"run-{n}-{version}-{root_form.strip(':/')}"
-                run_dir.mkdir(exist_ok=True)
+                shutil.rmtree(run_dir, ignore_errors=True)  # cold means cold: no store left from a past run
+                run_dir.mkdir()
                 stats = {}
-                head = _head(run_dir, env)
+                head = _head(run_dir, dict(env, PYTHONPATH=str(code)))  # its workers run that code too
                 try:
                     stop = threading.Event()
                     t = threading.Thread(target=plasma_peak, args=(head["address"], stop, stats), daemon=True)
@@ -216,8 +223,6 @@ def _head(run_dir: Path, env: dict) -> dict:
 
 
 def _stop_head(head: dict) -> None:
-    import shutil
-
     head["proc"].stop(leader_only=True)
     shutil.rmtree(head["tmp"], ignore_errors=True)
 

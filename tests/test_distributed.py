@@ -15,7 +15,7 @@ import sys
 import textwrap
 
 import pytest
-from procs import (TINY_SWEEP, clean_env, free_port, group_pids, mlflow_server, ray_head, ray_temp_dir, ray_worker,
+from procs import (RAY, TINY_SWEEP, clean_env, free_port, group_pids, mlflow_server, ray_head, ray_temp_dir, ray_worker,
                    run_cli, runs_of)
 
 # Run in a subprocess so this test process never joins (or initialises) a Ray cluster.
@@ -133,3 +133,29 @@ def test_unreachable_addresses_fail_fast_with_one_line(tmp_path):
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], r.stderr
         assert "Traceback" not in r.stdout + r.stderr
         assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_client_without_the_clusters_token_gets_one_line(tmp_path):
+    """A cluster with token auth, set up as cluster/README.md says, and a CLI whose HOME has no token."""
+    cluster_home, client_home, logs = tmp_path / "cluster", tmp_path / "client", tmp_path / "logs"
+    for d in (cluster_home, client_home, logs):
+        d.mkdir()
+    env = clean_env(cluster_home)
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, cwd=tmp_path, check=True, capture_output=True,
+                   timeout=60)
+    env["RAY_AUTH_MODE"] = "token"
+    ray_tmp = ray_temp_dir()
+    try:
+        with ray_head(logs, env, tmp_path, ray_tmp) as (address, _, head):
+            r = run_cli(["sweep", "--datasets", "textile", *TINY_SWEEP, "--shots", "1", "--seeds", "1", "--alphas",
+                         "0.2", "--address", address, "--cache-dir", str(tmp_path / "cache"),
+                         "--results-dir", str(tmp_path / "results")], clean_env(client_home), tmp_path, timeout=180)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0] == (f"error: the Ray cluster at {address} refused this client's token; give it the cluster's "
+                        f"token (~/.ray/auth_token or RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token, as cluster/README.md "
+                        f"says"), lines[0]
+    assert "Traceback" not in r.stdout + r.stderr

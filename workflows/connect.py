@@ -55,9 +55,22 @@ def connect_ray(address: str | None) -> None:
         else:
             ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as exc:
+        if _refused_for_auth(exc):
+            raise SweepError(f"the Ray cluster at {address} refused this client's token; give it the "
+                             f"cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token, "
+                             f"as cluster/README.md says") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SweepError(f"cannot connect to Ray at {address or 'a new local cluster'}: {first}; "
                          f"check --address / RAY_ADDRESS") from None
+
+
+def _refused_for_auth(exc: BaseException | None) -> bool:
+    """Ray reports a missing or wrong token as a ConnectionError whose cause says so."""
+    while exc is not None:
+        if "InvalidAuthToken" in str(exc) or type(exc).__name__ == "AuthenticationError":
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def check_resources(cpus: float, gpus: float) -> int:
