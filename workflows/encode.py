@@ -79,7 +79,7 @@ def pipeline(requests: list[Request], backbone: str, weights: str, preprocess_cf
     # encoder's also keeps Ray Data from fusing the two stages into the encoder actors, which would
     # then decode and encode in turn instead of at the same time. Half a CPU each: an encoder waiting
     # on crops (a small model, a GPU) leaves its CPU idle, and two croppers fill it (on 2 CPUs, 0.94x
-    # the in-process loop's steady rate instead of 0.55x: benchmarks/encode.py).
+    # the in-process loop's steady rate instead of 0.63x: benchmarks/encode.py).
     ds = ds.map_batches(crop_batch, fn_kwargs=dict(preprocess_cfg=preprocess_cfg), batch_size=CROP_BATCH,
                         batch_format="numpy", num_cpus=0.5, memory=CROP_MEMORY)
     ds = ds.map_batches(Encoder, fn_constructor_kwargs=dict(
