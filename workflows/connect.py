@@ -5,6 +5,8 @@ import logging
 import math
 import os
 import socket
+import sys
+from contextlib import contextmanager
 
 from .grid import SweepError
 
@@ -51,17 +53,33 @@ def connect_ray(address: str | None) -> None:
         return
     try:
         if address:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            with _held_fd2():
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         else:
             ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as exc:
         if _refused_for_auth(exc):
-            raise SweepError(f"the Ray cluster at {address} refused this client's token; give it the "
-                             f"cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token, "
-                             f"as cluster/README.md says") from None
+            raise SweepError(f"the Ray cluster at {address} refused this client: it needs the cluster's token "
+                             f"and token mode, see cluster/README.md (Token authentication)") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SweepError(f"cannot connect to Ray at {address or 'a new local cluster'}: {first}; "
                          f"check --address / RAY_ADDRESS") from None
+
+
+@contextmanager
+def _held_fd2():
+    """Ray's C++ client logs every failed GCS attempt straight to file descriptor 2 (one line a second
+    for about 20 s when the token is missing); joining a cluster says nothing useful there, and a
+    failure is told in one line by the caller."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _refused_for_auth(exc: BaseException | None) -> bool:

@@ -56,5 +56,5 @@ def submit(spec: SweepSpec, uri: str, address: str, sweep_id: str) -> str:
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SweepError(f"cannot submit to the Ray job API at {address}: {first[:300]}; is the head "
-                         f"running (ray start --head)? A token cluster needs RAY_AUTH_MODE=token here, and its token "
-                         f"(~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+                         f"running (ray start --head)? A token cluster needs its token and token mode here too, see "
+                         f"cluster/README.md (Token authentication)") from None

@@ -7,6 +7,7 @@ MLflow has no finished run for, and an honest end (FINISHED, FAILED or KILLED, n
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -168,14 +169,11 @@ def run(spec: SweepSpec, uri: str, address: str | None, console, parent=None,
         try:
             return _drive(planned, uri, client, exp_id, sweep_id, parent_id, slots, signals, console, started)
         except Exception as exc:  # e.g. weights that do not load: the sweep's runs end FAILED, saying why
-            try:  # best effort: the error to show is `exc`, even if the store is what failed
+            # Best effort: the error to show is `exc`, even if the store is what failed.
+            with contextlib.suppress(Exception):
                 tracking.close_unfinished(client, exp_id, parent_id, "FAILED")
-            except Exception:
-                pass
-            try:
+            with contextlib.suppress(Exception):
                 tracking.fail_trial(client, parent_id, exc)
-            except Exception:
-                pass
             raise
         finally:
             beat.stopped.set()
@@ -303,11 +301,9 @@ def _tune(todo, features, recorder, slots, spec, signals, console) -> dict[str, 
         signals.in_tune = False
     errors = {}
     for r in results:
-        if not r.config:
-            continue
-        if r.error is not None:  # Tune gave up: retries spent on a lost worker or node
+        if r.config and r.error is not None:  # Tune gave up: retries spent on lost workers or nodes
             errors[r.config["trial"]["key"]] = tracking.error_line(r.error)
-        elif FAILED in (r.metrics or {}):  # the trial's own error, not retried
+        elif r.config and FAILED in (r.metrics or {}):  # the trial's own error, not retried
             errors[r.config["trial"]["key"]] = r.metrics[FAILED]
     return errors
 
