@@ -43,6 +43,9 @@ def connect_ray(address: str | None) -> None:
     # progress; errors still surface through the ResultGrid, the pipeline and MLflow.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # "Trials did not complete": ca-flow says which
     logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # "Token authentication is enabled ... set ... to opt out": the opposite of what a user should do;
+    # README (Security) says what the token guards.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     context = DataContext.get_current()
     context.enable_progress_bars = False  # ca-flow prints its own progress
     context.issue_detectors_config.detectors = []  # its hints (hanging tasks...) are for tuning Ray Data
