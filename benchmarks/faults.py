@@ -246,8 +246,8 @@ def anonymous_answer(api: str) -> int:
         return exc.code
 
 
-def running(snap: dict) -> list[str]:
-    return sorted(k for k, (_, status, _) in snap["runs"].items() if status == "RUNNING")
+def running(snap: dict, status: str = "RUNNING") -> list[str]:
+    return sorted(k for k, (_, st, _) in snap["runs"].items() if st == status)
 
 
 def no_traceback(b: Bench, *more: str) -> bool:
@@ -299,6 +299,7 @@ def sigint(work: Path, cache: Path | None = None) -> dict:
         end = b.snapshot()
         return dict(b.measure(trials(n)), scenario="SIGINT, then resume", sweep_id=sid, rc=rc, out=out,
                     **said(out), stopped_s=stopped_s, running_at_fault=running(before),
+                    finished_at_fault=running(before, "FINISHED"),
                     after_fault=after, parquet=parquet, resume_rc=resume_rc,
                     resume_out=resume_out, resume_last_line=own_last_line(resume_out)[0],
                     reused=_reused(after, end["runs"], after["runs"]), seconds_to_recover=recover,
@@ -352,6 +353,7 @@ def worker_kill(work: Path, cache: Path | None = None) -> dict:
         m = b.measure(trials(n))
         return dict(m, scenario="kill -9 trial worker (retried)", sweep_id=b.sweep_id(), rc=rc, out=out,
                     **said(out), killed=victims[pid], running_at_fault=running(before),
+                    finished_at_fault=running(before, "FINISHED"),
                     retried=sorted(k for k, a in m["attempts"].items() if a > 1), seconds_to_recover=recover,
                     no_traceback=no_traceback(b))
 
@@ -371,7 +373,8 @@ def node_loss(work: Path, cache: Path | None = None) -> dict:
             procs.wait_for("the worker node to join", lambda: "Ray runtime started" in worker.output(), 90,
                            [head, worker])
             b.mark("cluster up")
-            sweep = b.start("sweep", b.sweep_args(n, 400, "--address", gcs, "--cpus-per-trial", "1"), env)
+            # Trials of a few seconds: the worker's trial must be caught inside its run before it ends.
+            sweep = b.start("sweep", b.sweep_args(n, 1500, "--address", gcs, "--cpus-per-trial", "1"), env)
 
             def on_worker():
                 found = in_trial(b, [worker.pid, head.pid])
@@ -389,7 +392,7 @@ def node_loss(work: Path, cache: Path | None = None) -> dict:
             m = b.measure(trials(n))
             return dict(m, scenario="worker node lost", sweep_id=b.sweep_id(), rc=rc, out=out,
                         **said(out), killed=sorted(victims.values()),
-                        running_at_fault=running(before),
+                        running_at_fault=running(before), finished_at_fault=running(before, "FINISHED"),
                         retried=sorted(k for k, a in m["attempts"].items() if a > 1), seconds_to_recover=recover,
                         no_traceback=no_traceback(b))
 

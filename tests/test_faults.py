@@ -121,8 +121,10 @@ def test_trial_worker_kill9_is_retried(scenario):
     assert r["killed"].startswith("ray::ImplicitFunc"), brief(r)
     assert r["rc"] == 0, brief(r)
     assert_done_line(r["last_line"], r["sweep_id"], r["trials"])
-    # the killed trial was retried by Tune into its own run (attempt 2), no other run appeared for it
-    assert r["retried"] and set(r["retried"]) <= set(r["running_at_fault"]), brief(r)
+    # the killed trial was retried by Tune into its own run (attempt 2; assert_recovered: no other run
+    # appeared for it). Which trial that was, MLflow may not show yet at the kill: the recorder writes a
+    # run's start a moment after its trial starts. No trial finished before the kill ran again.
+    assert r["retried"] and not set(r["retried"]) & set(r["finished_at_fault"]), brief(r)
     assert_recovered(r)
 
 
@@ -131,8 +133,9 @@ def test_worker_node_loss(scenario):
     assert r["killed"], brief(r)
     assert r["rc"] == 0, brief(r)
     assert_done_line(r["last_line"], r["sweep_id"], r["trials"])
-    # the trial that was running on the lost node ran again on the head, in the same run
-    assert r["retried"] and set(r["retried"]) <= set(r["running_at_fault"]), brief(r)
+    # the trial that was running on the lost node ran again on the head, in the same run; none that had
+    # finished before the loss ran again
+    assert r["retried"] and not set(r["retried"]) & set(r["finished_at_fault"]), brief(r)
     assert_recovered(r)
 
 

@@ -97,6 +97,11 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     a node's go on to Tune, which retries the trial up to --max-retries times, in the same run; an
     error of the trial itself (its data, its numbers) is final: another attempt would fail alike.
     """
+    t = config["trial"]
+    # First of all, so the run starts with the trial (a worker lost during the imports below still
+    # leaves its run RUNNING, attempt counted); by the trial's clock, and nothing waits for MLflow.
+    recorder.start.remote(t, int(time.time() * 1000))
+    started = time.perf_counter()
     import torch
     from ray import tune
 
@@ -105,10 +110,6 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     torch.set_num_threads(threads)  # small matmuls: more threads than CPUs granted is much slower
     # Features come from the object store as read-only arrays; trials only read them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    t = config["trial"]
-    # The run starts and ends with the trial, by the trial's clock: nothing here waits for MLflow.
-    recorder.start.remote(t, int(time.time() * 1000))
-    started = time.perf_counter()
     try:
         if gpu and not torch.cuda.is_available():
             raise NodeError("the trial was given a GPU but torch sees no CUDA device; fix the node's CUDA setup")
