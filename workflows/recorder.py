@@ -1,9 +1,12 @@
 """The sweep's recorder: one Ray actor beside the driver that writes every trial's record to MLflow.
 
-Trials tell it when they start, finish or fail, and do not wait for the writes: a trial worker never
-imports MLflow (it starts seconds sooner), no trial searches the store for its run, a local SQLite
-store has one writer, and the writes overlap the next trial's training. The recorder owns
-key -> run: a trial retried by Tune, or run again by `resume`, gets the run its key already has.
+Trials hand it their start, result or failure and wait only for the hand-over, never for MLflow: a
+writer thread inside the actor drains the records in order. Waiting for the hand-over matters: a
+call still queued in a trial's worker, or an argument that worker owns, dies with the worker when
+Tune ends its actors, and the record would be lost without a trace. A trial worker never imports
+MLflow (it starts seconds sooner), no trial searches the store for its run, a local SQLite store has
+one writer, and the writes overlap the next trial's training. The recorder owns key -> run: a trial
+retried by Tune, or run again by `resume`, gets the run its key already has.
 
 A run still becomes FINISHED only after its metrics are written, in that order, by this one writer.
 What could not be written (the store went away) is reported by `drain`, which the driver calls
@@ -11,8 +14,10 @@ before it closes the sweep; those trials stay unfinished and `resume` runs them 
 """
 from __future__ import annotations
 
+import queue
 import shutil
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -38,6 +43,8 @@ class Recorder:
                 self.attempts[key] = int(run.data.tags.get(tracking.ATTEMPT, "0"))
                 if tracking.ERROR in run.data.tags:
                     self.errored.add(key)
+        self.records: queue.Queue = queue.Queue()
+        threading.Thread(target=self._write_records, daemon=True, name="ca-flow-recorder").start()
 
     def _write(self, key: str, what: str, write) -> None:
         """One write; a store that failed a moment ago is checked first, so a long outage costs one
@@ -61,7 +68,7 @@ class Recorder:
         except OSError:
             return False
 
-    def start(self, t: dict, start_ms: int) -> None:
+    def _start(self, t: dict, start_ms: int) -> None:
         """The trial's run, created (or reopened) as the trial starts: RUNNING, attempt + 1."""
         key = t["key"]
         self.unwritten.pop(key, None)
@@ -76,7 +83,7 @@ class Recorder:
             self.attempts[key] = attempt
         self._write(key, "start", write)
 
-    def finish(self, key: str, params: dict, metrics: dict, losses: list[float], files: dict[str, bytes],
+    def _finish(self, key: str, params: dict, metrics: dict, losses: list[float], files: dict[str, bytes],
                dataset: dict, end_ms: int) -> None:
         if key not in self.runs:
             self.unwritten.setdefault(key, "finish not recorded: the trial's run was never created")
@@ -95,14 +102,39 @@ class Recorder:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def fail(self, key: str, error: str) -> None:
+    def _fail(self, key: str, error: str) -> None:
         if key in self.runs:
             self.errored.add(key)
             self._write(key, "failure", lambda: tracking.fail_trial(self.client, self.runs[key], error))
 
+    # -- the hand-over: trials wait for these, and they only queue ---------------------------------
+
+    def start(self, t: dict, start_ms: int) -> None:
+        self.records.put((t["key"], self._start, (t, start_ms)))
+
+    def finish(self, key: str, *record) -> None:
+        self.records.put((key, self._finish, (key, *record)))
+
+    def fail(self, key: str, error: str) -> None:
+        self.records.put((key, self._fail, (key, error)))
+
+    def ready(self) -> bool:
+        return True
+
     def drain(self) -> dict[str, str]:
-        """Called last: every write sent before it is done (an actor runs calls in order)."""
+        """Called last, once every trial has handed over: waits until all of it is written."""
+        self.records.join()
         return dict(self.unwritten)
+
+    def _write_records(self) -> None:
+        while True:
+            key, write, args = self.records.get()
+            try:
+                write(*args)
+            except Exception as exc:  # e.g. an adapter file that cannot be staged: reported, never fatal
+                self.unwritten[key] = f"record not written: {tracking.error_line(exc)}"
+            finally:
+                self.records.task_done()
 
 
 def start_recorder(uri: str, exp_id: str, parent_id: str, sweep_id: str):

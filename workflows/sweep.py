@@ -37,6 +37,7 @@ from .grid import SweepError, SweepSpec, check_shots, counts, grid  # noqa: E402
 
 WEIGHTS_ID = "ca_flow.weights_id"
 NOTE_LIMIT = 8000
+NO_RUN = "no run was recorded for this grid point"
 
 
 @dataclass
@@ -80,7 +81,8 @@ class Outcome:
 
     @property
     def failed(self) -> pd.DataFrame:
-        return self.results[self.results["status"].isin(["FAILED", "KILLED"])]
+        """Whatever did not finish: a sweep that was not interrupted leaves nothing else."""
+        return self.results[self.results["status"] != "FINISHED"]
 
 
 class Interrupted(Exception):
@@ -231,12 +233,15 @@ def _drive(planned, uri, client, exp_id, sweep_id, parent_id, slots, signals, co
     try:
         _log_spec(client, parent_id, spec, sweep_id)
         if todo:
+            import ray
+
             from .recorder import drain, start_recorder
 
             recorder = start_recorder(uri, exp_id, parent_id, sweep_id)  # it starts while features load
             names = {t["dataset"] for t in todo}
             gpus = 1.0 if spec.gpus_per_trial > 0 else 0.0
             features = _features([s for s in planned.splits if s.name in names], spec, gpus, console)
+            ray.get(recorder.ready.remote())  # up before the first trial hands it a record
             tune_started = time.perf_counter()
             errors = _tune(todo, features, recorder, slots, spec, signals, console)
             errors.update(drain(recorder))  # the records trials handed over are written (or why not)
@@ -326,9 +331,11 @@ def close(client, exp_id, parent_id, sweep_id, planned: Planned, signum: int, er
     try:
         tracking.close_unfinished(client, exp_id, parent_id, "KILLED" if signum else "FAILED", errors)
         results = sweeps.frame(sweep_id, tracking.children(client, exp_id, parent_id), planned.trials)
-        # A trial Tune gave up on before it had a run (the store failed as it began) failed all the same.
-        lost = (results["run_id"] == "") & results["key"].isin(list(errors))
-        results.loc[lost, "status"], results.loc[lost, "error"] = "FAILED", results.loc[lost, "key"].map(errors)
+        # A grid point without a run failed all the same (Tune gave up on it before it had one, or its
+        # record never reached the store); after an interruption, it is one that never started.
+        lost = (results["run_id"] == "") & (results["key"].isin(list(errors)) if signum else True)
+        results.loc[lost, "status"] = "FAILED"
+        results.loc[lost, "error"] = results.loc[lost, "key"].map(lambda k: errors.get(k, NO_RUN))
         out_dir = Path(spec.results_dir).expanduser().resolve()
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{sweep_id}.parquet"

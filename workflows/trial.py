@@ -99,8 +99,8 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     """
     t = config["trial"]
     # First of all, so the run starts with the trial (a worker lost during the imports below still
-    # leaves its run RUNNING, attempt counted); by the trial's clock, and nothing waits for MLflow.
-    recorder.start.remote(t, int(time.time() * 1000))
+    # leaves its run RUNNING, attempt counted); by the trial's clock.
+    hand_over(recorder.start, t, int(time.time() * 1000))
     started = time.perf_counter()
     import torch
     from ray import tune
@@ -121,13 +121,21 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
             logit_scale=data.logit_scale, dataset=t["dataset"]))
         metrics["trial_seconds"] = time.perf_counter() - started
     except Exception as exc:
-        recorder.fail.remote(t["key"], tracking.error_line(exc))
+        hand_over(recorder.fail, t["key"], tracking.error_line(exc))
         if _retryable(exc):
             raise
         tune.report({FAILED: tracking.error_line(exc)})
         return
-    recorder.finish.remote(t["key"], params, metrics, losses, files, data.source, math.ceil(time.time() * 1000))
+    hand_over(recorder.finish, t["key"], params, metrics, losses, files, data.source, math.ceil(time.time() * 1000))
     tune.report(metrics)
+
+
+def hand_over(call, *record) -> None:
+    """Give the recorder a record and wait until it holds it (not until MLflow has it): a call still
+    queued in this worker, or an argument this worker owns, would die with it when Tune ends it."""
+    import ray
+
+    ray.get(call.remote(*record))
 
 
 class NodeError(RuntimeError):
