@@ -10,7 +10,7 @@ driver's memory, bounds what is in flight. Only what the feature store lacks is 
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -30,6 +30,9 @@ def crop_batch(batch: dict, preprocess_cfg: dict) -> dict:
     from clip_adapter.datasets.fs import read_bytes
     from clip_adapter.images import ImageError, crops, decode, image_id
 
+    from .barrier import barrier
+
+    barrier("encode")
     pre = Preprocess(preprocess_cfg)
     out = dict(request=[], image_id=[], view=[], pixels=[], error=[])
     blank = np.zeros((*pre.size, 3), dtype=np.uint8)
@@ -68,8 +71,17 @@ class Encoder:
                     feature=feats, error=batch["error"])
 
 
+def wait(ref, check_stop: Callable[[], None]):
+    """ray.get that `check_stop` can end (by raising) while it waits."""
+    import ray
+
+    while not ray.wait([ref], timeout=0.25)[0]:
+        check_stop()
+    return ray.get(ref)
+
+
 def pipeline(requests: list[Request], backbone: str, weights: str, preprocess_cfg: dict, gpus: float,
-             encoders: int, threads: int) -> Iterator[dict]:
+             encoders: int, threads: int, check_stop: Callable[[], None] = lambda: None) -> Iterator[dict]:
     """Rows (request, image_id, view, feature, error) for `requests`, streamed from Ray Data."""
     import ray
 
@@ -87,12 +99,14 @@ def pipeline(requests: list[Request], backbone: str, weights: str, preprocess_cf
                         batch_size=ENCODE_BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=encoders),
                         num_gpus=1 if gpus else None, num_cpus=threads)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        check_stop()
         for r, img, v, f, e in zip(batch["request"], batch["image_id"], batch["view"], batch["feature"],
                                    batch["error"]):
             yield dict(request=int(r), image_id=str(img), view=int(v), feature=f, error=str(e))
 
 
-def model_and_text(backbone: str, weights: str, gpus: float, prompts: list[tuple[list[str], object]]):
+def model_and_text(backbone: str, weights: str, gpus: float, prompts: list[tuple[list[str], object]],
+                   check_stop: Callable[[], None]):
     """(model facts, text classifiers) from one Ray task: the driver never loads a backbone."""
     import ray
 
@@ -105,7 +119,7 @@ def model_and_text(backbone: str, weights: str, gpus: float, prompts: list[tuple
         info = dict(preprocess=b.preprocess_cfg, width=b.width, logit_scale=b.logit_scale)
         return info, [text_classifier(b, names, template) for names, template in prompts]
 
-    return ray.get(load.remote(prompts))
+    return wait(load.remote(prompts), check_stop)
 
 
 def split_digest(split: Split) -> str:
@@ -130,7 +144,7 @@ def few_shot_items(split: Split, spec) -> tuple[list, list]:
 
 
 def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float, encoders: int, threads: int,
-                     on_bad) -> dict[str, DatasetFeatures]:
+                     on_bad, check_stop: Callable[[], None] = lambda: None) -> dict[str, DatasetFeatures]:
     """Each dataset's features for the sweep's few-shot subsets, encoding only what the store lacks."""
     subs = {s.name: subsets(s, spec) for s in splits}
     train_items = {s.name: list(dict.fromkeys(i for tr, _ in subs[s.name].values() for i in tr)) for s in splits}
@@ -139,7 +153,8 @@ def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float
     texts = {s.name: store.text(s.classnames, s.template) for s in splits}
     lacking = [s for s in splits if texts[s.name] is None]
     if lacking:
-        info, weights = model_and_text(spec.backbone, spec.pretrained, gpus, [(s.classnames, s.template) for s in lacking])
+        prompts = [(s.classnames, s.template) for s in lacking]
+        info, weights = model_and_text(spec.backbone, spec.pretrained, gpus, prompts, check_stop)
         store.put_model_info(info)
         for s, w in zip(lacking, weights):
             store.put_text(s.classnames, s.template, w, info["logit_scale"])
@@ -148,9 +163,10 @@ def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float
     def encode(requests):
         info = store.model_info()
         if info is None:
-            info = model_and_text(spec.backbone, spec.pretrained, gpus, [])[0]
+            info = model_and_text(spec.backbone, spec.pretrained, gpus, [], check_stop)[0]
             store.put_model_info(info)
-        return pipeline(requests, spec.backbone, spec.pretrained, info["preprocess"], gpus, encoders, threads)
+        return pipeline(requests, spec.backbone, spec.pretrained, info["preprocess"], gpus, encoders, threads,
+                        check_stop)
 
     groups = []
     for s in splits:

@@ -85,17 +85,26 @@ class Outcome:
         return self.results[self.results["status"] != "FINISHED"]
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
+    """A BaseException, as KeyboardInterrupt is: code that handles errors (Ray Data's iterator logs
+    any Exception as a Ray bug, connecting to Ray turns one into a connection error) lets it pass."""
+
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
 class Signals:
-    """First SIGINT/SIGTERM: stop launching trials and close the sweep; a second one exits at once."""
+    """First SIGINT/SIGTERM: stop launching trials and close the sweep; a second one exits at once.
+
+    The handler raises only into ca-flow's own code. While Ray Tune or the encoding pipeline runs it
+    only records the signal, and they poll it (Tune's stopper; `check` between batches and while
+    waiting on Ray): an exception raised inside Ray's or Ray Data's own frames breaks them (a
+    SystemError from Ray's C++ core, Ray Data's "internal error" traceback).
+    """
 
     def __init__(self):
-        self.received, self.in_tune, self._old = 0, False, {}
+        self.received, self.polled, self._old = 0, False, {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -111,12 +120,26 @@ class Signals:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
+    @contextlib.contextmanager
+    def polling(self):
+        self.polled = True
+        try:
+            yield
+        finally:
+            self.polled = False
+
+    def check(self) -> None:
+        if self.received:
+            raise Interrupted(self.received)
+
     def _handle(self, signum, frame):
         if self.received:
             os._exit(128 + signum)
         self.received = signum
-        if not self.in_tune:
+        if not self.polled:
             raise Interrupted(signum)
+        print(f"{signal.Signals(signum).name}: stopping once the step under way ends (again: exit at once)",
+              file=sys.stderr, flush=True)
 
 
 class Heartbeat(threading.Thread):
@@ -233,15 +256,16 @@ def _drive(planned, uri, client, exp_id, sweep_id, parent_id, slots, signals, co
     try:
         _log_spec(client, parent_id, spec, sweep_id)
         if todo:
-            import ray
-
+            from .encode import wait
             from .recorder import drain, start_recorder
 
             recorder = start_recorder(uri, exp_id, parent_id, sweep_id)  # it starts while features load
             names = {t["dataset"] for t in todo}
             gpus = 1.0 if spec.gpus_per_trial > 0 else 0.0
-            features = _features([s for s in planned.splits if s.name in names], spec, gpus, console)
-            ray.get(recorder.ready.remote())  # up before the first trial hands it a record
+            with signals.polling():
+                features = _features([s for s in planned.splits if s.name in names], spec, gpus, console,
+                                     signals.check)
+                wait(recorder.ready.remote(), signals.check)  # up before the first trial hands it a record
             tune_started = time.perf_counter()
             errors = _tune(todo, features, recorder, slots, spec, signals, console)
             errors.update(drain(recorder))  # the records trials handed over are written (or why not)
@@ -252,7 +276,7 @@ def _drive(planned, uri, client, exp_id, sweep_id, parent_id, slots, signals, co
                  time.perf_counter() - started, tune_seconds)
 
 
-def _features(splits, spec, gpus, console) -> dict:
+def _features(splits, spec, gpus, console, check_stop) -> dict:
     """One object ref per dataset's features: trials fetch only their own dataset."""
     import ray
 
@@ -266,7 +290,8 @@ def _features(splits, spec, gpus, console) -> dict:
     encoders = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else max(1, cpus // 2)
     data = dataset_features(splits, spec, store, gpus, encoders, 1 if gpus else max(1, cpus // (2 * encoders)),
                             lambda path, reason: console.print(f"skipping unreadable image {path}: {reason}",
-                                                               markup=False, highlight=False))
+                                                               markup=False, highlight=False),
+                            check_stop)
     console.print(f"features  {', '.join(data)}: {store.images_encoded} images encoded, the rest from the "
                   f"feature store ({time.perf_counter() - t0:.1f} s)", markup=False, highlight=False)
     return {name: ray.put(d) for name, d in data.items()}
@@ -298,12 +323,8 @@ def _tune(todo, features, recorder, slots, spec, signals, console) -> dict[str, 
         run_config=tune.RunConfig(name=f"ca-flow-{uuid.uuid4().hex[:8]}", verbose=0, callbacks=[progress],
                                   storage_path=storage, stop=StopOnSignal(),
                                   failure_config=tune.FailureConfig(max_failures=spec.max_retries)))
-    signals.in_tune = True
-    try:
-        with progress:
-            results = tuner.fit()
-    finally:
-        signals.in_tune = False
+    with signals.polling(), progress:
+        results = tuner.fit()
     errors = {}
     for r in results:
         if r.config and r.error is not None:  # Tune gave up: retries spent on lost workers or nodes
