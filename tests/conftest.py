@@ -73,3 +73,38 @@ def ray_local():
     connect_ray(None)  # the rest of ca-flow's set-up (quiet Ray Data) on the running Ray
     yield ray
     ray.shutdown()
+
+
+TEXTILE_SHOTS, TEXTILE_SEEDS, TEXTILE_VIEWS = (1, 2, 4, 8, 16), (1, 2, 3), 10
+
+
+@pytest.fixture(scope="session")
+def textile_features(tmp_path_factory, tiny) -> Path:
+    """A feature store holding the textile images for the tiny random backbone: the few-shot train
+    images of shots 1-16 and seeds 1-3 in 10 augmented views, every val and test image centre-cropped,
+    the text classifier and the model's facts. Encoded once, in this process, with the library's own
+    loop; a test that sweeps textile copies it (`copy_features`), so only the tests about encoding
+    encode (test_features.py pins that this loop and the Ray Data pipeline give the same features)."""
+    from clip_adapter import datasets as ds
+    from clip_adapter.backbone import TINY
+    from clip_adapter.features import FeatureStore, Group, encode_in_process, text_classifier
+
+    root = tmp_path_factory.mktemp("textile-features")
+    split = ds.load(ds.resolve("textile", root)[0])
+    subsets = [ds.few_shot(split, k, seed) for k in TEXTILE_SHOTS for seed in TEXTILE_SEEDS]
+    train = list(dict.fromkeys(i for tr, _ in subsets for i in tr))
+    held = list(dict.fromkeys(i for _, va in subsets for i in va)) + split.test
+    store = FeatureStore(root, TINY, "random")
+    store.images_of([Group("textile", split.root, train, TEXTILE_VIEWS, True),
+                     Group("textile", split.root, held, 1, False)], lambda todo: encode_in_process(tiny, todo))
+    store.put_model_info(dict(preprocess=tiny.preprocess_cfg, width=tiny.width, logit_scale=tiny.logit_scale))
+    store.put_text(split.classnames, split.template, text_classifier(tiny, split.classnames, split.template),
+                   tiny.logit_scale)
+    return root
+
+
+def copy_features(source: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, to)
+    return to

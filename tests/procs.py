@@ -5,6 +5,7 @@ Only processes a test started are ever signalled (never `ray stop --force`, pkil
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -219,17 +220,58 @@ def _wait_port(port: int, proc: Proc, timeout: float) -> bool:
 
 @contextmanager
 def ray_worker(address: str, logs: Path, env: dict, cwd: Path, temp_dir: Path, num_cpus: int = 1):
-    proc = Proc("ray worker", [RAY, "start", "--block", f"--address={address}", f"--num-cpus={num_cpus}",
-                               "--num-gpus=0", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-                               f"--dashboard-agent-listen-port={free_port()}",
-                               f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                               f"--metrics-export-port={free_port()}", f"--node-manager-port={free_port()}",
-                               f"--object-manager-port={free_port()}"],
-                logs / "worker.log", env, cwd)
+    """`ray start --block` joining `address`, on free ports, retried if a port was taken meanwhile."""
+    for attempt in range(3):
+        proc = Proc("ray worker", [RAY, "start", "--block", f"--address={address}", f"--num-cpus={num_cpus}",
+                                   "--num-gpus=0", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+                                   f"--dashboard-agent-listen-port={free_port()}",
+                                   f"--dashboard-agent-grpc-port={free_port()}",
+                                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                                   f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"],
+                    logs / f"worker-{attempt}.log", env, cwd)
+        deadline = time.monotonic() + 60
+        while proc.alive() and "Ray runtime started" not in proc.output() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        if proc.alive() and "Ray runtime started" in proc.output():
+            break
+        proc.stop(leader_only=True)
+        if not BIND_FAILED.search(proc.output()) or attempt == 2:
+            pytest.fail(f"ray worker did not come up:\n{tail(proc.log)}")
     try:
         yield proc
     finally:
         proc.stop(leader_only=True)
+
+
+@contextmanager
+def model_server(model_uri: str, logs: Path, env: dict, cwd: Path):
+    """`mlflow models serve` on a free port, retried on another one if that was taken meanwhile.
+    Yields the server's url."""
+    for attempt in range(3):
+        port = free_port()
+        proc = Proc("mlflow models serve", [MLFLOW, "models", "serve", "-m", model_uri, "--env-manager", "local",
+                                            "-p", str(port), "-h", "127.0.0.1"], logs / f"serve-{attempt}.log", env, cwd)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while proc.alive() and not _answers(f"{url}/ping") and time.monotonic() < deadline:
+            time.sleep(0.25)
+        if _answers(f"{url}/ping"):
+            break
+        proc.stop(graceful_s=1)
+        if not BIND_FAILED.search(proc.output()) or attempt == 2:
+            pytest.fail(f"mlflow models serve did not come up on {url}:\n{tail(proc.log)}")
+    try:
+        yield url
+    finally:
+        proc.stop(graceful_s=1)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def ca_flow(args: list[str], log: Path, env: dict, cwd: Path) -> Proc:
@@ -341,3 +383,44 @@ def kill_session(sid: int, timeout: float = 15.0) -> list[int]:
 def last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+# -- many CLI invocations, each in a fresh process, for the cost of one start ----------------------
+
+FORKED = r"""
+import contextlib, io, json, os, sys
+from workflows.cli import app
+cases, heavy = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+out = []
+for argv, env in cases:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a child with only the CLI imported, as a fresh `ca-flow` process has
+        os.close(r)
+        os.environ.update(env)
+        err, code = io.StringIO(), 0
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                app(argv, prog_name="ca-flow")
+            except SystemExit as exc:
+                code = exc.code
+        os.write(w, json.dumps([code, sorted(m for m in heavy if m in sys.modules), err.getvalue()]).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.waitpid(pid, 0)
+    out.append(json.loads(data))
+print("FORKED " + json.dumps(out))
+"""
+
+
+def forked_cli(cases: list[tuple[list[str], dict]], cwd: Path, heavy) -> list[tuple[int, list[str], str]]:
+    """(exit code, heavy modules loaded, stderr) for each (argv, extra environment): one interpreter
+    imports the CLI, and each case runs in a fork of it."""
+    done = subprocess.run([sys.executable, "-c", FORKED, json.dumps(cases), json.dumps(list(heavy))], cwd=cwd,
+                          env=clean_env(cwd / "home"), capture_output=True, text=True, timeout=300)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("FORKED ")]
+    assert lines, done.stderr[-3000:]
+    return [tuple(r) for r in json.loads(lines[-1][len("FORKED "):])]

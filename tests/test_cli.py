@@ -11,7 +11,8 @@ import urllib.request
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from procs import Proc, free_port, wait_for
+from conftest import copy_features
+from procs import model_server
 from typer.testing import CliRunner
 
 from clip_adapter.backbone import TINY
@@ -26,8 +27,10 @@ TRIALS = 2 * len(SHOTS) * len(SEEDS) * len(ALPHAS) + 2 * len(SEEDS)  # CLIP-Adap
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, colour_root, ray_local):
+def swept(tmp_path_factory, colour_root, ray_local, textile_features):
+    """textile from the session's feature store, colours encoded here by the Ray Data pipeline."""
     work = tmp_path_factory.mktemp("work")
+    copy_features(textile_features, work / "cache")
     data = work / "data"
     shutil.copytree(colour_root / "colours", data / "colours")
     # Corrupt an image that seed 1's 1-shot subset samples: the trial trains without it.
@@ -225,20 +228,8 @@ def test_predict_equals_the_adapter_files_read_directly(promoted):
 def test_served_model_takes_base64_and_top_k_and_refuses_paths(promoted, tmp_path):
     images = [str(next((promoted["data"] / "colours" / c).glob("*_01*.png"))) for c in ("red", "green", "blue")]
     env = dict(os.environ, MLFLOW_TRACKING_URI=promoted["uri"])
-    for attempt in range(3):  # the port is free when picked; another process may take it first
-        port = free_port()
-        server = Proc("mlflow models serve", ["mlflow", "models", "serve", "-m", "models:/clip-adapter-colours@champion",
-                                              "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-                      tmp_path / f"serve-{attempt}.log", env, tmp_path)
-        try:
-            wait_for("the model server's /ping", lambda: _ok(f"http://127.0.0.1:{port}/ping"), 120, [server])
-            break
-        except BaseException:
-            server.stop()
-            if "in use" not in server.output() or attempt == 2:
-                raise
-    try:
-        url = f"http://127.0.0.1:{port}/invocations"
+    with model_server("models:/clip-adapter-colours@champion", tmp_path, env, tmp_path) as server:
+        url = f"{server}/invocations"
         records = [{"image": base64.b64encode(open(i, "rb").read()).decode()} for i in images]
         served = _post(url, {"dataframe_records": records, "params": {"top_k": 2}})["predictions"]
         assert all(len(p["top_labels"]) == 2 for p in served)
@@ -255,15 +246,8 @@ def test_served_model_takes_base64_and_top_k_and_refuses_paths(promoted, tmp_pat
         assert code == 400 and body["message"].splitlines()[-1].startswith("Error: row 0: cannot decode image")
         code, body = _post(url, {"dataframe_records": records[:1], "params": {"top_k": 0}}, expect_error=True)
         assert code == 400 and body["message"].splitlines()[-1] == "Error: top_k must be an integer >= 1, got 0"
-    finally:
-        server.stop()
 
 
-def _ok(url):
-    try:
-        return urllib.request.urlopen(url, timeout=2).status == 200
-    except OSError:
-        return False
 
 
 def _post(url, document, expect_error=False):

@@ -21,15 +21,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import faults  # noqa: E402
+from conftest import copy_features  # noqa: E402
 import procs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def features(tmp_path_factory) -> Path:
-    """One feature store for every scenario (they sample the same images): encoded once."""
-    return tmp_path_factory.mktemp("features")
+def features(tmp_path_factory, textile_features) -> Path:
+    """One feature store for every scenario (they sample the same images), pre-encoded."""
+    return copy_features(textile_features, tmp_path_factory.mktemp("faults") / "features")
 
 
 @pytest.fixture

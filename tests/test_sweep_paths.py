@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import make_colour_tree
 from mlflow import MlflowClient
-from procs import Proc, free_port, wait_for
+from procs import model_server
 from typer.testing import CliRunner
 
 from clip_adapter.backbone import TINY
@@ -167,26 +167,11 @@ def test_local_weights_through_promote_predict_and_serve(promoted, tmp_path):
     (got,) = json.loads(predicted.stdout)["predictions"]
     assert [(t["label"], round(t["score"], 4)) for t in got["top"]] == [(c, round(s, 4)) for c, s in want]
     env = dict(os.environ, MLFLOW_TRACKING_URI=promoted["uri"])
-    port = free_port()
-    server = Proc("mlflow models serve", ["mlflow", "models", "serve", "-m", "models:/clip-adapter-colours@champion",
-                                          "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-                  tmp_path / "serve.log", env, tmp_path)
-    try:
+    with model_server("models:/clip-adapter-colours@champion", tmp_path, env, tmp_path) as server:
         import urllib.request
-        wait_for("the model server's /ping", lambda: _ok(f"http://127.0.0.1:{port}/ping"), 120, [server])
         body = json.dumps({"dataframe_records": [{"image": base64.b64encode(open(image, "rb").read()).decode()}],
                            "params": {"top_k": 2}}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+        req = urllib.request.Request(f"{server}/invocations", body, {"Content-Type": "application/json"})
         (served,) = json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
-    finally:
-        server.stop()
     assert served["top_labels"] == [c for c, _ in want]
     assert served["top_scores"] == pytest.approx([s for _, s in want], abs=1e-5)
-
-
-def _ok(url):
-    import urllib.request
-    try:
-        return urllib.request.urlopen(url, timeout=2).status == 200
-    except OSError:
-        return False
