@@ -42,7 +42,7 @@ def agent_port(session: Path) -> int | None:
 
 def main(work: Path, data_root: str) -> dict:
     home, barrier, ray_tmp = work / "home", work / "barrier", Path("/tmp") / f"caf-ns-{os.getpid()}"
-    for d in (home, barrier, ray_tmp):
+    for d in (home, barrier / "encode", ray_tmp):
         d.mkdir(parents=True, exist_ok=True)
     env = clean_env(home, RAY_TMPDIR=ray_tmp, CA_FLOW_TEST_BARRIER=barrier)
     args = ["sweep", "--datasets", "colours", "--data-root", data_root, *TINY_SWEEP, "--shots", "1", "--seeds", "1",
@@ -53,7 +53,7 @@ def main(work: Path, data_root: str) -> dict:
                                  start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while not (barrier / "encode.started").exists():  # Ray is up, its agents too
+        while not any((barrier / "encode").glob("*.started")):  # Ray is up, its agents too
             if sweep.poll() is not None or time.monotonic() > deadline:
                 return dict(error="the sweep did not reach the barrier", log=(work / "sweep.log").read_text()[-3000:])
             time.sleep(0.2)

@@ -20,7 +20,7 @@ NOISE = ("Traceback", "Ray Data", "internal code", "SystemError")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_while_encoding_is_one_line_and_resume_finishes(sig, colour_root, tmp_path):
     barrier = tmp_path / "barrier"
-    barrier.mkdir()
+    (barrier / "encode").mkdir(parents=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["sweep", *GRID, *TINY_SWEEP, "--data-root", str(colour_root), "--tracking-uri", uri,
             "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results"),
@@ -29,10 +29,10 @@ def test_a_signal_while_encoding_is_one_line_and_resume_finishes(sig, colour_roo
     home.mkdir()
     sweep = ca_flow(args, tmp_path / "sweep.log", clean_env(home, **{VARIABLE: barrier}), tmp_path)
     try:
-        wait_for("a crop task at the barrier", (barrier / "encode.started").exists, 180, [sweep])
+        wait_for("a crop task at the barrier", lambda: any((barrier / "encode").glob("*.started")), 180, [sweep])
         sweep.signal(sig)
         wait_for("the sweep to say it is stopping", lambda: "stopping once" in sweep.output(), 30, [sweep])
-        (barrier / "encode.release").touch()
+        (barrier / "encode" / "release").touch()
         rc = sweep.wait(120)
     finally:
         sweep.stop()

@@ -10,6 +10,7 @@ driver's memory, bounds what is in flight. Only what the feature store lacks is 
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Callable, Iterator
 
 import numpy as np
@@ -32,7 +33,7 @@ def crop_batch(batch: dict, preprocess_cfg: dict) -> dict:
 
     from .barrier import barrier
 
-    barrier("encode")
+    barrier("encode", f"crop-{os.getpid()}")
     pre = Preprocess(preprocess_cfg)
     out = dict(request=[], image_id=[], view=[], pixels=[], error=[])
     blank = np.zeros((*pre.size, 3), dtype=np.uint8)

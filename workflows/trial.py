@@ -99,9 +99,10 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     """
     t = config["trial"]
     # First of all, so the run starts with the trial (a worker lost during the imports below still
-    # leaves its run RUNNING, attempt counted); by the trial's clock.
-    hand_over(recorder.start, t, int(time.time() * 1000))
-    started = time.perf_counter()
+    # leaves its run RUNNING, attempt counted). One wall clock for the run's start and end and for
+    # trial_seconds, so the run's span always holds trial_seconds.
+    started = time.time()
+    hand_over(recorder.start, t, math.floor(started * 1000))
     import torch
     from ray import tune
 
@@ -119,7 +120,7 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
             method=t["method"], config=method.config(), backbone=t["backbone"], weights=t["weights"],
             weights_id=t["weights_id"], classnames=data.classnames, template=data.template,
             logit_scale=data.logit_scale, dataset=t["dataset"]))
-        metrics["trial_seconds"] = time.perf_counter() - started
+        metrics["trial_seconds"] = time.time() - started
     except Exception as exc:
         hand_over(recorder.fail, t["key"], tracking.error_line(exc))
         if _retryable(exc):
