@@ -136,9 +136,10 @@ def test_csv_holds_numbers_method_dataset_shots_mean_std_n_seeds(tmp_path):
     csv_path = tmp_path / "out" / "table.csv"
     with open(csv_path) as fh:
         rows = list(csv.reader(fh))
-    assert rows[0] == ["method", "dataset", "shots", "mean", "std", "n_seeds"]
-    for method, dataset, shots, mean, std, n in rows[1:]:  # every figure parses as a number: no "+-"
+    assert rows[0] == ["method", "dataset", "shots", "mean", "std", "n_seeds", "protocol", "test_selected"]
+    for method, dataset, shots, mean, std, n, protocol, on_test in rows[1:]:  # every figure a number: no "+-"
         assert method in ("clip-adapter", "zero-shot") and dataset in ("a", "b")
+        assert (protocol, on_test) == ("few-shot", "False")
         int(shots), float(mean), float(std), int(n)
     table = pd.read_csv(csv_path)
     assert table["shots"].dtype.kind == "i" and table["n_seeds"].dtype.kind == "i"

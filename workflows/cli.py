@@ -111,6 +111,8 @@ def sweep(
     results_dir: Optional[str] = typer.Option(None, help="per-trial Parquet  \\[default: ca-flow-results]"),
     storage_path: Optional[str] = typer.Option(None, help="Tune's own state (shared storage on a cluster)  "
                                                            "\\[default: ~/ray_results]"),
+    protocol: Optional[str] = typer.Option(None, help="few-shot (choices on min(K,4) val per class), released "
+                                                      "(the released code's recipe), or both  \\[default: few-shot]"),
     tracking_uri: Optional[str] = URI,
     address: Optional[str] = ADDRESS,
     dry_run: bool = typer.Option(False, "--dry-run", help="show the grid and what is to encode; start nothing"),

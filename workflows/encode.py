@@ -121,12 +121,18 @@ def subsets(split: Split, spec) -> dict:
     return {(k, seed): few_shot(split, k, seed) for k in spec.shots for seed in spec.seeds}
 
 
+def val_items(split: Split, spec, subs: dict) -> list:
+    """The val images to encode: those of the few-shot subsets, and under the released protocol the
+    whole val split (its searches run there), each once."""
+    few = (i for _, va in subs.values() for i in va)
+    return list(dict.fromkeys([*few, *(split.val if "released" in spec.protocol else [])]))
+
+
 def few_shot_items(split: Split, spec) -> tuple[list, list]:
-    """(train images of every few-shot subset, val images of them + the test split), each once."""
-    subs = subsets(split, spec).values()
-    train = list(dict.fromkeys(i for tr, _ in subs for i in tr))
-    val = list(dict.fromkeys(i for _, va in subs for i in va))
-    return train, val + split.test
+    """(train images of every few-shot subset, val images to encode + the test split), each once."""
+    subs = subsets(split, spec)
+    train = list(dict.fromkeys(i for tr, _ in subs.values() for i in tr))
+    return train, val_items(split, spec, subs) + split.test
 
 
 def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float, encoders: int, threads: int,
@@ -134,7 +140,7 @@ def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float
     """Each dataset's features for the sweep's few-shot subsets, encoding only what the store lacks."""
     subs = {s.name: subsets(s, spec) for s in splits}
     train_items = {s.name: list(dict.fromkeys(i for tr, _ in subs[s.name].values() for i in tr)) for s in splits}
-    val_items = {s.name: list(dict.fromkeys(i for _, va in subs[s.name].values() for i in va)) for s in splits}
+    vals = {s.name: val_items(s, spec, subs[s.name]) for s in splits}
 
     texts = {s.name: store.text(s.classnames, s.template) for s in splits}
     lacking = [s for s in splits if texts[s.name] is None]
@@ -155,24 +161,25 @@ def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float
     groups = []
     for s in splits:
         groups.append(Group(s.name, s.root, train_items[s.name], spec.augment_views, True))
-        groups.append(Group(s.name, s.root, val_items[s.name] + s.test, 1, False))
+        groups.append(Group(s.name, s.root, vals[s.name] + s.test, 1, False))
     feats = store.images_of(groups, encode, on_bad)
 
     out = {}
     for s, train, held in zip(splits, feats[0::2], feats[1::2]):
         text, scale = texts[s.name]
         train_row = {item: r for r, item in enumerate(train_items[s.name]) if train.ok[r]}
-        val_row = {item: r for r, item in enumerate(val_items[s.name]) if held.ok[r]}
+        val_row = {item: r for r, item in enumerate(vals[s.name]) if held.ok[r]}
         rows = {key: (np.array([train_row[i] for i in tr if i in train_row], dtype=np.int64),
                       np.array([val_row[i] for i in va if i in val_row], dtype=np.int64))
                 for key, (tr, va) in subs[s.name].items()}
-        n_val, test_ok = len(val_items[s.name]), held.ok[len(val_items[s.name]):]
+        n_val, test_ok = len(vals[s.name]), held.ok[len(vals[s.name]):]
         test, test_labels = held.features[n_val:, 0][test_ok], held.labels[n_val:][test_ok]
         source = dict(name=s.name, digest=split_digest(s), source=str(s.root),
                       source_type="local" if s.root.is_local else s.root.prefix.rstrip(":/"))
         out[s.name] = DatasetFeatures(
             s.name, s.classnames, s.template, text, scale, train.features, train.labels,
             held.features[:n_val, 0], held.labels[:n_val], test, test_labels,
-            zero_shot_accuracy(test, test_labels, text, scale), rows, source)
+            zero_shot_accuracy(test, test_labels, text, scale), rows, source,
+            whole_val=np.array([val_row[i] for i in s.val if i in val_row], dtype=np.int64))
     return out
 
