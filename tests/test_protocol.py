@@ -175,6 +175,15 @@ def test_released_tip_adapter_f_reports_the_max_of_its_two_test_figures():
     # Tip-Adapter main.py:141 prints max(best_acc, acc): the best test epoch at the initial alpha, beta
     # (main.py:121) against the test accuracy after the val search.
     assert metrics["test_acc"] == max(searched, params["chosen_epoch_acc"])
+    # A text classifier that swaps the classes and a val split labelled the wrong way round: the search
+    # keeps zero-shot (all wrong on test), the epoch chosen on test at alpha 10 is right: the max is it.
+    data.text = data.text[::-1].copy()
+    data.val_labels = 1 - data.val_labels
+    t["hparams"] = {"epochs": 3, "alpha": 10.0}
+    method, _, metrics, params = train_trial(t, data)
+    with torch.no_grad():
+        searched = float((method(torch.from_numpy(data.test)).argmax(-1).numpy() == data.test_labels).mean())
+    assert searched < params["chosen_epoch_acc"] == metrics["test_acc"]
 
 
 def test_whole_val_missing_is_an_error_naming_it():
@@ -226,3 +235,30 @@ def test_side_by_side_paper_released_few_shot_and_gaps():
                                                                                            "paper"])
     s = summary(f).set_index(["method", "protocol"])
     assert bool(s.loc[("tip-adapter-f", "released"), "test_selected"])
+
+
+# -- promotion: never a run chosen on test ------------------------------------------------------------
+
+def test_choose_skips_runs_chosen_on_test(tmp_path):
+    from mlflow import MlflowClient
+
+    from workflows import promote, tracking
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp).info.run_id
+    ids = {}
+    for name, split, val in (("oracle", "test", 0.99), ("fair", "val", 0.60), ("old", None, 0.50)):
+        run = client.create_run(exp, tags={tracking.PARENT: parent, tracking.DATASET: "dtd",
+                                           tracking.METHOD: "tip-adapter"}).info.run_id
+        params = dict(method="tip-adapter", shots="16", seed="1", dataset="dtd")
+        if split:  # a run from before protocols logs no selection_split: chosen on the few-shot val
+            params["selection_split"] = split
+        for k, v in params.items():
+            client.log_param(run, k, v)
+        client.log_metric(run, "val_acc", val)
+        client.log_metric(run, "test_acc", val)
+        client.set_terminated(run)
+        ids[name] = run
+    chosen = promote.choose(client, "e", None, ["tip-adapter"])
+    assert chosen["dtd"].info.run_id == ids["fair"]  # 0.99 on val, but its choices were made on test
