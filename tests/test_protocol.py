@@ -9,7 +9,6 @@ import pytest
 import torch
 from test_tip_adapter_fidelity import released_search_hp
 
-from clip_adapter import protocol
 from clip_adapter.backbone import TINY
 from clip_adapter.methods import FewShot, make
 from workflows.grid import build_spec, grid

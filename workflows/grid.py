@@ -17,7 +17,8 @@ from clip_adapter.backbone import TINY, model_names, weights_identity
 from clip_adapter.datasets import default_data_root
 from clip_adapter.methods import NAMES as METHOD_NAMES
 from clip_adapter.methods import trains
-from clip_adapter.protocol import IMAGENET_EPOCHS, PROTOCOLS, hparams as released_hparams, selection
+from clip_adapter.protocol import IMAGENET_EPOCHS, PROTOCOLS, selection
+from clip_adapter.protocol import hparams as released_hparams
 
 
 class SweepError(ValueError):

@@ -157,7 +157,8 @@ def frame(sweep_id: str, runs: list, trials: list[dict] | None = None) -> pd.Dat
             rows.append(dict(key=t["key"], run_id="", dataset=t["dataset"], method=t["method"], shots=t["shots"],
                              seed=t["seed"], adapter=hp.get("variant", ""), alpha=hp.get("alpha", float("nan")),
                              beta=hp.get("beta", float("nan")), status="SCHEDULED", error="",
-                             protocol=t.get("protocol", "few-shot"), selection_split=selection_split(t.get("select", {}))))
+                             protocol=t.get("protocol", "few-shot"),
+                             selection_split=selection_split(t.get("select", {}))))
     out = pd.DataFrame(rows, columns=RESULT_COLUMNS[1:])
     out.insert(0, "sweep_id", sweep_id)
     if trials:  # the grid's points only (a run whose key left the grid is not this sweep's any more)

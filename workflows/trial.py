@@ -52,7 +52,7 @@ def zero_shot_accuracy(features: np.ndarray, labels: np.ndarray, text: np.ndarra
 def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
     """Fit and evaluate one grid point on in-memory features: no Ray, no MLflow."""
     from clip_adapter import evaluate
-    from clip_adapter.methods import FewShot, make
+    from clip_adapter.methods import make
 
     train_rows, val_rows = data.rows[(t["shots"], t["seed"])]
     if len(train_rows) == 0:
@@ -70,7 +70,8 @@ def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
         metrics["train_loss_final"] = fitted.losses[-1]
     per_class = np.bincount(few_shot.train_labels, minlength=len(data.classnames))
     params = {k: t[k] for k in POINT_PARAMS}
-    params.update(protocol=t.get("protocol", "few-shot"), selection_split=selection_split(t.get("select", {})), n_select=n_select)
+    params.update(protocol=t.get("protocol", "few-shot"), selection_split=selection_split(t.get("select", {})),
+                  n_select=n_select)
     params.update(n_train=len(train_rows), n_val=len(few_shot.val_labels), n_test=len(data.test),
                   train_per_class_min=int(per_class.min()), train_per_class_max=int(per_class.max()))
     params.update({("adapter" if k == "variant" else k): v for k, v in method.config().items()})
