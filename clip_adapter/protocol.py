@@ -22,6 +22,10 @@ TIP_DEFAULT = ((7, 3), 1.17, 20)
 CLIP_ADAPTER_ALPHA = 0.2
 # CoOp ff61507 COOP.md: ImageNet runs the *_ep50.yaml config at every shot count.
 IMAGENET_EPOCHS = 50
+# Tip-Adapter main.py:74-78 (its cache loader too) and ICLR24 main_few_shots.py:24-29 crop train images
+# with RandomResizedCrop(224, scale=(0.5, 1)) + flip; CoOp's recipe (every other method) from 0.08.
+RELEASED_CROP_SCALE = 0.5
+RELEASED_CROPS = frozenset({"tip-adapter", "tip-adapter-f", "gda"})
 # Datasets whose released code searches on test (Tip-Adapter's main_imagenet.py; GDA's
 # main_few_shots.py:137 sets val_features = test_features for ImageNet).
 SEARCH_ON_TEST = frozenset({"imagenet"})
@@ -49,7 +53,7 @@ def selection(protocol: str, method: str, dataset: str) -> dict:
         val = "test"
     else:  # ImageNet has no val split: what does not search on test keeps the few-shot val from train
         val = "few-shot" if dataset == "imagenet" else "whole"
-    return dict(val=val,
+    return dict(val=val, crops=RELEASED_CROP_SCALE if method in RELEASED_CROPS else None,
                 # Tip-Adapter main.py:111-126 keeps the epoch with the best test accuracy, everywhere.
                 epoch="test" if method == "tip-adapter-f" else "val")
 

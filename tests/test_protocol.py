@@ -72,14 +72,16 @@ def test_where_each_method_chooses_under_each_protocol():
     # Tip-Adapter main.py:47 search_hp on val_features (the whole val split); main_imagenet.py on test;
     # main.py:111-126 Tip-Adapter-F's epoch on test everywhere; ICLR24 main_few_shots.py:137 val = test
     # on ImageNet. CLIP-Adapter chooses nothing; ImageNet has no val split.
-    assert where[("dtd", "tip-adapter", "released")] == {"val": "whole", "epoch": "val"}
-    assert where[("dtd", "gda", "released")] == {"val": "whole", "epoch": "val"}
-    assert where[("dtd", "tip-adapter-f", "released")] == {"val": "whole", "epoch": "test"}
-    assert where[("imagenet", "tip-adapter", "released")] == {"val": "test", "epoch": "val"}
-    assert where[("imagenet", "gda", "released")] == {"val": "test", "epoch": "val"}
-    assert where[("imagenet", "tip-adapter-f", "released")] == {"val": "test", "epoch": "test"}
-    assert where[("imagenet", "clip-adapter", "released")] == {"val": "few-shot", "epoch": "val"}
-    assert where[("dtd", "clip-adapter", "released")] == {"val": "whole", "epoch": "val"}
+    # Crops from 0.5: Tip-Adapter main.py:74-78 and ICLR24 main_few_shots.py:24-29; the rest CoOp's 0.08.
+    assert where[("dtd", "tip-adapter", "released")] == {"val": "whole", "crops": 0.5, "epoch": "val"}
+    assert where[("dtd", "gda", "released")] == {"val": "whole", "crops": 0.5, "epoch": "val"}
+    assert where[("dtd", "tip-adapter-f", "released")] == {"val": "whole", "crops": 0.5, "epoch": "test"}
+    assert where[("imagenet", "tip-adapter", "released")] == {"val": "test", "crops": 0.5, "epoch": "val"}
+    assert where[("imagenet", "gda", "released")] == {"val": "test", "crops": 0.5, "epoch": "val"}
+    assert where[("imagenet", "tip-adapter-f", "released")] == {"val": "test", "crops": 0.5, "epoch": "test"}
+    assert where[("imagenet", "clip-adapter", "released")] == {"val": "few-shot", "crops": None, "epoch": "val"}
+    assert where[("dtd", "clip-adapter", "released")] == {"val": "whole", "crops": None, "epoch": "val"}
+    assert where[("dtd", "linear-probe", "released")] == {"val": "whole", "crops": None, "epoch": "val"}
 
 
 def test_few_shot_keys_are_the_keys_from_before_protocols():
@@ -138,15 +140,16 @@ def features(n_val_whole=12):
         (centres[np.arange(4) % 2][:, None] + rng.normal(size=(4, 2, d))).astype(np.float32), np.arange(4) % 2,
         (centres[val_labels] + rng.normal(size=(n_val_whole, d))).astype(np.float32), val_labels,
         (centres[test_labels] + rng.normal(size=(20, d))).astype(np.float32), test_labels, 0.5,
-        {(2, 1): (np.arange(4), np.array([0, 1]))}, {}, whole_val=np.arange(n_val_whole))
+        {(2, 1): (np.arange(4), np.array([0, 1]))}, {}, whole_val=np.arange(n_val_whole),
+        train_released=(centres[np.arange(4) % 2][:, None] + 0.5 * rng.normal(size=(4, 2, d))).astype(np.float32))
 
 
 @pytest.mark.parametrize("select, n_val, epoch_test, n_select, split", [
     (None, 2, False, 2, "val"),                                         # few-shot
-    ({"val": "whole", "epoch": "val"}, 12, False, 12, "val"),          # released, Tip-Adapter / GDA
-    ({"val": "test", "epoch": "val"}, 20, False, 20, "test"),          # released, ImageNet
-    ({"val": "whole", "epoch": "test"}, 12, True, 32, "test"),         # released, Tip-Adapter-F
-    ({"val": "test", "epoch": "test"}, 20, True, 20, "test"),          # released, Tip-Adapter-F ImageNet
+    ({"val": "whole", "crops": 0.5, "epoch": "val"}, 12, False, 12, "val"),    # released, Tip-Adapter / GDA
+    ({"val": "test", "crops": 0.5, "epoch": "val"}, 20, False, 20, "test"),    # released, ImageNet
+    ({"val": "whole", "crops": 0.5, "epoch": "test"}, 12, True, 32, "test"),   # released, Tip-Adapter-F
+    ({"val": "test", "crops": 0.5, "epoch": "test"}, 20, True, 20, "test"),    # released, Tip-F ImageNet
 ])
 def test_a_trial_chooses_where_its_protocol_says_and_logs_it(select, n_val, epoch_test, n_select, split):
     data = features()
@@ -159,6 +162,8 @@ def test_a_trial_chooses_where_its_protocol_says_and_logs_it(select, n_val, epoc
     assert (few_shot.epoch_val is not None) == epoch_test
     if epoch_test:
         np.testing.assert_array_equal(few_shot.epoch_val[1], data.test_labels)
+    # released: the views cropped from 0.5; few-shot: CoOp's
+    np.testing.assert_array_equal(few_shot.train, (data.train_released if select else data.train)[:4])
     _, _, metrics, params = train_trial(t, data)
     assert (params["protocol"], params["selection_split"], params["n_select"]) == (
         "released" if select else "few-shot", split, n_select)
@@ -167,7 +172,8 @@ def test_a_trial_chooses_where_its_protocol_says_and_logs_it(select, n_val, epoc
 def test_released_tip_adapter_f_reports_the_max_of_its_two_test_figures():
     data = features()
     t = dict(dataset="dtd", method="tip-adapter-f", shots=2, seed=1, hparams={"epochs": 3}, backbone=TINY,
-             weights="random", weights_id="w", views=2, protocol="released", select={"val": "whole", "epoch": "test"})
+             weights="random", weights_id="w", views=2, protocol="released",
+             select={"val": "whole", "crops": 0.5, "epoch": "test"})
     method, _, metrics, params = train_trial(t, data)
     with torch.no_grad():
         searched = float((method(torch.from_numpy(data.test)).argmax(-1).numpy() == data.test_labels).mean())

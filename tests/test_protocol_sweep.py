@@ -68,6 +68,9 @@ def test_every_run_logs_its_protocol_and_where_it_chose(swept):
                     and r.data.params["protocol"] == "released" and r.data.params["dataset"] == "dtd"]
     # Tip-Adapter d0e2d6f configs/dtd.yaml:17 search_scale [13, 13]
     assert {r.data.params["search_scale"] for r in released_tip} == {"[13, 13]"}
+    # Tip-Adapter, Tip-Adapter-F and GDA train on views cropped from 0.5 under released: a kind of their own
+    kinds = {p.parent.name for p in (swept["work"] / "cache").rglob("part-*.parquet")}
+    assert {"augment", "augment-0.5", "center"} <= kinds
 
 
 def test_report_paper_lays_the_protocols_side_by_side(swept):

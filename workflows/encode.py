@@ -16,6 +16,7 @@ import numpy as np
 
 from clip_adapter.datasets import Split, few_shot
 from clip_adapter.features import FeatureStore, Group, Request
+from clip_adapter.protocol import RELEASED_CROP_SCALE, RELEASED_CROPS
 
 from .trial import DatasetFeatures, zero_shot_accuracy
 
@@ -33,11 +34,12 @@ def crop_batch(batch: dict, preprocess_cfg: dict) -> dict:
     pre = Preprocess(preprocess_cfg)
     out = dict(request=[], image_id=[], view=[], pixels=[], error=[])
     blank = np.zeros((*pre.size, 3), dtype=np.uint8)
-    for r, path, views, augment in zip(batch["request"], batch["path"], batch["views"], batch["augment"]):
+    for r, path, views, augment, scale in zip(batch["request"], batch["path"], batch["views"], batch["augment"],
+                                              batch["scale"]):
         try:
             blob = read_bytes(str(path))
             img = image_id(blob)
-            pixels = crops(decode(blob), img, [int(v) for v in views], bool(augment), pre)
+            pixels = crops(decode(blob), img, [int(v) for v in views], bool(augment), pre, float(scale))
         except (OSError, ImageError) as exc:
             out["request"].append(r), out["image_id"].append(""), out["view"].append(-1)
             out["pixels"].append(blank), out["error"].append(getattr(exc, "strerror", None) or str(exc))
@@ -73,7 +75,8 @@ def pipeline(requests: list[Request], backbone: str, weights: str, preprocess_cf
     """Rows (request, image_id, view, feature, error) for `requests`, streamed from Ray Data."""
     import ray
 
-    items = [dict(request=i, path=r.path, views=r.views, augment=r.augment) for i, r in enumerate(requests)]
+    items = [dict(request=i, path=r.path, views=r.views, augment=r.augment, scale=r.scale)
+             for i, r in enumerate(requests)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // CROP_BATCH, 200)))
     # Crop tasks declare the memory a batch of decoded images needs; their resources differing from the
     # encoder's also keeps Ray Data from fusing the two stages into the encoder actors, which would
@@ -158,16 +161,24 @@ def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float
             store.put_model_info(info)
         return pipeline(requests, spec.backbone, spec.pretrained, info["preprocess"], gpus, encoders, threads)
 
+    # Under the released protocol Tip-Adapter, Tip-Adapter-F and GDA train on views cropped from 0.5.
+    tip_crops = "released" in spec.protocol and bool(set(spec.methods) & RELEASED_CROPS)
     groups = []
     for s in splits:
         groups.append(Group(s.name, s.root, train_items[s.name], spec.augment_views, True))
         groups.append(Group(s.name, s.root, vals[s.name] + s.test, 1, False))
+        if tip_crops:
+            groups.append(Group(s.name, s.root, train_items[s.name], spec.augment_views, True, RELEASED_CROP_SCALE))
     feats = store.images_of(groups, encode, on_bad)
+    per = 3 if tip_crops else 2
 
     out = {}
-    for s, train, held in zip(splits, feats[0::2], feats[1::2]):
+    for i, s in enumerate(splits):
+        train, held = feats[per * i], feats[per * i + 1]
+        tip = feats[per * i + 2] if tip_crops else None
         text, scale = texts[s.name]
-        train_row = {item: r for r, item in enumerate(train_items[s.name]) if train.ok[r]}
+        ok = train.ok & tip.ok if tip is not None else train.ok  # a row is used only with both its views
+        train_row = {item: r for r, item in enumerate(train_items[s.name]) if ok[r]}
         val_row = {item: r for r, item in enumerate(vals[s.name]) if held.ok[r]}
         rows = {key: (np.array([train_row[i] for i in tr if i in train_row], dtype=np.int64),
                       np.array([val_row[i] for i in va if i in val_row], dtype=np.int64))
@@ -180,6 +191,7 @@ def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float
             s.name, s.classnames, s.template, text, scale, train.features, train.labels,
             held.features[:n_val, 0], held.labels[:n_val], test, test_labels,
             zero_shot_accuracy(test, test_labels, text, scale), rows, source,
-            whole_val=np.array([val_row[i] for i in s.val if i in val_row], dtype=np.int64))
+            whole_val=np.array([val_row[i] for i in s.val if i in val_row], dtype=np.int64),
+            train_released=tip.features if tip is not None else None)
     return out
 

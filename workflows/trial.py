@@ -39,6 +39,7 @@ class DatasetFeatures:
     rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # (shots, seed) -> (train, val) rows
     source: dict              # name, digest of the split, source: the run's MLflow dataset input
     whole_val: np.ndarray | None = None  # rows of the whole val split (encoded for the released protocol)
+    train_released: np.ndarray | None = None  # train's views cropped from 0.5 (released Tip-Adapter, GDA)
 
 
 def zero_shot_accuracy(features: np.ndarray, labels: np.ndarray, text: np.ndarray, scale: float) -> float:
@@ -98,7 +99,13 @@ def select_on(t: dict, data: DatasetFeatures, train_rows, val_rows):
     else:
         val, val_labels = data.val[val_rows], data.val_labels[val_rows]
     epoch_val = (data.test, data.test_labels) if where["epoch"] == "test" else None
-    few_shot = FewShot(data.train[train_rows], data.train_labels[train_rows], val, val_labels, data.text,
+    train = data.train
+    if where.get("crops"):
+        if data.train_released is None:
+            raise RuntimeError(f"{t['dataset']}: the released protocol trains {t['method']} on views cropped "
+                               f"from {where['crops']:g}, and they were not encoded")
+        train = data.train_released
+    few_shot = FewShot(train[train_rows], data.train_labels[train_rows], val, val_labels, data.text,
                        data.logit_scale, epoch_val)
     chooses = t["method"] != "zero-shot"  # CLIP-Adapter's ratio is chosen across trials on val_acc
     n_select = (len(val_labels) + (len(data.test_labels) if epoch_val is not None and where["val"] != "test" else 0)
