@@ -43,6 +43,9 @@ def model_names() -> list[str]:
     return names + [TINY]
 
 
+CROP_SCALE = 0.08  # CoOp's augmentation: RandomResizedCrop from 8% of the image
+
+
 class Preprocess:
     """The model's image preprocessing, split where the pixels stop being an image.
 
@@ -57,17 +60,19 @@ class Preprocess:
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.mean = np.asarray(cfg["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(cfg["std"], dtype=np.float32).reshape(1, 3, 1, 1)
-        self._test = self._train = None
+        self._test, self._train = None, {}
 
-    def geometric(self, augment: bool) -> Callable:
+    def geometric(self, augment: bool, scale: float = CROP_SCALE) -> Callable:
+        """The centre crop, or an augmented view: RandomResizedCrop from `scale` of the image to all of
+        it + flip (CoOp's 0.08; Tip-Adapter and GDA crop from 0.5)."""
         import torchvision.transforms as T
 
         if augment:
-            if self._train is None:  # CoOp's augmentation at the model's size
-                self._train = T.Compose([
-                    T.RandomResizedCrop(self.size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            if scale not in self._train:
+                self._train[scale] = T.Compose([
+                    T.RandomResizedCrop(self.size, scale=(scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                     T.RandomHorizontalFlip()])
-            return self._train
+            return self._train[scale]
         if self._test is None:
             from open_clip.transform import PreprocessCfg, image_transform_v2
 

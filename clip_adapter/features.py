@@ -3,6 +3,7 @@
     <root>/<model key>/model.json                        the backbone's preprocessing, width, logit scale
     <root>/<model key>/text-<key>.parquet                a text classifier (class names + prompt)
     <root>/<model key>/<dataset>/augment/part-*.parquet  image_id, view, feature: seeded augmented views
+    <root>/<model key>/<dataset>/augment-0.5/part-*.parquet   the same, cropped from 0.5 (Tip-Adapter's)
     <root>/<model key>/<dataset>/center/part-*.parquet   image_id, view, feature: one centre crop
     <root>/<model key>/<dataset>/index/part-*.parquet    path, size, mtime_ns, image_id
 
@@ -26,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .backbone import weights_identity
+from .backbone import CROP_SCALE, weights_identity
 from .datasets import Item
 from .datasets.fs import Location, read_bytes, stat
 from .images import ImageError, crops, decode, image_id
@@ -36,7 +37,15 @@ log = logging.getLogger(__name__)
 # Bump when a transform or the augmentation seeding changes: old entries stop matching.
 TRANSFORM_VERSION = "v2"
 AUGMENT, CENTER, INDEX = "augment", "center", "index"
-SHARD_ROWS = 50_000  # a new shard every so many rows: an interrupted encode keeps what it wrote
+SHARD_ROWS = 50_000
+
+
+def view_kind(augment: bool, scale: float = CROP_SCALE) -> str:
+    """The store's folder for a view kind: CoOp's augmented views keep the name they always had."""
+    if not augment:
+        return CENTER
+    return AUGMENT if scale == CROP_SCALE else f"{AUGMENT}-{scale:g}"
+  # a new shard every so many rows: an interrupted encode keeps what it wrote
 SCHEMAS = {
     "features": pa.schema([("image_id", pa.string()), ("view", pa.int32()),
                            ("feature", pa.list_(pa.float32()))]),
@@ -71,6 +80,7 @@ class Request:
     mtime_ns: int
     views: list[int]
     augment: bool
+    scale: float = CROP_SCALE  # the smallest crop of an augmented view
 
 
 @dataclass
@@ -81,6 +91,7 @@ class Group:
     items: list[Item]
     views: int
     augment: bool
+    scale: float = CROP_SCALE
 
 
 @dataclass
@@ -110,7 +121,7 @@ def encode_in_process(backbone, requests: list[Request], batch_size: int = 64) -
         try:
             blob = read_bytes(req.path)
             img = image_id(blob)
-            pixels = crops(decode(blob), img, req.views, req.augment, backbone.preprocess)
+            pixels = crops(decode(blob), img, req.views, req.augment, backbone.preprocess, req.scale)
         except (OSError, ImageError) as exc:
             yield dict(request=r, image_id="", view=-1, feature=None, error=_reason(exc))
             continue
@@ -170,9 +181,10 @@ class FeatureStore:
         return have
 
     # -- planning and reading ------------------------------------------------------------------
-    def plan(self, dataset: str, root: Location, items: list[Item], views: int, augment: bool) -> Plan:
+    def plan(self, dataset: str, root: Location, items: list[Item], views: int, augment: bool,
+             scale: float = CROP_SCALE) -> Plan:
         """Stat the items, find their content keys in the index, and list what lacks features."""
-        kind = AUGMENT if augment else CENTER
+        kind = view_kind(augment, scale)
         index, have = self._index(dataset), self._have(dataset, kind)
         ids, todo, missing = [], [], {}
         for item, st in zip(items, stat([i.path for i in items])):
@@ -185,17 +197,18 @@ class FeatureStore:
             ids.append(img)
             lacking = list(range(views)) if img is None else [v for v in range(views) if (img, v) not in have]
             if lacking:
-                todo.append(Request(dataset, item.path, rel, st[0], st[1], lacking, augment))
+                todo.append(Request(dataset, item.path, rel, st[0], st[1], lacking, augment, scale))
         # the same file listed twice (a few-shot subset overlapping another) is encoded once
-        todo = list({(r.path, r.augment): r for r in todo}.values())
+        todo = list({(r.path, r.augment, r.scale): r for r in todo}.values())
         return Plan(ids, todo, missing)
 
-    def read(self, dataset: str, ids: list[str | None], views: int, augment: bool) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, dataset: str, ids: list[str | None], views: int, augment: bool,
+             scale: float = CROP_SCALE) -> tuple[np.ndarray, np.ndarray]:
         """(features [n, views, D], ok [n]) for content keys; rows a sweep does not need are not loaded."""
         wanted = sorted({i for i in ids if i is not None})
         rows: dict[tuple[str, int], np.ndarray] = {}
         if wanted:
-            for t in self._read_shards(dataset, AUGMENT if augment else CENTER,
+            for t in self._read_shards(dataset, view_kind(augment, scale),
                                        filters=[("image_id", "in", wanted)]):
                 if not len(t):
                     continue
@@ -219,9 +232,9 @@ class FeatureStore:
 
     def images(self, dataset: str, root: Location, items: list[Item], views: int, augment: bool,
                encode: Callable[[list[Request]], Iterable[dict]],
-               on_bad: Callable[[str, str], None] | None = None) -> "Features":
+               on_bad: Callable[[str, str], None] | None = None, scale: float = CROP_SCALE) -> "Features":
         """Features for `items`, encoding (with `encode`) only the images and views the store lacks."""
-        return self.images_of([Group(dataset, Location(root), items, views, augment)], encode, on_bad)[0]
+        return self.images_of([Group(dataset, Location(root), items, views, augment, scale)], encode, on_bad)[0]
 
     def images_of(self, groups: list["Group"], encode: Callable[[list[Request]], Iterable[dict]],
                   on_bad: Callable[[str, str], None] | None = None) -> list["Features"]:
@@ -232,15 +245,15 @@ class FeatureStore:
         """
         bad: dict[str, str] = {}
         for _ in range(2):
-            plans = [self.plan(g.dataset, g.root, g.items, g.views, g.augment) for g in groups]
+            plans = [self.plan(g.dataset, g.root, g.items, g.views, g.augment, g.scale) for g in groups]
             todo = [r for p in plans for r in p.todo]
             for p in plans:
                 bad.update(p.missing)
             if todo:
                 with self.writer() as w:
                     bad.update(w.add_all(todo, encode(todo)))
-                plans = [self.plan(g.dataset, g.root, g.items, g.views, g.augment) for g in groups]
-            read = [self.read(g.dataset, p.ids, g.views, g.augment) for g, p in zip(groups, plans)]
+                plans = [self.plan(g.dataset, g.root, g.items, g.views, g.augment, g.scale) for g in groups]
+            read = [self.read(g.dataset, p.ids, g.views, g.augment, g.scale) for g, p in zip(groups, plans)]
             if all(ok.sum() == sum(i is not None for i in p.ids) for (_, ok), p in zip(read, plans)):
                 break
         report = on_bad or (lambda p, r: log.warning("skipping unreadable image %s: %s", p, r))
@@ -315,8 +328,7 @@ class ShardWriter:
                 self._flush(*key)
 
     def add(self, req: Request, img: str, view: int, feature: np.ndarray) -> None:
-        kind = AUGMENT if req.augment else CENTER
-        self._append(req.dataset, kind, (img, view, np.asarray(feature, np.float32)))
+        self._append(req.dataset, view_kind(req.augment, req.scale), (img, view, np.asarray(feature, np.float32)))
         if (req.dataset, req.rel) not in self.encoded:
             self.encoded.add((req.dataset, req.rel))
             self.store.images_encoded += 1

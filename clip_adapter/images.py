@@ -35,13 +35,16 @@ def _view_seed(img_id: str, view: int) -> int:
     return int(img_id[:12], 16) ^ (view * 0x9E3779B1)
 
 
-def crops(image: Image.Image, img_id: str, views: Iterable[int], augment: bool, preprocess) -> np.ndarray:
-    """uint8 crops [len(views), H, W, 3]; augmented view v of an image is the same on every machine."""
+def crops(image: Image.Image, img_id: str, views: Iterable[int], augment: bool, preprocess,
+          scale: float | None = None) -> np.ndarray:
+    """uint8 crops [len(views), H, W, 3]; augmented view v of an image is the same on every machine.
+    `scale`: the smallest crop of an augmented view (None: CoOp's)."""
     import torch
 
     out = []
     for v in views:
         if augment:
             torch.manual_seed(_view_seed(img_id, v))
-        out.append(np.asarray(preprocess.geometric(augment)(image), dtype=np.uint8))
+        geometric = preprocess.geometric(augment) if scale is None else preprocess.geometric(augment, scale)
+        out.append(np.asarray(geometric(image), dtype=np.uint8))
     return np.stack(out)

@@ -149,8 +149,9 @@ def test_report_csv_is_numbers_recomputed_from_mlflow_and_figure_is_logged(swept
                                 for r in children])
     (sweep_dir,) = out_dir.iterdir()
     table = pd.read_csv(sweep_dir / "table.csv")
-    assert list(table.columns) == ["method", "dataset", "shots", "mean", "std", "n_seeds"]
+    assert list(table.columns) == ["method", "dataset", "shots", "mean", "std", "n_seeds", "protocol", "test_selected"]
     assert table["mean"].dtype.kind == "f" and table["n_seeds"].dtype.kind == "i"
+    assert set(table["protocol"]) == {"few-shot"} and not table["test_selected"].any()
     rows = table.set_index(["method", "dataset", "shots"])
     for (dataset, shots), row in oracle(from_mlflow[from_mlflow["method"] == "clip-adapter"]).iterrows():
         got = rows.loc[("clip-adapter", dataset, shots)]

@@ -190,3 +190,21 @@ def _huge_png() -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_views_cropped_from_half_are_a_kind_of_their_own(tmp_path, split, tiny):
+    """Tip-Adapter main.py:74-78 and ICLR24 main_few_shots.py:24-29 crop RandomResizedCrop(scale=(0.5, 1))."""
+    pre = tiny.preprocess
+    assert pre.geometric(True).transforms[0].scale == (0.08, 1.0)  # CoOp's, the default
+    assert pre.geometric(True, 0.5).transforms[0].scale == (0.5, 1.0)
+    st, enc = store(tmp_path), encoder(tiny)
+    coop = images(st, split, split.train, 2, True, enc)
+    half = st.images("colours", split.root, split.train, 2, True, enc, scale=0.5)
+    assert len(enc.asked) == 2 * 2 * len(split.train)  # each kind encoded once
+    assert not np.allclose(coop.features, half.features)
+    folder = tmp_path / "cache"
+    assert {p.parent.name for p in folder.rglob("part-*.parquet")} >= {"augment", "augment-0.5"}
+    again = encoder(tiny)
+    np.testing.assert_array_equal(st.images("colours", split.root, split.train, 2, True, again, scale=0.5).features,
+                                  half.features)
+    assert not getattr(again, "asked", [])

@@ -156,12 +156,14 @@ def test_grid_counts_of_the_papers_grid():
     trials = grid(spec, names, weights_id="openai")
     per = counts(trials)
     # per dataset: CLIP-Adapter 5 shots x 4 alphas x 3 seeds; zero-shot once per seed; the rest shots x seeds
-    assert per == {d: {"clip-adapter": 60, "zero-shot": 3, "linear-probe": 15, "tip-adapter": 15,
-                       "tip-adapter-f": 15} for d in names}
-    assert len(trials) == 11 * 108 == len({t["key"] for t in trials})
+    # ... under each of the two protocols
+    assert per == {d: {"clip-adapter": 120, "zero-shot": 6, "linear-probe": 30, "tip-adapter": 30,
+                       "tip-adapter-f": 30, "gda": 30} for d in names}
+    assert len(trials) == 11 * 246 == len({t["key"] for t in trials})
     assert {t["shots"] for t in trials if t["method"] == "zero-shot"} == {16}  # validates on the largest K
     assert Counter(t["hparams"]["epochs"] for t in trials if t["method"] == "clip-adapter") == {
-        50: 11 * 12, 100: 11 * 24, 200: 11 * 24}  # CoOp's 50/100/200 by shots
+        50: 11 * 12 * 2 + 48, 100: (11 * 24 - 24) + 11 * 24, 200: (11 * 24 - 24) + 11 * 24}
+    # CoOp's 50/100/200 by shots; released ImageNet 50 at every shots (its 48 trials at 2-16 shots)
 
 
 def test_grid_counts_of_the_demo_grid():

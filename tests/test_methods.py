@@ -83,8 +83,10 @@ def test_tip_adapter_with_alpha_zero_is_zero_shot(planted):
 
 
 def test_fewshot_carries_no_test_split():
-    """Selection is checkable: the only thing a method is handed has no test field."""
-    assert set(FewShot.__dataclass_fields__) == {"train", "train_labels", "val", "val_labels", "text", "logit_scale"}
+    """Selection is checkable: the only thing a method is handed has no test field. `epoch_val` is
+    filled only under the released protocol (test_protocol.py pins that few-shot leaves it empty)."""
+    assert set(FewShot.__dataclass_fields__) == {"train", "train_labels", "val", "val_labels", "text", "logit_scale",
+                                                 "epoch_val"}
 
 
 def test_tip_adapter_f_chooses_its_epoch_on_val(planted):

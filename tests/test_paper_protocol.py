@@ -14,9 +14,9 @@ from clip_adapter.backbone import TINY
 from workflows.cli import app
 
 runner = CliRunner()
-METHODS = ["clip-adapter", "zero-shot", "linear-probe", "tip-adapter", "tip-adapter-f"]
+METHODS = ["clip-adapter", "zero-shot", "linear-probe", "tip-adapter", "tip-adapter-f", "gda"]
 CHOSEN = {"linear-probe": {"chosen_C"}, "tip-adapter": {"chosen_alpha", "chosen_beta"},
-          "tip-adapter-f": {"chosen_alpha", "chosen_beta", "chosen_epoch"}}
+          "tip-adapter-f": {"chosen_alpha", "chosen_beta", "chosen_epoch"}, "gda": {"chosen_alpha"}}
 
 
 def noise_image(path):
@@ -51,7 +51,7 @@ def test_every_method_ran_and_chose_on_val(swept):
     by_method = {m: [r for r in swept["runs"] if r.data.params["method"] == m] for m in METHODS}
     # per dataset: 2 shots x 1 seed for trained methods, one zero-shot trial per seed
     assert {m: len(rs) for m, rs in by_method.items()} == {
-        "clip-adapter": 4, "zero-shot": 2, "linear-probe": 4, "tip-adapter": 4, "tip-adapter-f": 4}
+        "clip-adapter": 4, "zero-shot": 2, "linear-probe": 4, "tip-adapter": 4, "tip-adapter-f": 4, "gda": 4}
     for method, rs in by_method.items():
         for r in rs:
             assert r.info.status == "FINISHED" and CHOSEN.get(method, set()) <= set(r.data.params)

@@ -136,9 +136,10 @@ def test_csv_holds_numbers_method_dataset_shots_mean_std_n_seeds(tmp_path):
     csv_path = tmp_path / "out" / "table.csv"
     with open(csv_path) as fh:
         rows = list(csv.reader(fh))
-    assert rows[0] == ["method", "dataset", "shots", "mean", "std", "n_seeds"]
-    for method, dataset, shots, mean, std, n in rows[1:]:  # every figure parses as a number: no "+-"
+    assert rows[0] == ["method", "dataset", "shots", "mean", "std", "n_seeds", "protocol", "test_selected"]
+    for method, dataset, shots, mean, std, n, protocol, on_test in rows[1:]:  # every figure a number: no "+-"
         assert method in ("clip-adapter", "zero-shot") and dataset in ("a", "b")
+        assert (protocol, on_test) == ("few-shot", "False")
         int(shots), float(mean), float(std), int(n)
     table = pd.read_csv(csv_path)
     assert table["shots"].dtype.kind == "i" and table["n_seeds"].dtype.kind == "i"
@@ -187,3 +188,16 @@ def test_figure_has_error_bars_and_zero_shot_as_a_horizontal_line():
 
     plt.close(fig)
     assert math.isclose(fig.get_figwidth(), 4 * 3)
+
+
+def test_gda_published_numbers_are_its_logs():
+    # mrflogs/ICLR24 560fe21 exp.log, row "ours" (RN50, mean of seeds 1-3): DTD and EuroSAT, 1..16 shots.
+    f = frame([trial(d, "gda", k, s, float("nan"), 0.5, 0.80) for d in ("dtd", "eurosat")
+               for k in (1, 16) for s in (1, 2)])
+    text = cells(paper_table(f), paper=True)["gda"]
+    assert text.loc["dtd", 1] == "80.00 +- 0.00 (paper 46.26, +33.74)"
+    assert text.loc["eurosat", 16] == "80.00 +- 0.00 (paper 86.12, -6.12)"
+    # 11 datasets at 16 shots: the 76.05 the log's rows average to.
+    text = cells(paper_table(frame([trial(d, "gda", 16, 1, float("nan"), 0.5, 0.80) for d in sorted(ALL_11)])),
+                 paper=True)["gda"]
+    assert text.loc["average", 16] == "80.00 +- 0.00 (paper 76.05 over 11 datasets, +3.95)"

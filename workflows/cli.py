@@ -88,7 +88,7 @@ def sweep(
                                             help="folder or URI (file://, s3://) of the datasets"),
     shots: Optional[str] = typer.Option(None, help="shots per class  \\[default: 1,2,4,8,16]"),
     seeds: Optional[str] = typer.Option(None, help="few-shot sampling seeds  \\[default: 1,2,3]"),
-    methods: Optional[str] = typer.Option(None, help="clip-adapter,zero-shot,linear-probe,tip-adapter,tip-adapter-f"
+    methods: Optional[str] = typer.Option(None, help="clip-adapter,zero-shot,linear-probe,tip-adapter,tip-adapter-f,gda"
                                                       "  \\[default: clip-adapter,zero-shot]"),
     alphas: Optional[str] = typer.Option(None, help="visual residual ratios in [0, 1]  \\[default: 0.2,0.4,0.6,0.8]"),
     betas: Optional[str] = typer.Option(None, help="text residual ratios in [0, 1]  \\[default: 0.2]"),
@@ -111,6 +111,8 @@ def sweep(
     results_dir: Optional[str] = typer.Option(None, help="per-trial Parquet  \\[default: ca-flow-results]"),
     storage_path: Optional[str] = typer.Option(None, help="Tune's own state (shared storage on a cluster)  "
                                                            "\\[default: ~/ray_results]"),
+    protocol: Optional[str] = typer.Option(None, help="few-shot (choices on min(K,4) val per class), released "
+                                                      "(the released code's recipe), or both  \\[default: few-shot]"),
     tracking_uri: Optional[str] = URI,
     address: Optional[str] = ADDRESS,
     dry_run: bool = typer.Option(False, "--dry-run", help="show the grid and what is to encode; start nothing"),

@@ -25,7 +25,8 @@ def report(
 ):
     """The paper's table and figure for a sweep: printed, written to --out, logged on its parent run."""
     from . import sweeps, tracking
-    from .report import cells, comparable_to_paper, numbers, paper_table, rich_tables, write_report
+    from .report import (cells, comparable_to_paper, numbers, paper_table, rich_tables, side_by_side,
+                         side_by_side_markdown, write_report)
 
     _sweep_id(sweep)
     _, client = _store(tracking_uri)
@@ -38,16 +39,19 @@ def report(
     why_not = comparable_to_paper(spec["backbone"], spec["pretrained"]) if paper else None
     show_paper = paper and why_not is None
     title = f"{TABLE_TITLE} (sweep {sweep_id}, {spec['backbone']} / {spec['pretrained']} weights)"
-    paths = write_report(frame, (out / sweep_id).resolve(), title, show_paper)
+    paths = write_report(frame, (out / sweep_id).resolve(), title, show_paper, compare=paper)
     for path in paths:
         client.log_artifact(parent.info.run_id, str(path), "report")
     if as_json:
         return emit(dict(sweep_id=sweep_id, parent_run_id=parent.info.run_id, unit="test accuracy, %",
                          paper=why_not or show_paper, files=[str(p) for p in paths],
-                         rows=numbers(frame).to_dict("records")))
+                         rows=numbers(frame).to_dict("records"),
+                         **({"side_by_side": side_by_side(frame, show_paper).to_dict("records")} if paper else {})))
     con = console()
     for table in rich_tables(cells(paper_table(frame), show_paper), title):
         con.print(table)
+    if paper:
+        con.print(side_by_side_markdown(side_by_side(frame, show_paper)), markup=False, highlight=False)
     if why_not:
         con.print(f"--paper: {why_not}", markup=False, highlight=False)
     con.print(f"wrote {', '.join(str(p) for p in paths)}; logged under report/ on run {parent.info.run_id}",

@@ -17,6 +17,7 @@ import numpy as np
 
 from clip_adapter.datasets import Split, few_shot
 from clip_adapter.features import FeatureStore, Group, Request
+from clip_adapter.protocol import RELEASED_CROP_SCALE, RELEASED_CROPS
 
 from .trial import DatasetFeatures, zero_shot_accuracy
 
@@ -37,11 +38,12 @@ def crop_batch(batch: dict, preprocess_cfg: dict) -> dict:
     pre = Preprocess(preprocess_cfg)
     out = dict(request=[], image_id=[], view=[], pixels=[], error=[])
     blank = np.zeros((*pre.size, 3), dtype=np.uint8)
-    for r, path, views, augment in zip(batch["request"], batch["path"], batch["views"], batch["augment"]):
+    for r, path, views, augment, scale in zip(batch["request"], batch["path"], batch["views"], batch["augment"],
+                                              batch["scale"]):
         try:
             blob = read_bytes(str(path))
             img = image_id(blob)
-            pixels = crops(decode(blob), img, [int(v) for v in views], bool(augment), pre)
+            pixels = crops(decode(blob), img, [int(v) for v in views], bool(augment), pre, float(scale))
         except (OSError, ImageError) as exc:
             out["request"].append(r), out["image_id"].append(""), out["view"].append(-1)
             out["pixels"].append(blank), out["error"].append(getattr(exc, "strerror", None) or str(exc))
@@ -86,7 +88,8 @@ def pipeline(requests: list[Request], backbone: str, weights: str, preprocess_cf
     """Rows (request, image_id, view, feature, error) for `requests`, streamed from Ray Data."""
     import ray
 
-    items = [dict(request=i, path=r.path, views=r.views, augment=r.augment) for i, r in enumerate(requests)]
+    items = [dict(request=i, path=r.path, views=r.views, augment=r.augment, scale=r.scale)
+             for i, r in enumerate(requests)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // CROP_BATCH, 200)))
     # Crop tasks declare the memory a batch of decoded images needs; their resources differing from the
     # encoder's also keeps Ray Data from fusing the two stages into the encoder actors, which would
@@ -136,12 +139,18 @@ def subsets(split: Split, spec) -> dict:
     return {(k, seed): few_shot(split, k, seed) for k in spec.shots for seed in spec.seeds}
 
 
+def val_items(split: Split, spec, subs: dict) -> list:
+    """The val images to encode: those of the few-shot subsets, and under the released protocol the
+    whole val split (its searches run there), each once."""
+    few = (i for _, va in subs.values() for i in va)
+    return list(dict.fromkeys([*few, *(split.val if "released" in spec.protocol else [])]))
+
+
 def few_shot_items(split: Split, spec) -> tuple[list, list]:
-    """(train images of every few-shot subset, val images of them + the test split), each once."""
-    subs = subsets(split, spec).values()
-    train = list(dict.fromkeys(i for tr, _ in subs for i in tr))
-    val = list(dict.fromkeys(i for _, va in subs for i in va))
-    return train, val + split.test
+    """(train images of every few-shot subset, val images to encode + the test split), each once."""
+    subs = subsets(split, spec)
+    train = list(dict.fromkeys(i for tr, _ in subs.values() for i in tr))
+    return train, val_items(split, spec, subs) + split.test
 
 
 def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float, encoders: int, threads: int,
@@ -149,7 +158,7 @@ def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float
     """Each dataset's features for the sweep's few-shot subsets, encoding only what the store lacks."""
     subs = {s.name: subsets(s, spec) for s in splits}
     train_items = {s.name: list(dict.fromkeys(i for tr, _ in subs[s.name].values() for i in tr)) for s in splits}
-    val_items = {s.name: list(dict.fromkeys(i for _, va in subs[s.name].values() for i in va)) for s in splits}
+    vals = {s.name: val_items(s, spec, subs[s.name]) for s in splits}
 
     texts = {s.name: store.text(s.classnames, s.template) for s in splits}
     lacking = [s for s in splits if texts[s.name] is None]
@@ -169,27 +178,37 @@ def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float
         return pipeline(requests, spec.backbone, spec.pretrained, info["preprocess"], gpus, encoders, threads,
                         check_stop)
 
+    # Under the released protocol Tip-Adapter, Tip-Adapter-F and GDA train on views cropped from 0.5.
+    tip_crops = "released" in spec.protocol and bool(set(spec.methods) & RELEASED_CROPS)
     groups = []
     for s in splits:
         groups.append(Group(s.name, s.root, train_items[s.name], spec.augment_views, True))
-        groups.append(Group(s.name, s.root, val_items[s.name] + s.test, 1, False))
+        groups.append(Group(s.name, s.root, vals[s.name] + s.test, 1, False))
+        if tip_crops:
+            groups.append(Group(s.name, s.root, train_items[s.name], spec.augment_views, True, RELEASED_CROP_SCALE))
     feats = store.images_of(groups, encode, on_bad)
+    per = 3 if tip_crops else 2
 
     out = {}
-    for s, train, held in zip(splits, feats[0::2], feats[1::2]):
+    for i, s in enumerate(splits):
+        train, held = feats[per * i], feats[per * i + 1]
+        tip = feats[per * i + 2] if tip_crops else None
         text, scale = texts[s.name]
-        train_row = {item: r for r, item in enumerate(train_items[s.name]) if train.ok[r]}
-        val_row = {item: r for r, item in enumerate(val_items[s.name]) if held.ok[r]}
+        ok = train.ok & tip.ok if tip is not None else train.ok  # a row is used only with both its views
+        train_row = {item: r for r, item in enumerate(train_items[s.name]) if ok[r]}
+        val_row = {item: r for r, item in enumerate(vals[s.name]) if held.ok[r]}
         rows = {key: (np.array([train_row[i] for i in tr if i in train_row], dtype=np.int64),
                       np.array([val_row[i] for i in va if i in val_row], dtype=np.int64))
                 for key, (tr, va) in subs[s.name].items()}
-        n_val, test_ok = len(val_items[s.name]), held.ok[len(val_items[s.name]):]
+        n_val, test_ok = len(vals[s.name]), held.ok[len(vals[s.name]):]
         test, test_labels = held.features[n_val:, 0][test_ok], held.labels[n_val:][test_ok]
         source = dict(name=s.name, digest=split_digest(s), source=str(s.root),
                       source_type="local" if s.root.is_local else s.root.prefix.rstrip(":/"))
         out[s.name] = DatasetFeatures(
             s.name, s.classnames, s.template, text, scale, train.features, train.labels,
             held.features[:n_val, 0], held.labels[:n_val], test, test_labels,
-            zero_shot_accuracy(test, test_labels, text, scale), rows, source)
+            zero_shot_accuracy(test, test_labels, text, scale), rows, source,
+            whole_val=np.array([val_row[i] for i in s.val if i in val_row], dtype=np.int64),
+            train_released=tip.features if tip is not None else None)
     return out
 

@@ -17,6 +17,8 @@ from clip_adapter.backbone import TINY, model_names, weights_identity
 from clip_adapter.datasets import default_data_root
 from clip_adapter.methods import NAMES as METHOD_NAMES
 from clip_adapter.methods import trains
+from clip_adapter.protocol import IMAGENET_EPOCHS, PROTOCOLS, selection
+from clip_adapter.protocol import hparams as released_hparams
 
 
 class SweepError(ValueError):
@@ -53,6 +55,7 @@ class SweepSpec:
     cache_dir: str = field(default_factory=lambda: str(Path("~/.cache/ca-flow/features").expanduser()))
     results_dir: str = "ca-flow-results"
     storage_path: str = "~/ray_results"  # Tune's own state; MLflow is the record of what is done
+    protocol: list[str] = field(default_factory=lambda: ["few-shot"])  # few-shot, released (README: Protocol)
 
     def validate(self) -> "SweepSpec":
         for name, values in (("alpha", self.alphas), ("beta", self.betas)):
@@ -60,7 +63,7 @@ class SweepSpec:
             if bad:
                 raise SweepError(f"{name} {bad[0]:g} is outside [0, 1]; residual ratios are fractions, "
                                  f"e.g. --{name}s 0.2,0.6")
-        for flag in ("shots", "seeds", "alphas", "methods", "adapter"):
+        for flag in ("shots", "seeds", "alphas", "methods", "adapter", "protocol"):
             if not getattr(self, flag):
                 raise SweepError(f"--{flag} needs at least one value")
         if min(self.shots) < 1:
@@ -81,6 +84,9 @@ class SweepSpec:
         unknown = [m for m in self.methods if m not in METHOD_NAMES]
         if unknown:
             raise SweepError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHOD_NAMES)}")
+        bad = [p for p in self.protocol if p not in PROTOCOLS]
+        if bad:
+            raise SweepError(f"unknown protocol {bad[0]!r}; use few-shot, released or few-shot,released")
         bad = [a for a in self.adapter if a not in ("visual", "text", "both")]
         if bad:
             raise SweepError(f"unknown adapter variant {bad[0]!r}; use visual, text or both")
@@ -128,7 +134,8 @@ def _toml_value(value) -> str:
     return json.dumps(str(value))  # a TOML basic string is a JSON string
 
 
-LIST_TYPES = {"shots": int, "seeds": int, "alphas": float, "betas": float, "methods": str, "adapter": str}
+LIST_TYPES = {"shots": int, "seeds": int, "alphas": float, "betas": float, "methods": str, "adapter": str,
+              "protocol": str}
 
 
 def parse_list(value, kind, key: str) -> list:
@@ -192,35 +199,41 @@ def build_spec(config: str | Path | None, flags: dict) -> SweepSpec:
 
 # -- the trials ------------------------------------------------------------------------------------
 
-def _points(spec: SweepSpec, method: str):
-    """(shots, hparams) per trial of one method on one dataset and seed."""
+def _points(spec: SweepSpec, method: str, protocol: str = "few-shot", dataset: str = ""):
+    """(shots, hparams) per trial of one method on one dataset and seed, under `protocol`."""
+    released = protocol == "released"
     if method == "clip-adapter":
         for k, variant, alpha, beta in itertools.product(spec.shots, spec.adapter, spec.alphas, spec.betas):
             if (variant == "visual" and beta != spec.betas[0]) or (variant == "text" and alpha != spec.alphas[0]):
                 continue  # a ratio the variant does not use: one trial is enough
-            yield k, dict(variant=variant, alpha=alpha, beta=beta, epochs=spec.epochs or epochs_for_shots(k),
+            epochs = IMAGENET_EPOCHS if released and dataset == "imagenet" else epochs_for_shots(k)
+            yield k, dict(variant=variant, alpha=alpha, beta=beta, epochs=spec.epochs or epochs,
                           lr=spec.lr, batch_size=spec.batch_size)
     elif not trains(method):
         # Nothing is fitted: one trial per (dataset, seed) is enough; it validates on the largest K.
         yield max(spec.shots), {}
     else:
         for k in spec.shots:
-            yield k, ({"epochs": spec.epochs} if spec.epochs and method == "tip-adapter-f" else {})
+            hparams = released_hparams(protocol, method, dataset)  # the released config of the dataset
+            yield k, ({**hparams, "epochs": spec.epochs} if spec.epochs and method == "tip-adapter-f" else hparams)
 
 
 def grid(spec: SweepSpec, names: list[str], weights_id: str | None = None) -> list[dict]:
     """One dict per trial; its key hashes everything that changes the trial's result."""
     weights_id = weights_id or weights_identity(spec.pretrained)
     trials = []
-    for dataset, method, seed in itertools.product(names, spec.methods, spec.seeds):
-        for shots, hparams in _points(spec, method):
+    for dataset, method, seed, protocol in itertools.product(names, spec.methods, spec.seeds, spec.protocol):
+        for shots, hparams in _points(spec, method, protocol, dataset):
             point = dict(dataset=dataset, method=method, shots=shots, seed=seed, hparams=hparams,
                          backbone=spec.backbone, weights=spec.pretrained, weights_id=weights_id,
                          views=spec.augment_views)
+            if protocol != "few-shot":  # few-shot points keep the keys they had before protocols
+                point.update(protocol=protocol, select=selection(protocol, method, dataset))
             key = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
             name = "-".join([dataset, method, f"{shots}shot", f"seed{seed}"]
                             + [f"{k}{v:g}" if isinstance(v, float) else str(v)
-                               for k, v in hparams.items() if k in ("variant", "alpha", "beta")])
+                               for k, v in hparams.items() if k in ("variant", "alpha", "beta")]
+                            + ([protocol] if protocol != "few-shot" else []))
             trials.append(dict(point, key=key, name=name))
     return trials
 

@@ -69,7 +69,10 @@ def choose(client, experiment: str, datasets: list[str] | None, methods: list[st
     for dataset, runs in sorted(by_dataset.items()):
         if datasets and dataset not in datasets:
             continue
-        mine = [r for r in runs if r.data.params.get("method", r.data.tags.get(METHOD)) in methods]
+        # A run whose choices were made on test (the released protocol, where its code does) is an
+        # oracle: never a champion.
+        mine = [r for r in runs if r.data.params.get("method", r.data.tags.get(METHOD)) in methods
+                and r.data.params.get("selection_split", "val") == "val"]
         if not mine:
             if datasets:
                 raise PromoteError(f"dataset {dataset} has no finished {' or '.join(methods)} runs in {experiment!r}; "

@@ -17,12 +17,15 @@ import time
 
 import pandas as pd
 
+from clip_adapter.protocol import selection_split
+
 from . import tracking
 from .tracking import DRIVER, HEARTBEAT, PARENT, SPEC, SWEEP_ID, TOTALS, TrackingError
 
 SWEEP_ID_FORM = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
 RESULT_COLUMNS = ["sweep_id", "key", "run_id", "dataset", "method", "shots", "seed", "adapter", "alpha", "beta",
-                  "val_acc", "test_acc", "zs_test_acc", "train_loss_final", "trial_seconds", "status", "error"]
+                  "val_acc", "test_acc", "zs_test_acc", "train_loss_final", "trial_seconds", "status", "error",
+                  "protocol", "selection_split"]
 
 
 def heartbeat_seconds() -> float:
@@ -143,7 +146,9 @@ def frame(sweep_id: str, runs: list, trials: list[dict] | None = None) -> pd.Dat
             **{k: m.get(k, float("nan")) for k in ("val_acc", "test_acc", "zs_test_acc", "train_loss_final",
                                                    "trial_seconds")},
             status="FINISHED" if done else ("FAILED" if r.info.status == "FINISHED" else r.info.status),
-            error=tags.get(tracking.ERROR, "" if done else ("no metrics" if r.info.status == "FINISHED" else ""))))
+            error=tags.get(tracking.ERROR, "" if done else ("no metrics" if r.info.status == "FINISHED" else "")),
+            protocol=p.get("protocol", point.get("protocol", "few-shot")),
+            selection_split=p.get("selection_split", selection_split(point.get("select", {})))))
         if not done:
             rows[-1].update(val_acc=float("nan"), test_acc=float("nan"))
     for t in trials or []:
@@ -151,7 +156,9 @@ def frame(sweep_id: str, runs: list, trials: list[dict] | None = None) -> pd.Dat
             hp = t["hparams"]
             rows.append(dict(key=t["key"], run_id="", dataset=t["dataset"], method=t["method"], shots=t["shots"],
                              seed=t["seed"], adapter=hp.get("variant", ""), alpha=hp.get("alpha", float("nan")),
-                             beta=hp.get("beta", float("nan")), status="SCHEDULED", error=""))
+                             beta=hp.get("beta", float("nan")), status="SCHEDULED", error="",
+                             protocol=t.get("protocol", "few-shot"),
+                             selection_split=selection_split(t.get("select", {}))))
     out = pd.DataFrame(rows, columns=RESULT_COLUMNS[1:])
     out.insert(0, "sweep_id", sweep_id)
     if trials:  # the grid's points only (a run whose key left the grid is not this sweep's any more)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clip_adapter.protocol import selection_split
+
 from . import tracking
 from .grid import POINT_PARAMS
 
@@ -36,6 +38,8 @@ class DatasetFeatures:
     zs_test_acc: float        # the same for every trial of the dataset: computed once, by the driver
     rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # (shots, seed) -> (train, val) rows
     source: dict              # name, digest of the split, source: the run's MLflow dataset input
+    whole_val: np.ndarray | None = None  # rows of the whole val split (encoded for the released protocol)
+    train_released: np.ndarray | None = None  # train's views cropped from 0.5 (released Tip-Adapter, GDA)
 
 
 def zero_shot_accuracy(features: np.ndarray, labels: np.ndarray, text: np.ndarray, scale: float) -> float:
@@ -49,27 +53,64 @@ def zero_shot_accuracy(features: np.ndarray, labels: np.ndarray, text: np.ndarra
 def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
     """Fit and evaluate one grid point on in-memory features: no Ray, no MLflow."""
     from clip_adapter import evaluate
-    from clip_adapter.methods import FewShot, make
+    from clip_adapter.methods import make
 
     train_rows, val_rows = data.rows[(t["shots"], t["seed"])]
     if len(train_rows) == 0:
         raise RuntimeError(f"{t['dataset']}: no readable train image for {t['shots']} shots, seed {t['seed']}")
-    few_shot = FewShot(data.train[train_rows], data.train_labels[train_rows], data.val[val_rows],
-                       data.val_labels[val_rows], data.text, data.logit_scale)
+    few_shot, n_select = select_on(t, data, train_rows, val_rows)
     method = make(t["method"], data.text.copy(), data.logit_scale, **t["hparams"]).to(device)
     fitted = method.fit(few_shot, t["seed"])  # sees train and val only: every choice is made on val
     method.eval()
     metrics = dict(val_acc=evaluate(method, few_shot.val, few_shot.val_labels),
                    test_acc=evaluate(method, data.test, data.test_labels), zs_test_acc=data.zs_test_acc)
+    if few_shot.epoch_val is not None and "epoch_acc" in fitted.chosen:
+        # Tip-Adapter main.py:141 reports max(best test epoch's accuracy, test after the val search).
+        metrics["test_acc"] = max(metrics["test_acc"], fitted.chosen["epoch_acc"])
     if fitted.losses:
         metrics["train_loss_final"] = fitted.losses[-1]
     per_class = np.bincount(few_shot.train_labels, minlength=len(data.classnames))
     params = {k: t[k] for k in POINT_PARAMS}
-    params.update(n_train=len(train_rows), n_val=len(val_rows), n_test=len(data.test),
+    params.update(protocol=t.get("protocol", "few-shot"), selection_split=selection_split(t.get("select", {})),
+                  n_select=n_select)
+    params.update(n_train=len(train_rows), n_val=len(few_shot.val_labels), n_test=len(data.test),
                   train_per_class_min=int(per_class.min()), train_per_class_max=int(per_class.max()))
     params.update({("adapter" if k == "variant" else k): v for k, v in method.config().items()})
     params.update({f"chosen_{k}": v for k, v in fitted.chosen.items()})
     return method.cpu(), fitted.losses, metrics, params
+
+
+def select_on(t: dict, data: DatasetFeatures, train_rows, val_rows):
+    """The FewShot a trial fits on, and how many images its choices are made on.
+
+    few-shot: val is the min(K, 4) per class of the subset. released (t["select"], from
+    clip_adapter.protocol): val is the whole val split or test, and Tip-Adapter-F's epoch split test.
+    """
+    from clip_adapter.methods import FewShot
+
+    where = t.get("select", {"val": "few-shot", "epoch": "val"})
+    if where["val"] == "test":
+        val, val_labels = data.test, data.test_labels
+    elif where["val"] == "whole":
+        if data.whole_val is None or not len(data.whole_val):
+            raise RuntimeError(f"{t['dataset']}: the released protocol searches on the whole val split, "
+                               f"and this dataset has no readable val images")
+        val, val_labels = data.val[data.whole_val], data.val_labels[data.whole_val]
+    else:
+        val, val_labels = data.val[val_rows], data.val_labels[val_rows]
+    epoch_val = (data.test, data.test_labels) if where["epoch"] == "test" else None
+    train = data.train
+    if where.get("crops"):
+        if data.train_released is None:
+            raise RuntimeError(f"{t['dataset']}: the released protocol trains {t['method']} on views cropped "
+                               f"from {where['crops']:g}, and they were not encoded")
+        train = data.train_released
+    few_shot = FewShot(train[train_rows], data.train_labels[train_rows], val, val_labels, data.text,
+                       data.logit_scale, epoch_val)
+    chooses = t["method"] != "zero-shot"  # CLIP-Adapter's ratio is chosen across trials on val_acc
+    n_select = (len(val_labels) + (len(data.test_labels) if epoch_val is not None and where["val"] != "test" else 0)
+                if chooses else 0)
+    return few_shot, n_select
 
 
 # Reused trial actors keep the datasets they fetched: consecutive trials are mostly of one dataset.

@@ -9,7 +9,7 @@ from importlib import import_module
 
 # name -> the module that registers it, in the order tables show them.
 _MODULES = {"clip-adapter": "clip_adapter", "zero-shot": "zero_shot", "linear-probe": "linear_probe",
-            "tip-adapter": "tip_adapter", "tip-adapter-f": "tip_adapter"}
+            "tip-adapter": "tip_adapter", "tip-adapter-f": "tip_adapter", "gda": "gda"}
 NAMES = tuple(_MODULES)
 # Methods that fit nothing: one trial per (dataset, seed) is enough, and its figure stands in every
 # shots column. Said here, not on the class, so a sweep can plan its grid without torch.
@@ -38,11 +38,8 @@ def trains(name: str) -> bool:
 
 
 def __getattr__(name: str):
-    if name == "METHODS":  # every method, loaded
-        for method in NAMES:
-            get(method)
-        from .base import METHODS
-        return METHODS
+    if name == "METHODS":  # every method, loaded, in NAMES' order whatever order they were imported in
+        return {method: get(method) for method in NAMES}
     if name in ("FewShot", "Fit", "Method", "register"):
         from . import base
         return getattr(base, name)

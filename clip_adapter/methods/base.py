@@ -23,6 +23,9 @@ class FewShot:
     val_labels: np.ndarray     # [m]
     text: np.ndarray           # [C, D] L2-normalised text classifier
     logit_scale: float
+    # (features, labels) a trained method chooses its epoch on, where it is not val: only the
+    # released protocol sets it (Tip-Adapter-F's released code keeps its best test epoch).
+    epoch_val: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass

@@ -17,11 +17,18 @@ from ..adapter import zero_shot_logits
 from ..train import seed_everything
 from . import Fit, Method, register
 
-# The released search_hp's lists for search_scale [7, 3], search_step [200, 20] (its ImageNet and
-# OxfordPets configs; other datasets' configs widen the scale, see the README's Protocol).
 SEARCH_SCALE, SEARCH_STEP = (7, 3), (200, 20)
-BETAS = tuple(i * (SEARCH_SCALE[0] - 0.1) / SEARCH_STEP[0] + 0.1 for i in range(SEARCH_STEP[0]))
-ALPHAS = tuple(i * (SEARCH_SCALE[1] - 0.1) / SEARCH_STEP[1] + 0.1 for i in range(SEARCH_STEP[1]))
+
+
+def search_lists(scale=SEARCH_SCALE, step=SEARCH_STEP) -> tuple[tuple, tuple]:
+    """(betas, alphas) as the released search_hp builds them from search_scale [beta, alpha]."""
+    return (tuple(i * (scale[0] - 0.1) / step[0] + 0.1 for i in range(step[0])),
+            tuple(i * (scale[1] - 0.1) / step[1] + 0.1 for i in range(step[1])))
+
+
+# The released search_hp's lists for search_scale [7, 3] (its ImageNet and OxfordPets configs): the
+# few-shot protocol's grid for every dataset; the released protocol takes each config's own scale.
+BETAS, ALPHAS = search_lists()
 
 
 def cache_keys(train: np.ndarray) -> torch.Tensor:
@@ -40,7 +47,7 @@ def cache_logits(affinity: torch.Tensor, values: torch.Tensor, beta: float) -> t
 
 
 def search(clip: torch.Tensor, affinity: torch.Tensor, values: torch.Tensor,
-           labels: torch.Tensor) -> tuple[float, float]:
+           labels: torch.Tensor, betas=BETAS, alphas=ALPHAS) -> tuple[float, float]:
     """(alpha, beta) as the released search_hp finds them, here on the few-shot val split.
 
     beta outer over BETAS, alpha inner over ALPHAS; the best starts at 0 correct and only a strictly
@@ -51,9 +58,9 @@ def search(clip: torch.Tensor, affinity: torch.Tensor, values: torch.Tensor,
     happen on a tiny val split (1 shot, few classes) or with random backbone weights.
     """
     best, alpha, beta = 0, 0.0, 0.0
-    for b in BETAS:
+    for b in betas:
         cache = cache_logits(affinity, values, b)
-        for a in ALPHAS:
+        for a in alphas:
             correct = int((clip + cache * a).argmax(-1).eq(labels).sum())
             if correct > best:
                 best, alpha, beta = correct, a, b
@@ -65,9 +72,10 @@ class TipAdapter(Method):
     name = "tip-adapter"
 
     def __init__(self, text: torch.Tensor, logit_scale: float, alpha: float = 1.0, beta: float = 1.0,
-                 n_keys: int = 0, search: bool = True):
+                 n_keys: int = 0, search: bool = True, search_scale: tuple = SEARCH_SCALE):
         super().__init__()
         self.alpha, self.beta, self.logit_scale, self.search = alpha, beta, logit_scale, search
+        self.search_scale = tuple(search_scale)
         classes, dim = text.shape
         self.register_buffer("text", text.clone())
         self.register_buffer("keys", torch.zeros(n_keys, dim))
@@ -91,7 +99,8 @@ class TipAdapter(Method):
                 val = torch.from_numpy(data.val).to(self.text.device)
                 self.alpha, self.beta = search(zero_shot_logits(val, self.text, self.logit_scale),
                                                self.affinity(val), self.values,
-                                               torch.from_numpy(data.val_labels).to(val.device))
+                                               torch.from_numpy(data.val_labels).to(val.device),
+                                               *search_lists(self.search_scale))
         return {"alpha": self.alpha, "beta": self.beta}
 
     def fit(self, data, seed):
@@ -99,7 +108,8 @@ class TipAdapter(Method):
         return Fit(chosen=self._search(data))
 
     def config(self):
-        return dict(alpha=self.alpha, beta=self.beta, n_keys=len(self.keys), search=self.search)
+        return dict(alpha=self.alpha, beta=self.beta, n_keys=len(self.keys), search=self.search,
+                    search_scale=list(self.search_scale))
 
 
 @register
@@ -107,9 +117,9 @@ class TipAdapterF(TipAdapter):
     """The cache keys become trainable, initialised from the cache; AdamW, cosine, batch 256."""
     name = "tip-adapter-f"
 
-    def __init__(self, text, logit_scale, alpha=1.0, beta=1.0, n_keys=0, search=True,
+    def __init__(self, text, logit_scale, alpha=1.0, beta=1.0, n_keys=0, search=True, search_scale=SEARCH_SCALE,
                  epochs: int = 20, lr: float = 0.001, batch_size: int = 256):
-        super().__init__(text, logit_scale, alpha, beta, n_keys, search)
+        super().__init__(text, logit_scale, alpha, beta, n_keys, search, search_scale)
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
 
     def fit(self, data, seed):
@@ -122,8 +132,10 @@ class TipAdapterF(TipAdapter):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         feats = torch.from_numpy(data.train).to(device)
         labels = torch.from_numpy(data.train_labels).to(device)
-        val = torch.from_numpy(data.val).to(device)
-        val_labels = torch.from_numpy(data.val_labels).to(device)
+        # The split the epoch is chosen on: val, unless the released protocol hands test here.
+        epoch_split = (data.val, data.val_labels) if data.epoch_val is None else data.epoch_val
+        val = torch.from_numpy(epoch_split[0]).to(device)
+        val_labels = torch.from_numpy(epoch_split[1]).to(device)
         rng = np.random.default_rng(seed)
         n, views = feats.shape[:2]
         losses, best = [], (-1.0, 0, self.keys.clone())
@@ -152,7 +164,10 @@ class TipAdapterF(TipAdapter):
                     best = (correct, epoch, self.keys)
         self.keys = best[2]
         chosen = self._search(data)
-        return Fit(chosen={**chosen, "epoch": best[1]}, losses=losses)
+        # The accuracy of the chosen epoch at the initial alpha, beta on its split: the released code
+        # reports max(this on test, test after the search) (main.py:141).
+        epoch_acc = max(best[0], 0) / len(val_labels) if len(val_labels) else float("nan")
+        return Fit(chosen={**chosen, "epoch": best[1], "epoch_acc": epoch_acc}, losses=losses)
 
     def config(self):
         return {**super().config(), "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size}
