@@ -247,6 +247,7 @@ def ray_worker(address: str, logs: Path, env: dict, cwd: Path, temp_dir: Path, n
 def model_server(model_uri: str, logs: Path, env: dict, cwd: Path):
     """`mlflow models serve` on a free port, retried on another one if that was taken meanwhile.
     Yields the server's url."""
+    env = dict(env, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # it runs `uvicorn` from this venv
     for attempt in range(3):
         port = free_port()
         proc = Proc("mlflow models serve", [MLFLOW, "models", "serve", "-m", model_uri, "--env-manager", "local",
