@@ -80,7 +80,7 @@ class Outcome:
 
     @property
     def failed(self) -> pd.DataFrame:
-        return self.results[self.results["status"].isin(["FAILED", "KILLED"])]
+        return self.results[self.results["status"] != "FINISHED"]  # never "0 failed" with one undone
 
 
 class Interrupted(Exception):
@@ -326,9 +326,10 @@ def close(client, exp_id, parent_id, sweep_id, planned: Planned, signum: int, er
     try:
         tracking.close_unfinished(client, exp_id, parent_id, "KILLED" if signum else "FAILED", errors)
         results = sweeps.frame(sweep_id, tracking.children(client, exp_id, parent_id), planned.trials)
-        # A trial Tune gave up on before it had a run (the store failed as it began) failed all the same.
-        lost = (results["run_id"] == "") & results["key"].isin(list(errors))
-        results.loc[lost, "status"], results.loc[lost, "error"] = "FAILED", results.loc[lost, "key"].map(errors)
+        # No run: Tune gave up before it had one, or its record never reached the store. Failed; resume runs it.
+        lost = (results["run_id"] == "") & (results["key"].isin(list(errors)) | (not signum))
+        results.loc[lost, "status"] = "FAILED"
+        results.loc[lost, "error"] = [errors.get(k, "its record never reached the store") for k in results["key"][lost]]
         out_dir = Path(spec.results_dir).expanduser().resolve()
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{sweep_id}.parquet"
