@@ -35,6 +35,7 @@ Processes a scenario starts are stopped when it returns or fails, by their own s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -120,6 +121,30 @@ class Bench:
 
     def __enter__(self):
         return self
+
+    # -- the trials' barrier (workflows/trial.py barrier_for_tests): where a fault lands ---------
+    def barrier_env(self, env: dict | None = None) -> dict:
+        """`env` with the barrier on: every trial (attempt) waits at its start until released."""
+        self.barrier = self.work / "barrier"
+        self.barrier.mkdir(exist_ok=True)
+        return dict(env or self.env, CA_FLOW_TEST_BARRIER=str(self.barrier))
+
+    def waiting(self) -> dict[str, dict]:
+        """key -> {pid, name, dataset} of the trial attempts at the barrier and not released."""
+        out = {}
+        for path in self.barrier.glob("*.started"):
+            key = path.name[:-len(".started")]
+            if not (self.barrier / f"{key}.release").exists():
+                with contextlib.suppress(OSError, ValueError):
+                    out[key] = json.loads(path.read_text())
+        return out
+
+    def release(self, *keys: str) -> None:
+        for key in keys:
+            (self.barrier / f"{key}.release").touch()
+
+    def release_all(self) -> None:
+        (self.barrier / "release").touch()
 
     def __exit__(self, *exc):
         for p in reversed(self.started):
