@@ -71,14 +71,14 @@ def test_resume_leaves_every_finished_run_of_a_multi_dataset_sweep_untouched(tmp
         assert all(len(r["losses"]) == 3 for r in before.values())  # --epochs 3: one loss per epoch
 
         rc, out = faults._resume(b, b.sweep_id())
-        assert rc == 0, out[-3000:]
-        assert f"resuming sweep {b.sweep_id()}: 3 of 4 trials already done, 1 to run" in out, out[-3000:]
-        assert faults.DONE.match(faults.own_last_line(out)[0]).groups()[1:] == ("4", "0"), out[-3000:]
         _, children = b.runs()
         after = {c.data.tags[faults.KEY]: c for c in children}
         assert len(children) == 4 and set(after) == set(before) | {unfinished}
         for key, record in before.items():  # the same run, attempt, end, metrics and loss curve
             assert finished_record(client, after[key]) == record, key
+        assert rc == 0, out[-3000:]
+        assert f"resuming sweep {b.sweep_id()}: 3 of 4 trials already done, 1 to run" in out, out[-3000:]
+        assert faults.DONE.match(faults.own_last_line(out)[0]).groups()[1:] == ("4", "0"), out[-3000:]
         assert faults.is_done(after[unfinished]) and after[unfinished].data.tags[faults.ATTEMPT] == "2"
 
 
@@ -99,9 +99,11 @@ def kill_attempts(b: faults.Bench, sweep: procs.Proc, key: str, n: int) -> list[
 @pytest.mark.slow
 @pytest.mark.parametrize("retries", [0, 1])
 def test_max_retries_n_gives_a_lost_worker_exactly_n_retries(tmp_path, retries):
+    make_colour_tree(tmp_path / "data" / "colours", per_class=4)
     with faults.Bench(tmp_path, f"retries-{retries}") as b:
         env = b.barrier_env()
-        sweep = b.start("sweep", sweep_args(b, "textile", "0.2", "--max-retries", str(retries)), env)
+        sweep = b.start("sweep", sweep_args(b, "colours", "0.2", "--max-retries", str(retries),
+                                            "--data-root", str(tmp_path / "data")), env)
         killed = kill_attempts(b, sweep, key := procs.wait_for("the trial at the barrier",
                                                                 lambda: next(iter(b.waiting()), None), 240,
                                                                 [sweep]), retries + 1)
