@@ -97,8 +97,8 @@ def test_report_paper_promote_predict(swept):
         moved = overall.data.metrics["val_acc"] > champion.data.metrics["val_acc"]
         assert p["run_id"] == overall.info.run_id
         assert p["action"].startswith("moved v1 -> v2" if moved else ("already" if overall is champion else "kept v1"))
-    # predict's top class and score are the champion adapter's, read directly from its files.
-    from clip_adapter import AdapterClassifier
+    # predict's top class and score are CLIP-Adapter's formula on the champion's files (tests/oracles.py).
+    from oracles import clip_adapter_top
 
     image = next((work / "data" / "imagenet" / "images" / "val").rglob("*.JPEG"))
     predicted = runner.invoke(app, ["predict", "--dataset", "imagenet", "--tracking-uri", uri, "--json", str(image)])
@@ -106,6 +106,6 @@ def test_report_paper_promote_predict(swept):
     (got,) = json.loads(predicted.stdout)["predictions"]
     version = client.get_model_version_by_alias("clip-adapter-imagenet", "champion")
     folder = client.download_artifacts(version.run_id, "adapter", str(work / "oracle"))
-    want = AdapterClassifier(folder, device="cpu").predict([str(image)], 3)[0]
+    want = clip_adapter_top(folder, image, 3)
     assert [t["label"] for t in got["top"]] == [c for c, _ in want]
     assert [t["score"] for t in got["top"]] == pytest.approx([s for _, s in want], abs=1e-6)  # JSON has 6 places

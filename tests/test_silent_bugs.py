@@ -164,6 +164,35 @@ def test_champion_never_moves_to_a_better_run_on_other_weights_or_backbone(tmp_p
         assert client.get_model_version_by_alias(name, "champion").version == mv.version
     # the same backbone and weights, better on val: that one would move it (the rule is not "never move")
     same = run("RN50-quickgelu", "tag-openai", 0.60)
-    assert promote(client, "colours", same, "champion", dry_run=True).action == f"would register, moving from v{mv.version}"
+    moving = promote(client, "colours", same, "champion", dry_run=True).action
+    assert moving == f"would register, moving from v{mv.version}"
     assert promote(client, "colours", run("RN50-quickgelu", "tag-openai", 0.40), "champion").action.startswith(
         f"kept v{mv.version} (val_acc 0.5000 >= 0.4000")
+
+
+# -- prediction: a saved adapter predicts CLIP-Adapter's released forward pass, written out ---------
+
+
+@pytest.mark.parametrize("variant", ["visual", "text", "both"])
+def test_a_saved_adapter_predicts_what_clip_adapters_formula_gives(tmp_path, tiny, colour_root, variant):
+    from oracles import clip_adapter_top
+
+    from clip_adapter import AdapterClassifier, AdapterMeta, make, save_adapter
+    from clip_adapter.backbone import weights_identity
+    from clip_adapter.features import text_classifier
+
+    names = ["red", "green", "blue"]
+    text = torch.from_numpy(text_classifier(tiny, names, "a photo of a {}."))
+    method = make("clip-adapter", text, tiny.logit_scale, alpha=0.7, beta=0.4, variant=variant)
+    torch.manual_seed(3)
+    for p in method.parameters():  # far from zero-shot, so that a wrong blend shows
+        torch.nn.init.normal_(p, std=0.5)
+    save_adapter(tmp_path, method.eval(), text, AdapterMeta(
+        method="clip-adapter", config=method.config(), backbone=TINY, weights="random",
+        weights_id=weights_identity("random"), classnames=names, template="a photo of a {}.",
+        logit_scale=tiny.logit_scale, dataset="colours"))
+    image = next((colour_root / "colours" / "green").iterdir())
+    got = AdapterClassifier(tmp_path, device="cpu").predict([image], 3)[0]
+    want = clip_adapter_top(tmp_path, image, 3)
+    assert [c for c, _ in got] == [c for c, _ in want]
+    assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-5)
