@@ -149,9 +149,9 @@ def barrier_for_tests(t: dict, recorded) -> None:
 
     ray.wait([recorded], timeout=60)  # the start is recorded before a test can act on .started
     folder = Path(folder)
-    (folder / f"{t['key']}.started.tmp").write_text(json.dumps(dict(pid=os.getpid(), name=t["name"],
-                                                                       dataset=t["dataset"])))
-    (folder / f"{t['key']}.started.tmp").replace(folder / f"{t['key']}.started")
+    tmp = folder / f"{t['key']}.started.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "name": t["name"], "dataset": t["dataset"]}))
+    tmp.replace(folder / f"{t['key']}.started")
     while not ((folder / "release").exists() or (folder / f"{t['key']}.release").exists()):
         time.sleep(0.05)
 
