@@ -111,7 +111,7 @@ def test_max_retries_n_gives_a_lost_worker_exactly_n_retries(tmp_path, retries):
         deadline = time.monotonic() + 240
         while sweep.alive() and time.monotonic() < deadline:
             again = b.waiting().get(key)
-            assert not (again and again["pid"] not in killed), f"attempt {retries + 2} started: {sweep.output()[-2000:]}"
+            assert not (again and again["pid"] not in killed), f"attempt {retries + 2}: {sweep.output()[-2000:]}"
             time.sleep(0.2)
         rc = sweep.wait(10)
         out = sweep.output()
