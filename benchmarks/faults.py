@@ -26,6 +26,10 @@ FINISHED run with metrics at the end, `duplicate runs` runs beyond one per trial
 left SCHEDULED or RUNNING, `seconds to recover` the time from the fault to a complete store (re-running
 what the fault cost included, and the CLI's own start-up: Ray, imports).
 
+Where a fault lands is decided by the trials' test barrier (CA_FLOW_TEST_BARRIER, workflows/trial.py):
+every trial attempt waits at its start, inside its RUNNING run, until the scenario releases it; a
+scenario lets a few through, holds the next ones, and injects its fault then (Bench.hold_after).
+
 Every scenario function takes a work dir (and, optionally, a feature store to share: every scenario
 samples the same images) and returns a dict: those figures plus what tests/test_faults.py asserts
 (exit codes, last lines, the store's state right after the fault, the time of each step in `marks`).
@@ -477,12 +481,13 @@ def mlflow_blip(work: Path, cache: Path | None = None) -> dict:
         short = dict(b.env, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="3")
         with procs.mlflow_server(b.db, artifacts, b.logs, b.env, b.work) as (url, server):
             b.uri = url
-            sweep = b.start("sweep", b.sweep_args(n, 400, "--max-retries", "0"), short)
-            b.wait_done(3, [sweep, server])
+            sweep = b.start("sweep", b.sweep_args(n, EPOCHS, "--max-retries", "0"), b.barrier_env(short))
+            b.hold_after(3, [sweep, server])
             fault = b.mark("fault")
             frozen = procs.session_pids(server.pid)
             for pid in frozen:
                 os.kill(pid, signal.SIGSTOP)
+            b.release_all()  # the held trials end while it hangs, and later ones start meanwhile
             try:
                 # Long enough that trials fail in flight and new ones fail before they can make a run
                 # (a new trial actor starts in a few seconds, then its first request times out after 3 s).
@@ -508,15 +513,17 @@ def mlflow_blip(work: Path, cache: Path | None = None) -> dict:
 def submit_stop(work: Path, cache: Path | None = None) -> dict:
     """`sweep --submit` to a head's job API returns at once; `status` follows the job through MLflow;
     `ray job stop` interrupts it (runs KILLED, resumable); resume completes it."""
-    n = 6  # enough trials (~1 s each) that the sweep still runs after a `status` call
+    n = 2
     with Bench(work, "submit", cache) as b:
-        env = b.cluster_env()  # the job API answers only requests that carry the token
+        # The job API answers only requests that carry the token; the barrier reaches the job's trials
+        # through the head, whose raylet starts their workers.
+        env = b.barrier_env(b.cluster_env())
         with procs.ray_head(b.logs, env, b.work, b.ray_tmp, num_cpus=2, dashboard=True) as (gcs, api, head):
             b.started.append(head)
             b.mark("head up")
             anonymous = anonymous_answer(api)
             t0 = time.monotonic()
-            rc, out = b.run("submit", b.sweep_args(n, 800) + ["--submit", "--address", api], timeout=120, env=env)
+            rc, out = b.run("submit", b.sweep_args(n, EPOCHS) + ["--submit", "--address", api], timeout=120, env=env)
             submit_s = time.monotonic() - t0
             found = re.search(r"submitted job (\S+): sweep (\S+)", out)
             assert rc == 0 and found, out
@@ -529,7 +536,7 @@ def submit_stop(work: Path, cache: Path | None = None) -> dict:
                 return [(c.returncode, e + o) for c in calls for o, e in [c.communicate(timeout=timeout)]]
 
             try:
-                b.wait_done(1, [head])
+                b.hold_after(1, [head])  # one trial finished, the next held: the sweep is running
                 running_state = b.status(sid)
                 fault = b.mark("fault")
                 (stop_rc, stop_out), = ray_job("stop", timeout=150)
@@ -538,6 +545,7 @@ def submit_stop(work: Path, cache: Path | None = None) -> dict:
                 after = b.snapshot()
                 state = b.status(sid)["status"]
                 (_, logs), (_, job_status) = ray_job("logs", "status")
+                b.release_all()  # resume drives the same cluster: its trials pass the barrier
                 resume_rc, resume_out = _resume(b, sid, "--address", gcs, env=env)
                 recover = time.monotonic() - fault
                 end = b.snapshot()
