@@ -26,7 +26,7 @@ FINISHED run with metrics at the end, `duplicate runs` runs beyond one per trial
 left SCHEDULED or RUNNING, `seconds to recover` the time from the fault to a complete store (re-running
 what the fault cost included, and the CLI's own start-up: Ray, imports).
 
-Where a fault lands is decided by the trials' test barrier (CA_FLOW_TEST_BARRIER, workflows/trial.py):
+Where a fault lands is decided by the trials' test barrier (workflows/barrier.py, point `trial`):
 every trial attempt waits at its start, inside its RUNNING run, until the scenario releases it; a
 scenario lets a few through, holds the next ones, and injects its fault then (Bench.hold_after).
 
@@ -127,15 +127,15 @@ class Bench:
     def __enter__(self):
         return self
 
-    # -- the trials' barrier (workflows/trial.py barrier_for_tests): where a fault lands ---------
+    # -- the trials' barrier (workflows/barrier.py, point `trial`): where a fault lands ----------
     def barrier_env(self, env: dict | None = None) -> dict:
-        """`env` with the barrier on: every trial (attempt) waits at its start until released."""
-        self.barrier = self.work / "barrier"
-        self.barrier.mkdir(exist_ok=True)
-        return dict(env or self.env, CA_FLOW_TEST_BARRIER=str(self.barrier))
+        """`env` with the barrier on for trials: every attempt waits at its start until released."""
+        self.barrier = self.work / "barrier" / "trial"
+        self.barrier.mkdir(parents=True, exist_ok=True)
+        return dict(env or self.env, CA_FLOW_TEST_BARRIER=str(self.barrier.parent))
 
     def waiting(self) -> dict[str, dict]:
-        """key -> {pid, name, dataset} of the trial attempts at the barrier and not released."""
+        """key -> {pid, trial, dataset} of the trial attempts at the barrier and not released."""
         out = {}
         for path in self.barrier.glob("*.started"):
             key = path.name[:-len(".started")]

@@ -2,8 +2,8 @@
 `resume` leaves finished grid points untouched, across datasets; `--max-retries N` gives a lost
 worker exactly N more attempts.
 
-Each trial attempt waits at workflows/trial.py's test barrier (CA_FLOW_TEST_BARRIER) right after its
-run is started; the test releases it, or kills its worker there (benchmarks/faults.py Bench).
+Each trial attempt waits at the test barrier (workflows/barrier.py, point `trial`) right after its run
+is started; the test releases it, or kills its worker there (benchmarks/faults.py Bench).
 """
 from __future__ import annotations
 

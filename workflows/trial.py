@@ -4,18 +4,16 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from . import tracking
+from . import barrier, tracking
 from .grid import POINT_PARAMS
 
 
@@ -104,7 +102,11 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     # First of all, so the run starts with the trial (a worker lost during the imports below still
     # leaves its run RUNNING, attempt counted); by the trial's clock, and nothing waits for MLflow.
     recorded = recorder.start.remote(t, int(time.time() * 1000))
-    barrier_for_tests(t, recorded)
+    if os.environ.get(barrier.VARIABLE):  # a test holds the trial (workflows/barrier.py) once its start is recorded
+        import ray
+
+        ray.wait([recorded], timeout=60)
+        barrier.barrier("trial", t["key"], trial=t["name"], dataset=t["dataset"])
     started = time.perf_counter()
     import torch
     from ray import tune
@@ -132,28 +134,6 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
         return
     recorder.finish.remote(t["key"], params, metrics, losses, files, data.source, math.ceil(time.time() * 1000))
     tune.report(metrics)
-
-
-BARRIER = "CA_FLOW_TEST_BARRIER"
-
-
-def barrier_for_tests(t: dict, recorded) -> None:
-    """A test hook, off unless CA_FLOW_TEST_BARRIER names a folder: fault tests decide where a fault
-    lands by it, not by how long training takes. Once the recorder has the trial's start, the trial
-    writes <folder>/<key>.started (its worker's pid, attempt by attempt) and waits until
-    <folder>/release or <folder>/<key>.release exists."""
-    folder = os.environ.get(BARRIER)
-    if not folder:
-        return
-    import ray
-
-    ray.wait([recorded], timeout=60)  # the start is recorded before a test can act on .started
-    folder = Path(folder)
-    tmp = folder / f"{t['key']}.started.tmp"
-    tmp.write_text(json.dumps({"pid": os.getpid(), "name": t["name"], "dataset": t["dataset"]}))
-    tmp.replace(folder / f"{t['key']}.started")
-    while not ((folder / "release").exists() or (folder / f"{t['key']}.release").exists()):
-        time.sleep(0.05)
 
 
 class NodeError(RuntimeError):

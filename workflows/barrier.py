@@ -1,0 +1,28 @@
+"""A test hook: where a fault lands is decided by the test, not by timing or epoch counts.
+
+With CA_FLOW_TEST_BARRIER=<dir> set, and only at the points whose folder <dir>/<point>/ the test made
+(`encode`: a crop task of the encoding pipeline; `trial`: a trial attempt, once the recorder holds
+its start), the code writes <dir>/<point>/<name>.started (JSON: its pid and `info`) and waits until
+<dir>/<point>/release or <dir>/<point>/<name>.release exists. Unset (always, outside tests), it
+returns at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+VARIABLE = "CA_FLOW_TEST_BARRIER"
+
+
+def barrier(point: str, name: str, **info) -> None:
+    root = os.environ.get(VARIABLE)
+    folder = Path(root, point) if root else None
+    if folder is None or not folder.is_dir():
+        return
+    tmp = folder / f"{name}.started.tmp"
+    tmp.write_text(json.dumps(dict(pid=os.getpid(), **info)))
+    tmp.replace(folder / f"{name}.started")  # whole when seen
+    while not ((folder / "release").exists() or (folder / f"{name}.release").exists()):
+        time.sleep(0.05)
