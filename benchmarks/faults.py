@@ -26,6 +26,10 @@ FINISHED run with metrics at the end, `duplicate runs` runs beyond one per trial
 left SCHEDULED or RUNNING, `seconds to recover` the time from the fault to a complete store (re-running
 what the fault cost included, and the CLI's own start-up: Ray, imports).
 
+Where a fault lands is decided by the trials' test barrier (workflows/barrier.py, point `trial`):
+every trial attempt waits at its start, inside its RUNNING run, until the scenario releases it; a
+scenario lets a few through, holds the next ones, and injects its fault then (Bench.hold_after).
+
 Every scenario function takes a work dir (and, optionally, a feature store to share: every scenario
 samples the same images) and returns a dict: those figures plus what tests/test_faults.py asserts
 (exit codes, last lines, the store's state right after the fault, the time of each step in `marks`).
@@ -35,6 +39,7 @@ Processes a scenario starts are stopped when it returns or fails, by their own s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -55,6 +60,7 @@ import procs  # noqa: E402
 
 # Every scenario samples the same few-shot images (shots x seeds): one feature store serves them all.
 SHOTS, SEEDS, VIEWS = [1, 2], [1, 2], 2
+EPOCHS = 5  # where a fault lands is the trials' barrier's business (Bench.hold_after), not their length
 INTERRUPTED = re.compile(r"^interrupted: (\d+) of (\d+) trials done; resume with: ca-flow resume (\S+)$")
 DONE = re.compile(r"^sweep (\S+): (\d+) trials, (\d+) failed, ")
 KEY, ATTEMPT = "ca_flow.trial_key", "ca_flow.attempt"
@@ -120,6 +126,45 @@ class Bench:
 
     def __enter__(self):
         return self
+
+    # -- the trials' barrier (workflows/barrier.py, point `trial`): where a fault lands ----------
+    def barrier_env(self, env: dict | None = None) -> dict:
+        """`env` with the barrier on for trials: every attempt waits at its start until released."""
+        self.barrier = self.work / "barrier" / "trial"
+        self.barrier.mkdir(parents=True, exist_ok=True)
+        return dict(env or self.env, CA_FLOW_TEST_BARRIER=str(self.barrier.parent))
+
+    def waiting(self) -> dict[str, dict]:
+        """key -> {pid, trial, dataset} of the trial attempts at the barrier and not released."""
+        out = {}
+        for path in self.barrier.glob("*.started"):
+            key = path.name[:-len(".started")]
+            if not (self.barrier / f"{key}.release").exists():
+                with contextlib.suppress(OSError, ValueError):
+                    out[key] = json.loads(path.read_text())
+        return out
+
+    def release(self, *keys: str) -> None:
+        for key in keys:
+            (self.barrier / f"{key}.release").touch()
+
+    def release_all(self) -> None:
+        (self.barrier / "release").touch()
+
+    def hold_after(self, n: int, watch: list[procs.Proc], timeout: float = 240) -> tuple[dict, dict]:
+        """Let the first `n` trials through the barrier and hold every later one: (held trials, the
+        store) once those `n` are finished and at least one more waits inside its RUNNING run."""
+        released: set[str] = set()
+
+        def step():
+            for key in self.waiting():
+                if len(released) < n:
+                    self.release(key)
+                    released.add(key)
+            held, snap = self.waiting(), self.snapshot()
+            return snap["done"] >= n and held and (held, snap)
+        return procs.wait_for(f"{n} trials finished and the next held at the barrier", step, timeout, watch,
+                              interval=0.2)
 
     def __exit__(self, *exc):
         for p in reversed(self.started):
@@ -228,12 +273,6 @@ def is_done(run) -> bool:
     return run.info.status == "FINISHED" and {"val_acc", "test_acc"} <= set(run.data.metrics)
 
 
-def trial_actors(sid: int) -> dict[int, str]:
-    """Tune's trial actors busy with a trial, in session `sid` only: a function trainable's actor is
-    `ray::ImplicitFunc`, titled `ray::ImplicitFunc.train` while it runs one."""
-    return procs.pids_matching(r"^ray::ImplicitFunc\.train", sid)
-
-
 def anonymous_answer(api: str) -> int:
     """The HTTP status the job API gives a caller without the token (401 with token auth on)."""
     import urllib.error
@@ -254,15 +293,6 @@ def no_traceback(b: Bench, *more: str) -> bool:
     return "Traceback" not in b.logs_text() + "".join(more)
 
 
-def in_trial(b: Bench, sessions: list[int], done: int = 0):
-    """(busy trial actors, snapshot) once every busy trial actor of `sessions` is inside its run (as
-    many RUNNING runs as busy actors, the runs read after the actors) and `done` runs are finished:
-    a kill then lands in the middle of a trial, not between two."""
-    actors = {pid: cmd for sid in sessions for pid, cmd in trial_actors(sid).items()}
-    snap = b.snapshot()
-    return actors and snap["done"] >= done and len(running(snap)) == len(actors) and (actors, snap)
-
-
 def _resume(b: Bench, sweep_id: str, *extra: str, env: dict | None = None) -> tuple[int, str]:
     return b.run(f"resume-{len(b.started)}", ["resume", sweep_id, "--tracking-uri", b.uri, *extra], env=env)
 
@@ -277,11 +307,10 @@ def _reused(before: dict, after_runs: dict, keys) -> dict:
 def sigint(work: Path, cache: Path | None = None) -> dict:
     """SIGINT mid-sweep, trials in flight: exit 130 with one line, unfinished runs KILLED, the Parquet
     from MLflow; then resume reuses the KILLED runs and runs only what is not done."""
-    n = 4
+    n = 2
     with Bench(work, "sigint", cache) as b:
-        sweep = b.start("sweep", b.sweep_args(n, 400))
-        _, before = procs.wait_for("3 finished runs and every busy trial inside its run",
-                                   lambda: in_trial(b, [sweep.pid], 3), 240, [sweep], interval=0.2)
+        sweep = b.start("sweep", b.sweep_args(n, EPOCHS), b.barrier_env())
+        held, before = b.hold_after(3, [sweep])
         fault = b.mark("fault")
         sweep.signal(signal.SIGINT)
         rc = sweep.wait(120)
@@ -298,7 +327,7 @@ def sigint(work: Path, cache: Path | None = None) -> dict:
         recover = time.monotonic() - fault
         end = b.snapshot()
         return dict(b.measure(trials(n)), scenario="SIGINT, then resume", sweep_id=sid, rc=rc, out=out,
-                    **said(out), stopped_s=stopped_s, running_at_fault=running(before),
+                    **said(out), stopped_s=stopped_s, running_at_fault=sorted(held),
                     finished_at_fault=running(before, "FINISHED"),
                     after_fault=after, parquet=parquet, resume_rc=resume_rc,
                     resume_out=resume_out, resume_last_line=own_last_line(resume_out)[0],
@@ -310,11 +339,10 @@ def driver_kill(work: Path, cache: Path | None = None) -> dict:
     """kill -9 of the driver mid-trial, its own Ray with it (as a crash of its machine would): its runs
     stay RUNNING, `sweeps` shows it interrupted at once (the driver's pid is gone), and resume adopts
     it without --force, reusing those runs."""
-    n = 4
+    n = 2
     with Bench(work, "driver-kill", cache) as b:
-        sweep = b.start("sweep", b.sweep_args(n, 400))
-        procs.wait_for("3 finished runs and every busy trial inside its run", lambda: in_trial(b, [sweep.pid], 3),
-                       240, [sweep], interval=0.2)
+        sweep = b.start("sweep", b.sweep_args(n, EPOCHS), b.barrier_env())
+        held, _ = b.hold_after(3, [sweep])
         fault = b.mark("fault")
         os.kill(sweep.pid, signal.SIGKILL)
         # The local Ray the driver started shares its fate, but not at once: a trial could still finish
@@ -330,7 +358,8 @@ def driver_kill(work: Path, cache: Path | None = None) -> dict:
         recover = time.monotonic() - fault
         end = b.snapshot()
         return dict(b.measure(trials(n)), scenario="kill -9 driver, then resume", sweep_id=sid, rc=rc,
-                    after_fault=after, left_behind=len(left), state_after_fault=state, resume_rc=resume_rc,
+                    after_fault=after, running_at_fault=sorted(held), left_behind=len(left), state_after_fault=state,
+                    resume_rc=resume_rc,
                     resume_out=resume_out, resume_last_line=own_last_line(resume_out)[0],
                     reused=_reused(after, end["runs"], after["runs"]), seconds_to_recover=recover,
                     no_traceback=no_traceback(b))
@@ -340,19 +369,21 @@ def worker_kill(work: Path, cache: Path | None = None) -> dict:
     """kill -9 of the process running a trial: Tune retries it (--max-retries 2) into the same run."""
     n = 2
     with Bench(work, "worker-kill", cache) as b:
-        sweep = b.start("sweep", b.sweep_args(n, 400, "--max-retries", "2"))
-        victims, before = procs.wait_for("a trial actor inside its run", lambda: in_trial(b, [sweep.pid]), 240,
-                                         [sweep], interval=0.2)
+        sweep = b.start("sweep", b.sweep_args(n, EPOCHS, "--max-retries", "2"), b.barrier_env())
+        held, before = b.hold_after(0, [sweep])
         fault = b.mark("fault")
-        pid = min(victims)
+        victim = min(held)
+        pid = held[victim]["pid"]
+        killed = procs.cmdline(pid)
         os.kill(pid, signal.SIGKILL)
+        b.release_all()
         rc = sweep.wait(300)
         b.mark("sweep ended")
         recover = time.monotonic() - fault
         out = sweep.output()
         m = b.measure(trials(n))
         return dict(m, scenario="kill -9 trial worker (retried)", sweep_id=b.sweep_id(), rc=rc, out=out,
-                    **said(out), killed=victims[pid], running_at_fault=running(before),
+                    **said(out), killed=killed, victim=victim, running_at_fault=sorted(held),
                     finished_at_fault=running(before, "FINISHED"),
                     retried=sorted(k for k, a in m["attempts"].items() if a > 1), seconds_to_recover=recover,
                     no_traceback=no_traceback(b))
@@ -365,7 +396,8 @@ def node_loss(work: Path, cache: Path | None = None) -> dict:
     with Bench(work, "node-loss", cache) as b:
         # The GCS notices a dead node by missed health checks (default: 5 misses of a 3 s probe); a
         # shorter probe only makes the test wait less, the path is the same.
-        env = dict(b.cluster_env(), RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
+        env = dict(b.barrier_env(b.cluster_env()), RAY_health_check_period_ms="1000",
+                   RAY_health_check_failure_threshold="3")
         with procs.ray_head(b.logs, env, b.work, b.ray_tmp, num_cpus=1) as (gcs, _, head), \
                 procs.ray_worker(gcs, b.logs, env, b.work, b.ray_tmp, num_cpus=1) as worker:
             b.started += [worker, head]  # stopped by the context managers; what is left of them by the Bench
@@ -373,18 +405,22 @@ def node_loss(work: Path, cache: Path | None = None) -> dict:
             procs.wait_for("the worker node to join", lambda: "Ray runtime started" in worker.output(), 90,
                            [head, worker])
             b.mark("cluster up")
-            # Trials of a few seconds: the worker's trial must be caught inside its run before it ends.
-            sweep = b.start("sweep", b.sweep_args(n, 1500, "--address", gcs, "--cpus-per-trial", "1"), env)
+            # The barrier's env reaches the trials through the nodes: their raylets start the workers.
+            sweep = b.start("sweep", b.sweep_args(n, EPOCHS, "--address", gcs, "--cpus-per-trial", "1"), env)
 
             def on_worker():
-                found = in_trial(b, [worker.pid, head.pid])
-                return found and set(found[0]) & set(procs.session_pids(worker.pid)) and found
+                held = b.waiting()
+                mine = set(procs.session_pids(worker.pid))
+                return held and any(t["pid"] in mine for t in held.values()) and held
 
-            actors, before = procs.wait_for("a trial inside its run on the worker node", on_worker, 240,
-                                            [sweep, head, worker], interval=0.2)
-            victims = {pid: cmd for pid, cmd in actors.items() if pid in procs.session_pids(worker.pid)}
+            held = procs.wait_for("a trial held inside its run on the worker node", on_worker, 240,
+                                  [sweep, head, worker], interval=0.2)
+            before = b.snapshot()
+            mine = set(procs.session_pids(worker.pid))
+            victims = {t["pid"]: procs.cmdline(t["pid"]) for t in held.values() if t["pid"] in mine}
             fault = b.mark("fault")
             procs.kill_session(worker.pid)
+            b.release_all()
             rc = sweep.wait(300)
             b.mark("sweep ended")
             recover = time.monotonic() - fault
@@ -392,7 +428,7 @@ def node_loss(work: Path, cache: Path | None = None) -> dict:
             m = b.measure(trials(n))
             return dict(m, scenario="worker node lost", sweep_id=b.sweep_id(), rc=rc, out=out,
                         **said(out), killed=sorted(victims.values()),
-                        running_at_fault=running(before), finished_at_fault=running(before, "FINISHED"),
+                        running_at_fault=sorted(held), finished_at_fault=running(before, "FINISHED"),
                         retried=sorted(k for k, a in m["attempts"].items() if a > 1), seconds_to_recover=recover,
                         no_traceback=no_traceback(b))
 
@@ -409,11 +445,11 @@ def mlflow_outage(work: Path, cache: Path | None = None) -> dict:
         short = dict(b.env, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
         with procs.mlflow_server(b.db, artifacts, b.logs, b.env, b.work, port=port) as (url, server):
             b.uri = url
-            # Trials long enough (~1 s) that some are left when the server dies, a few polls after the third.
-            sweep = b.start("sweep", b.sweep_args(n, 800, "--max-retries", "0"), short)
-            b.wait_done(3, [sweep, server])
+            sweep = b.start("sweep", b.sweep_args(n, EPOCHS, "--max-retries", "0"), b.barrier_env(short))
+            b.hold_after(3, [sweep, server])
             fault = b.mark("fault")
             procs.kill_session(server.pid)  # the server dies at once, all its processes
+            b.release_all()  # the held trials end while it is down
         rc = sweep.wait(300)
         b.mark("sweep ended")
         down_s = time.monotonic() - fault
@@ -445,12 +481,13 @@ def mlflow_blip(work: Path, cache: Path | None = None) -> dict:
         short = dict(b.env, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="3")
         with procs.mlflow_server(b.db, artifacts, b.logs, b.env, b.work) as (url, server):
             b.uri = url
-            sweep = b.start("sweep", b.sweep_args(n, 400, "--max-retries", "0"), short)
-            b.wait_done(3, [sweep, server])
+            sweep = b.start("sweep", b.sweep_args(n, EPOCHS, "--max-retries", "0"), b.barrier_env(short))
+            b.hold_after(3, [sweep, server])
             fault = b.mark("fault")
             frozen = procs.session_pids(server.pid)
             for pid in frozen:
                 os.kill(pid, signal.SIGSTOP)
+            b.release_all()  # the held trials end while it hangs, and later ones start meanwhile
             try:
                 # Long enough that trials fail in flight and new ones fail before they can make a run
                 # (a new trial actor starts in a few seconds, then its first request times out after 3 s).
@@ -476,15 +513,17 @@ def mlflow_blip(work: Path, cache: Path | None = None) -> dict:
 def submit_stop(work: Path, cache: Path | None = None) -> dict:
     """`sweep --submit` to a head's job API returns at once; `status` follows the job through MLflow;
     `ray job stop` interrupts it (runs KILLED, resumable); resume completes it."""
-    n = 6  # enough trials (~1 s each) that the sweep still runs after a `status` call
+    n = 2
     with Bench(work, "submit", cache) as b:
-        env = b.cluster_env()  # the job API answers only requests that carry the token
+        # The job API answers only requests that carry the token; the barrier reaches the job's trials
+        # through the head, whose raylet starts their workers.
+        env = b.barrier_env(b.cluster_env())
         with procs.ray_head(b.logs, env, b.work, b.ray_tmp, num_cpus=2, dashboard=True) as (gcs, api, head):
             b.started.append(head)
             b.mark("head up")
             anonymous = anonymous_answer(api)
             t0 = time.monotonic()
-            rc, out = b.run("submit", b.sweep_args(n, 800) + ["--submit", "--address", api], timeout=120, env=env)
+            rc, out = b.run("submit", b.sweep_args(n, EPOCHS) + ["--submit", "--address", api], timeout=120, env=env)
             submit_s = time.monotonic() - t0
             found = re.search(r"submitted job (\S+): sweep (\S+)", out)
             assert rc == 0 and found, out
@@ -497,7 +536,7 @@ def submit_stop(work: Path, cache: Path | None = None) -> dict:
                 return [(c.returncode, e + o) for c in calls for o, e in [c.communicate(timeout=timeout)]]
 
             try:
-                b.wait_done(1, [head])
+                b.hold_after(1, [head])  # one trial finished, the next held: the sweep is running
                 running_state = b.status(sid)
                 fault = b.mark("fault")
                 (stop_rc, stop_out), = ray_job("stop", timeout=150)
@@ -506,6 +545,7 @@ def submit_stop(work: Path, cache: Path | None = None) -> dict:
                 after = b.snapshot()
                 state = b.status(sid)["status"]
                 (_, logs), (_, job_status) = ray_job("logs", "status")
+                b.release_all()  # resume drives the same cluster: its trials pass the barrier
                 resume_rc, resume_out = _resume(b, sid, "--address", gcs, env=env)
                 recover = time.monotonic() - fault
                 end = b.snapshot()

@@ -206,12 +206,12 @@ def test_promote_registers_the_val_best_with_evidence_once(promoted):
 
 
 def _independent_top(promoted, image, k=2):
-    """The champion's adapter files read with the library directly: no pyfunc, no CLI."""
-    from clip_adapter import AdapterClassifier
+    """The champion's adapter files through CLIP-Adapter's formula, written out (tests/oracles.py)."""
+    from oracles import clip_adapter_top
 
     version = promoted["client"].get_model_version_by_alias("clip-adapter-colours", "champion")
     folder = promoted["client"].download_artifacts(version.run_id, "adapter", str(promoted["work"] / "oracle"))
-    return AdapterClassifier(folder, device="cpu").predict([image], k)[0]
+    return clip_adapter_top(folder, image, k)
 
 
 def test_predict_equals_the_adapter_files_read_directly(promoted):

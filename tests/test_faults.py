@@ -24,9 +24,6 @@ import faults  # noqa: E402
 from conftest import copy_features  # noqa: E402
 import procs  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture(scope="module")
 def features(tmp_path_factory, textile_features) -> Path:
     """One feature store for every scenario (they sample the same images), pre-encoded."""
@@ -73,6 +70,7 @@ def assert_closed_honestly(after: dict, parent: str, r: dict) -> None:
     assert after["duplicates"] == 0, after
 
 
+@pytest.mark.slow
 def test_sigint_then_resume(scenario):
     r = scenario(faults.sigint)
     after = r["after_fault"]
@@ -98,6 +96,7 @@ def test_sigint_then_resume(scenario):
     assert_recovered(r)
 
 
+@pytest.mark.slow
 def test_driver_kill9_then_resume(scenario):
     r = scenario(faults.driver_kill)
     after = r["after_fault"]
@@ -105,7 +104,7 @@ def test_driver_kill9_then_resume(scenario):
     # a dead driver closes nothing: its runs in flight stay RUNNING, and nothing shows done that is not
     assert_closed_honestly(after, "RUNNING", r)
     stuck = [k for k, (_, status, _) in after["runs"].items() if status == "RUNNING"]
-    assert stuck, after
+    assert r["running_at_fault"] and set(r["running_at_fault"]) <= set(stuck), (r["running_at_fault"], after)
     # its pid is gone: interrupted at once (no waiting out the heartbeat), and resume needs no --force
     assert r["state_after_fault"] == "interrupted", brief(r)
     assert r["resume_rc"] == 0, brief(r)
@@ -117,18 +116,19 @@ def test_driver_kill9_then_resume(scenario):
     assert_recovered(r)
 
 
+@pytest.mark.slow
 def test_trial_worker_kill9_is_retried(scenario):
     r = scenario(faults.worker_kill)
     assert r["killed"].startswith("ray::ImplicitFunc"), brief(r)
     assert r["rc"] == 0, brief(r)
     assert_done_line(r["last_line"], r["sweep_id"], r["trials"])
-    # the killed trial was retried by Tune into its own run (attempt 2; assert_recovered: no other run
-    # appeared for it). Which trial that was, MLflow may not show yet at the kill: the recorder writes a
-    # run's start a moment after its trial starts. No trial finished before the kill ran again.
-    assert r["retried"] and not set(r["retried"]) & set(r["finished_at_fault"]), brief(r)
+    # the killed trial, held at its barrier inside its run, was retried by Tune into that run
+    # (attempt 2; assert_recovered: no other run appeared for it), and no other trial ran twice
+    assert r["retried"] == [r["victim"]], brief(r)
     assert_recovered(r)
 
 
+@pytest.mark.slow
 def test_worker_node_loss(scenario):
     r = scenario(faults.node_loss)
     assert r["killed"], brief(r)
@@ -140,6 +140,7 @@ def test_worker_node_loss(scenario):
     assert_recovered(r)
 
 
+@pytest.mark.slow
 def test_mlflow_outage_then_resume(scenario):
     r = scenario(faults.mlflow_outage)
     after = r["after_fault"]
@@ -158,6 +159,7 @@ def test_mlflow_outage_then_resume(scenario):
     assert_recovered(r)
 
 
+@pytest.mark.slow
 def test_submit_status_stop_resume(scenario):
     r = scenario(faults.submit_stop)
     sid, job = r["sweep_id"], r["job_id"]

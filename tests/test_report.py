@@ -35,6 +35,20 @@ def test_selection_reads_val_only_and_ties_go_to_the_smaller_alpha():
     assert s["n_seeds"] == 2
 
 
+def test_summary_is_the_mean_and_sample_std_over_three_seeds():
+    # 50, 52, 60 %: mean 54 (the median is 52), sample std sqrt((16 + 4 + 36) / 2) = sqrt(28)
+    # (the population std would be sqrt(56 / 3)); each seed's val-chosen alpha is the one tested.
+    f = frame([trial("d", "clip-adapter", 4, s, a, v, t) for s, a, v, t in
+               ((1, 0.2, 0.6, 0.50), (1, 0.6, 0.5, 0.99), (2, 0.2, 0.6, 0.52), (3, 0.6, 0.7, 0.60),
+                (3, 0.2, 0.4, 0.01))])
+    s = summary(f).iloc[0]
+    assert s["mean"] == pytest.approx(54.0) and s["std"] == pytest.approx(math.sqrt(28))
+    assert s["n_seeds"] == 3
+    mean, std = paper_table(f)["clip-adapter"]
+    assert (mean.loc["d", 4], std.loc["d", 4]) == pytest.approx((54.0, math.sqrt(28)))
+    assert cells(paper_table(f))["clip-adapter"].loc["d", 4] == f"54.00 +- {math.sqrt(28):.2f}"
+
+
 def test_table_has_average_row_and_untrained_methods_fill_every_shots_column():
     f = frame([trial(d, "clip-adapter", k, s, 0.2, 0.5, acc) for d, acc in (("a", 0.6), ("b", 0.8))
                for k in (1, 2) for s in (1, 2)]
@@ -121,9 +135,17 @@ def test_comparable_only_for_rn50_with_openai_weights():
 
 # -- the files: CSV of numbers, the figure ------------------------------------------------------------
 
+SEED_OFFSET = {1: 0.00, 2: 0.01, 3: 0.05}
+MEAN_OFFSET, SEED_STD = 2.0, math.sqrt(7)  # in points, over the three offsets above
+
+
 def two_methods():
-    """Two datasets, CLIP-Adapter at 1, 2, 4 shots (a spread over seeds), zero-shot once per seed."""
-    rows = [trial(d, "clip-adapter", k, s, 0.2, 0.5, base + 0.02 * k + 0.01 * s)
+    """Two datasets, CLIP-Adapter at 1, 2, 4 shots (a spread over the papers' 3 seeds), zero-shot once per seed.
+
+    The seeds' offsets 0, 1 and 5 points are uneven: their mean (2) is not their median (1), and their
+    sample std is sqrt(((0-2)^2 + (1-2)^2 + (5-2)^2) / (3-1)) = sqrt(7), not the population std sqrt(14/3).
+    """
+    rows = [trial(d, "clip-adapter", k, s, 0.2, 0.5, base + 0.02 * k + SEED_OFFSET[s])
             for d, base in (("a", 0.5), ("b", 0.6)) for k in (1, 2, 4) for s in (1, 2, 3)]
     rows += [trial(d, "zero-shot", 4, s, float("nan"), 0.3, acc) for d, acc in (("a", 0.40), ("b", 0.46))
              for s in (1, 2, 3)]
@@ -145,10 +167,9 @@ def test_csv_holds_numbers_method_dataset_shots_mean_std_n_seeds(tmp_path):
     assert table["shots"].dtype.kind == "i" and table["n_seeds"].dtype.kind == "i"
     assert table["mean"].dtype.kind == "f" and table["std"].dtype.kind == "f"
     got = table.set_index(["method", "dataset", "shots"])
-    # test accuracy in %, mean and sample std over the 3 seeds
-    expected = pd.Series([100 * (0.5 + 0.02 * 2 + 0.01 * s) for s in (1, 2, 3)])
-    assert got.loc[("clip-adapter", "a", 2), "mean"] == pytest.approx(expected.mean(), abs=1e-4)
-    assert got.loc[("clip-adapter", "a", 2), "std"] == pytest.approx(expected.std(), abs=1e-4)
+    # test accuracy in %, mean and sample std over the 3 seeds: 50 + 4 + 2 = 56, sqrt(7)
+    assert got.loc[("clip-adapter", "a", 2), "mean"] == pytest.approx(56.0, abs=1e-4)
+    assert got.loc[("clip-adapter", "a", 2), "std"] == pytest.approx(SEED_STD, abs=1e-4)
     assert got.loc[("clip-adapter", "a", 2), "n_seeds"] == 3
     # zero-shot fits nothing: the same number in every shots column, and its std over seeds is 0
     assert got.loc[("zero-shot", "b")]["mean"].tolist() == pytest.approx([46.0] * 3)
@@ -161,27 +182,25 @@ def test_figure_has_error_bars_and_zero_shot_as_a_horizontal_line():
     from matplotlib.container import ErrorbarContainer
     from matplotlib.lines import Line2D
 
-    f = two_methods()
-    s = summary(f)
-    fig = draw(f, "test accuracy (%), mean +- std over seeds")
+    fig = draw(two_methods(), "test accuracy (%), mean +- std over seeds")
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
     assert set(panels) == {"a", "b", "average"}
+    # Written out from two_methods: base + 2 points per shot + the seeds' mean offset; the average
+    # panel is the mean of a (base 50) and b (base 60); zero-shot is a's 40 and b's 46.
+    base = {"a": 50.0, "b": 60.0, "average": 55.0}
+    zero_shot = {"a": 40.0, "b": 46.0, "average": 43.0}
     for name, ax in panels.items():
-        part = s[s["method"] == "clip-adapter"]
-        part = (part.groupby("shots")[["mean", "std"]].mean() if name == "average"
-                else part[part["dataset"] == name].set_index("shots")[["mean", "std"]])
         (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
         assert bars.get_label() == "clip-adapter" and bars.has_yerr
         line, _, (vertical,) = bars.lines
         assert list(line.get_xdata()) == [1, 2, 4]
-        assert list(line.get_ydata()) == pytest.approx(part["mean"].tolist())
+        assert list(line.get_ydata()) == pytest.approx([base[name] + 2 * k + MEAN_OFFSET for k in (1, 2, 4)])
         half = [(seg[1][1] - seg[0][1]) / 2 for seg in vertical.get_segments()]
-        assert half == pytest.approx(part["std"].tolist()) and all(h > 0 for h in half)
+        assert half == pytest.approx([SEED_STD] * 3)
         # zero-shot: one dashed Line2D, constant y at its mean, across the whole panel (axes coordinates)
         (zs,) = [ln for ln in ax.get_lines() if isinstance(ln, Line2D) and ln.get_label() == "zero-shot"]
         y = set(zs.get_ydata())
-        zs_mean = s[(s["method"] == "zero-shot") & ((s["dataset"] == name) | (name == "average"))]["mean"].mean()
-        assert len(y) == 1 and y.pop() == pytest.approx(zs_mean)
+        assert len(y) == 1 and y.pop() == pytest.approx(zero_shot[name])
         assert list(zs.get_xdata()) == [0, 1] and zs.get_linestyle() == "--"
         assert not [c for c in ax.containers if c.get_label() == "zero-shot"]  # not drawn against shots
     import matplotlib.pyplot as plt

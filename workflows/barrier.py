@@ -16,11 +16,15 @@ from pathlib import Path
 VARIABLE = "CA_FLOW_TEST_BARRIER"
 
 
-def barrier(point: str, name: str, **info) -> None:
+def holds(point: str) -> bool:
     root = os.environ.get(VARIABLE)
-    folder = Path(root, point) if root else None
-    if folder is None or not folder.is_dir():
+    return bool(root) and Path(root, point).is_dir()
+
+
+def barrier(point: str, name: str, **info) -> None:
+    if not holds(point):
         return
+    folder = Path(os.environ[VARIABLE], point)
     tmp = folder / f"{name}.started.tmp"
     tmp.write_text(json.dumps(dict(pid=os.getpid(), **info)))
     tmp.replace(folder / f"{name}.started")  # whole when seen
