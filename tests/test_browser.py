@@ -154,21 +154,3 @@ def test_sweep_to_a_tracking_server_prints_a_link_that_opens_its_runs(work, tmp_
         done = run_cli(["ui", "--tracking-uri", url], work["env"], work["work"], timeout=120)
         assert done.returncode == 0 and last_line(done.stdout) == f"runs: {link}", done.stdout + done.stderr
 
-
-def test_ui_on_a_busy_port_says_so(work, tmp_path):
-    import socket
-
-    import mlflow
-
-    mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # a store, no sweep
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = run_cli(["ui", "--port", str(port)], work["env"], tmp_path, timeout=120)
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert done.stderr.strip() == (f"error: port {port} on 127.0.0.1 is in use (another MLflow UI?); pass --port "
-                                   f"with a free one"), done.stderr
-    done = run_cli(["ui", "--port", str(port)], work["env"], tmp_path, timeout=120)
-    assert done.returncode == 1 and done.stderr.strip() == ("error: no sweep in this tracking store; run `ca-flow "
-                                                            "sweep` first, or pass --tracking-uri"), done.stderr
