@@ -73,17 +73,18 @@ def serve(client, uri: str, port: int, echo) -> int:
     # MLflow's job runner (GenAI judges; ca-flow has none) would start nine more processes that restart
     # when signalled: they doubled the start time here and kept the group alive past 10 s.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    proc = subprocess.Popen(command(uri, port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
     interrupted = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _: interrupted.append(signum))
+    proc = subprocess.Popen(command(uri, port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + START_S
         while not answers(f"http://127.0.0.1:{port}"):
             if proc.poll() is not None:
                 fail(f"mlflow ui exited with {proc.returncode} before it answered: {last_line(log)}")
             if interrupted:
+                print("interrupted before the MLflow UI answered", file=sys.stderr)
                 return 128 + interrupted[0]
             if time.monotonic() > deadline:
                 fail(f"mlflow ui did not answer on port {port} within {START_S} s")
