@@ -6,6 +6,7 @@ except under CI=true, where missing it is a failure (.ci/run installs it).
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import re
@@ -15,7 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from procs import ca_flow, clean_env, free_port, last_line, mlflow_server, run_cli, session_pids, tail, wait_for
+from procs import (ca_flow, clean_env, free_port, healthy, last_line, mlflow_server, pids_matching, run_cli, tail,
+                   wait_for)
 
 from clip_adapter.backbone import TINY
 
@@ -119,6 +121,7 @@ def test_first_sweep_prints_a_link_that_ca_flow_ui_opens_on_the_runs(work, tmp_p
     assert len(runs) == TRIALS
 
     proc, printed = start_ui(work, tmp_path)
+    port = int(printed.split(":")[2].split("/")[0])
     try:
         # The same page, on the port this UI listens on.
         assert VIEW_PATH.match(printed) and VIEW_PATH.match(printed).group(1) == path.group(1), (printed, link)
@@ -134,10 +137,13 @@ def test_first_sweep_prints_a_link_that_ca_flow_ui_opens_on_the_runs(work, tmp_p
         proc.signal(signal.SIGINT)
         assert proc.wait(30) == 0, tail(proc.log)
         assert last_line(proc.output()) == "MLflow UI stopped.", proc.output()
-        left = session_pids(proc.pid)
-        assert not left, f"left running after Ctrl-C: {left}"
+        left = {**pids_matching(".", proc.pid), **pids_matching(rf"mlflow ui .*--port {port}( |$)")}
+        assert not left and not healthy(base), f"left running after Ctrl-C: {left}"
     finally:
         proc.stop()
+        for pid in pids_matching(rf"mlflow ui .*--port {port}( |$)"):  # what this test's UI left, if any
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)  # it leads its own group, uvicorn in it
 
 
 def test_sweep_to_a_tracking_server_prints_a_link_that_opens_its_runs(work, tmp_path):
