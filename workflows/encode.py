@@ -88,7 +88,8 @@ def pipeline(requests: list[Request], backbone: str, weights: str, preprocess_cf
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // CROP_BATCH, 200)))
     # Crop tasks declare the memory a batch of decoded images needs. Half a CPU each: an encoder waiting
     # on crops (a small model, a GPU) leaves its CPU idle, and two croppers fill it (on 2 CPUs, 0.94x
-    # the in-process loop's steady rate instead of 0.63x: benchmarks/encode.py).
+    # the in-process loop's steady rate instead of 0.63x, measured with Ray Data's actor pool as the
+    # encoder: benchmarks/encode.py).
     ds = ds.map_batches(crop_batch, fn_kwargs=dict(preprocess_cfg=preprocess_cfg), batch_size=CROP_BATCH,
                         batch_format="numpy", num_cpus=0.5, memory=CROP_MEMORY)
     # Restarted on a lost worker or node, its calls retried, as Ray Data's own pool would be.
@@ -97,23 +98,26 @@ def pipeline(requests: list[Request], backbone: str, weights: str, preprocess_cf
     pool = [actor.remote(backbone, weights, "cuda" if gpus else "cpu", threads) for _ in range(encoders)]
     free, running = pool * IN_FLIGHT, {}
 
-    def one_done() -> Iterator[dict]:
-        (ref,), _ = ray.wait(list(running), num_returns=1)
-        free.append(running.pop(ref))
-        batch = ray.get(ref)
-        for r, img, v, f, e in zip(batch["request"], batch["image_id"], batch["view"], batch["feature"],
-                                   batch["error"]):
-            yield dict(request=int(r), image_id=str(img), view=int(v), feature=f, error=str(e))
+    def done(wait: bool) -> Iterator[dict]:
+        """Rows of the encoded blocks: at least one block's when `wait`, else only what is ready."""
+        ready, _ = ray.wait(list(running), num_returns=1 if wait else len(running), timeout=None if wait else 0)
+        for ref in ready:
+            free.append(running.pop(ref))
+            batch = ray.get(ref)
+            for r, img, v, f, e in zip(batch["request"], batch["image_id"], batch["view"], batch["feature"],
+                                       batch["error"]):
+                yield dict(request=int(r), image_id=str(img), view=int(v), feature=f, error=str(e))
 
     try:
         for bundle in ds.iter_internal_ref_bundles():
             for block in bundle.block_refs:
                 while not free:
-                    yield from one_done()
+                    yield from done(wait=True)
                 encoder = free.pop(0)
                 running[encoder.encode.remote(block)] = encoder
+            yield from done(wait=False)
         while running:
-            yield from one_done()
+            yield from done(wait=True)
     finally:
         for encoder in pool:
             ray.kill(encoder)
