@@ -71,6 +71,10 @@ def sweep_once(work: dict, *extra: str) -> tuple[str, str]:
     """One sweep by the real CLI in `work`; (the runs link it printed, its whole stdout)."""
     done = run_cli(SWEEP + ["--cache-dir", work["cache"], *extra], work["env"], work["work"], timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # A successful sweep says nothing that reads as an error (Ray's C++ log lines carry " E " or " W ").
+    noise = [line for line in (done.stdout + done.stderr).splitlines()
+             if re.search(r"\berror\b|warning|traceback|^\[[^]]* [EW] \d+ \d+\]", line, re.I)]
+    assert not noise, noise
     links = LINK.findall(done.stdout)
     assert len(links) == 1, done.stdout
     return links[0], done.stdout
