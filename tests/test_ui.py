@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -70,3 +71,14 @@ def test_ui_on_a_busy_port_or_a_store_without_sweeps_says_so(tmp_path):
                                                             "sweep` first, or pass --tracking-uri"), done.stderr
     done = run_cli(["ui"], env, tmp_path / "home", timeout=120)
     assert done.returncode == 1 and done.stderr.strip().startswith("error: no MLflow store at "), done.stderr
+
+
+def test_ui_takes_the_store_as_every_verb_does_and_a_port():
+    from typer.main import get_command
+
+    from workflows.cli import app
+
+    params = {p.name: p for p in get_command(app).commands["ui"].params}
+    assert params["tracking_uri"].envvar == "MLFLOW_TRACKING_URI" and params["port"].default == 5000
+    done = run_cli(["ui", "--port", "0"], clean_env(Path("/nonexistent")), Path.cwd(), timeout=60)
+    assert done.returncode == 2 and "Invalid value for '--port'" in done.stderr, done.stderr
