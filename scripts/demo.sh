@@ -11,6 +11,6 @@ ca-flow promote
 ca-flow predict --dataset textile \
     "$(python -c 'import conformal_clip_data as d; print(d.local_dir() / "textile_0001.jpg")')"
 echo
-echo "Browse the runs:  cd $PWD && . .venv/bin/activate && mlflow ui --port 5000"
-echo "then open the 'runs:' link the sweep printed (experiment 'demo', ca-flow's columns; model"
-echo "clip-adapter-textile@champion under Models)."
+echo "The runs in the MLflow UI (experiment 'demo', grouped by dataset and method; clip-adapter-textile@champion under"
+echo "Models), until Ctrl-C:"
+echo "    cd $PWD && . .venv/bin/activate && ca-flow ui"

@@ -287,6 +287,16 @@ def status(sweep_id: Optional[str] = typer.Argument(None, help="default: the lat
         out.print(f"resume with: ca-flow resume {row['sweep_id']}", markup=False, highlight=False)
 
 
+
+@app.command()
+def ui(tracking_uri: Optional[str] = URI,
+       port: int = typer.Option(5000, "--port", min=1, max=65535, help="where a local store's UI listens")):
+    """The MLflow UI on the store (a server's own, or `mlflow ui` here until Ctrl-C): the latest sweep's runs."""
+    from . import ui as mlflow_ui
+
+    uri, client = _store(tracking_uri)
+    raise typer.Exit(mlflow_ui.serve(client, uri, port, typer.echo))
+
 from . import cli_results  # noqa: E402,F401  (report, promote, predict, datasets)
 
 if __name__ == "__main__":

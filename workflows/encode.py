@@ -1,11 +1,12 @@
-"""Encoding on Ray Data: workers read, decode and crop images; an encoder actor pool makes features.
+"""Encoding on Ray: Ray Data tasks read, decode and crop images; encoder actors make features.
 
-    requests (path or URI, views) --map_batches(crop_batch), CPU tasks--> uint8 crops
-                                  --map_batches(Encoder), actor pool (GPUs when trials ask)--> features
+    requests (path or URI, views) --map_batches(crop_batch), CPU tasks--> blocks of uint8 crops
+                                  --Encoder actors (GPUs when trials ask)--> features
                                   --the driver--> new shards in the feature store
 
-The driver holds paths and one output batch at a time; Ray Data's streaming executor, not the
-driver's memory, bounds what is in flight. Only what the feature store lacks is ever requested.
+The driver holds paths, references to the blocks queued on encoders and one output batch at a time;
+Ray Data's streaming executor, not the driver's memory, bounds what is in flight. Only what the feature
+store lacks is ever requested.
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from clip_adapter.protocol import RELEASED_CROP_SCALE, RELEASED_CROPS
 from .trial import DatasetFeatures, zero_shot_accuracy
 
 CROP_BATCH = 64      # images per CPU task call: fewer, larger tasks keep Ray's per-task cost small
-ENCODE_BATCH = 64    # crops per encoder call
+ENCODE_BATCH = 64    # crops per forward pass of the backbone
 CROP_MEMORY = 512 * 2 ** 20
+IN_FLIGHT = 2        # blocks queued per encoder: one encoding, the next already there
 
 
 def crop_batch(batch: dict, preprocess_cfg: dict) -> dict:
@@ -55,7 +57,11 @@ def crop_batch(batch: dict, preprocess_cfg: dict) -> dict:
 
 
 class Encoder:
-    """One loaded backbone per actor; crops in, features out (rows that failed upstream pass through)."""
+    """One loaded backbone per actor; blocks of crops in, features out (rows that failed upstream pass through).
+
+    A Ray actor of its own, made from plain strings: Ray Data's actor pool hands its actors object-store
+    references, for which Ray logs an error-level line about restarts at every start (ray #57733).
+    """
 
     def __init__(self, backbone: str, weights: str, device: str, threads: int):
         import torch
@@ -65,13 +71,17 @@ class Encoder:
         torch.set_num_threads(threads)
         self.backbone = load_backbone(backbone, weights, device)  # cuda without CUDA fails: no fallback
 
-    def __call__(self, batch: dict) -> dict:
-        ok = batch["error"] == ""
-        feats = np.zeros((len(ok), self.backbone.width), dtype=np.float32)
-        if ok.any():
-            feats[ok] = self.backbone.encode_pixels(batch["pixels"][ok])
-        return dict(request=batch["request"], image_id=batch["image_id"], view=batch["view"],
-                    feature=feats, error=batch["error"])
+    def encode(self, block) -> dict:
+        from ray.data.block import BlockAccessor
+
+        batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+        ok = np.flatnonzero(batch["error"] == "")
+        feats = np.zeros((len(batch["error"]), self.backbone.width), dtype=np.float32)
+        for start in range(0, len(ok), ENCODE_BATCH):
+            rows = ok[start:start + ENCODE_BATCH]
+            feats[rows] = self.backbone.encode_pixels(batch["pixels"][rows])
+        return dict(request=batch["request"], image_id=batch["image_id"], view=batch["view"], feature=feats,
+                    error=batch["error"])
 
 
 def wait(ref, check_stop: Callable[[], None]):
@@ -85,28 +95,53 @@ def wait(ref, check_stop: Callable[[], None]):
 
 def pipeline(requests: list[Request], backbone: str, weights: str, preprocess_cfg: dict, gpus: float,
              encoders: int, threads: int, check_stop: Callable[[], None] = lambda: None) -> Iterator[dict]:
-    """Rows (request, image_id, view, feature, error) for `requests`, streamed from Ray Data."""
+    """Rows (request, image_id, view, feature, error) for `requests`: crops streamed from Ray Data, each
+    block of them encoded by one of `encoders` actors, at most IN_FLIGHT blocks queued on each.
+    `check_stop` is called between blocks and while waiting: it ends the encoding by raising."""
     import ray
 
     items = [dict(request=i, path=r.path, views=r.views, augment=r.augment, scale=r.scale)
              for i, r in enumerate(requests)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // CROP_BATCH, 200)))
-    # Crop tasks declare the memory a batch of decoded images needs; their resources differing from the
-    # encoder's also keeps Ray Data from fusing the two stages into the encoder actors, which would
-    # then decode and encode in turn instead of at the same time. Half a CPU each: an encoder waiting
+    # Crop tasks declare the memory a batch of decoded images needs. Half a CPU each: an encoder waiting
     # on crops (a small model, a GPU) leaves its CPU idle, and two croppers fill it (on 2 CPUs, 0.94x
-    # the in-process loop's steady rate instead of 0.63x: benchmarks/encode.py).
+    # the in-process loop's steady rate instead of 0.63x, measured with Ray Data's actor pool as the
+    # encoder: benchmarks/encode.py).
     ds = ds.map_batches(crop_batch, fn_kwargs=dict(preprocess_cfg=preprocess_cfg), batch_size=CROP_BATCH,
                         batch_format="numpy", num_cpus=0.5, memory=CROP_MEMORY)
-    ds = ds.map_batches(Encoder, fn_constructor_kwargs=dict(
-                            backbone=backbone, weights=weights, device="cuda" if gpus else "cpu", threads=threads),
-                        batch_size=ENCODE_BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=encoders),
-                        num_gpus=1 if gpus else None, num_cpus=threads)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        check_stop()
-        for r, img, v, f, e in zip(batch["request"], batch["image_id"], batch["view"], batch["feature"],
-                                   batch["error"]):
-            yield dict(request=int(r), image_id=str(img), view=int(v), feature=f, error=str(e))
+    # Restarted on a lost worker or node, its calls retried, as Ray Data's own pool would be.
+    actor = ray.remote(Encoder).options(num_cpus=threads, num_gpus=1 if gpus else 0, max_restarts=-1,
+                                        max_task_retries=-1)
+    pool = [actor.remote(backbone, weights, "cuda" if gpus else "cpu", threads) for _ in range(encoders)]
+    free, running = pool * IN_FLIGHT, {}
+
+    def done(wait: bool) -> Iterator[dict]:
+        """Rows of the encoded blocks: at least one block's when `wait`, else only what is ready."""
+        ready, _ = ray.wait(list(running), num_returns=1 if wait else len(running), timeout=0.25 if wait else 0)
+        while wait and not ready:
+            check_stop()
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.25)
+        for ref in ready:
+            free.append(running.pop(ref))
+            batch = ray.get(ref)
+            for r, img, v, f, e in zip(batch["request"], batch["image_id"], batch["view"], batch["feature"],
+                                       batch["error"]):
+                yield dict(request=int(r), image_id=str(img), view=int(v), feature=f, error=str(e))
+
+    try:
+        for bundle in ds.iter_internal_ref_bundles():
+            for block in bundle.block_refs:
+                check_stop()
+                while not free:
+                    yield from done(wait=True)
+                encoder = free.pop(0)
+                running[encoder.encode.remote(block)] = encoder
+            yield from done(wait=False)
+        while running:
+            yield from done(wait=True)
+    finally:
+        for encoder in pool:
+            ray.kill(encoder)
 
 
 def model_and_text(backbone: str, weights: str, gpus: float, prompts: list[tuple[list[str], object]],

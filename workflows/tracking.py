@@ -25,16 +25,23 @@ RANDOM_WEIGHTS, ATTEMPT, ERROR = "ca_flow.random_weights", "ca_flow.attempt", "c
 SPEC, TOTALS, HEARTBEAT, DRIVER = "ca_flow.spec", "ca_flow.trials", "ca_flow.heartbeat", "ca_flow.driver"
 PARENT, NOTE, KIND = "mlflow.parentRunId", "mlflow.note.content", "mlflow.experimentKind"
 ADAPTER_DIR = "adapter"  # the artifact folder of a trial's adapter (safetensors + JSON)
+UI_PORT = 5000  # `ca-flow ui`, as `mlflow ui`
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
 
 
-# A shared view of the runs table (what the UI's Share button stores): the columns a sweep is read by.
-# MLflow's UI opens it from the link `ui_link` prints; without it the table shows no param or metric.
+# A shared view of the runs table (what the UI's Share button stores): the columns a sweep is read by,
+# its runs grouped by dataset and method. MLflow's UI opens it from the link `ui_link` prints; without
+# it the table shows the parent folded and no param or metric, and a link naming a missing key shows
+# an error and the GenAI overview: every experiment ca-flow writes to has it from its first sweep on.
 VIEW_KEY = "ca-flow"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW = {"selectedColumns": ["attributes.`Dataset`", "metrics.`val_acc`", "metrics.`test_acc`", "metrics.`zs_test_acc`",
                             "metrics.`trial_seconds`", "params.`method`", "params.`shots`", "params.`seed`",
-                            "params.`alpha`", "params.`adapter`"]}
+                            "params.`alpha`", "params.`adapter`"],
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "dataset"},
+                                                                    {"mode": "param", "groupByData": "method"}]}}
+# The UI's model-training view (not GenAI) and ca-flow's table.
+EXPERIMENT_TAGS = {KIND: "custom_model_development", VIEW_TAG: json.dumps(VIEW)}
 
 
 class TrackingError(RuntimeError):
@@ -130,7 +137,7 @@ def connect(uri: str, must_exist: bool = False):
 
 
 def experiment_id(client, name: str, uri: str) -> str:
-    """The experiment, set up for model training (the UI opens it on its runs, not as GenAI)."""
+    """The experiment, created or not, set up as EXPERIMENT_TAGS says."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
@@ -138,24 +145,33 @@ def experiment_id(client, name: str, uri: str) -> str:
         db = sqlite_path(uri)
         try:
             return client.create_experiment(name, artifact_location=str(db.parent / "mlartifacts") if db else None,
-                                            tags={KIND: "custom_model_development"})
+                                            tags=EXPERIMENT_TAGS)
         except MlflowException as exc:  # another sweep created it meanwhile: use that one
             if exc.error_code != "RESOURCE_ALREADY_EXISTS" or client.get_experiment_by_name(name) is None:
                 raise
             exp = client.get_experiment_by_name(name)
-    if exp.tags.get(KIND) != "custom_model_development":
-        client.set_experiment_tag(exp.experiment_id, KIND, "custom_model_development")
-    if VIEW_TAG not in exp.tags:
-        client.set_experiment_tag(exp.experiment_id, VIEW_TAG, json.dumps(VIEW))
+    set_up(client, exp)
     return exp.experiment_id
 
 
+def set_up(client, exp) -> None:
+    """EXPERIMENT_TAGS on an experiment made before them (an older ca-flow, another tool)."""
+    for key, value in EXPERIMENT_TAGS.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+
+
+def runs_url(base: str, exp_id: str) -> str:
+    """The runs table of an experiment in ca-flow's view, on the UI at `base`."""
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}"
+
+
 def ui_link(uri: str, exp_id: str) -> str:
-    """Where the runs table opens with ca-flow's columns: the server's UI, or `mlflow ui` on a local store."""
+    """Where the runs table opens: the server's UI, or the one `ca-flow ui` starts on a local store."""
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}"
-    return (f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY} "
-            f"(after: mlflow ui --backend-store-uri {uri})")
+        return runs_url(uri, exp_id)
+    flag = "" if uri == resolve_uri() else f" --tracking-uri {uri}"
+    return f"{runs_url(f'http://127.0.0.1:{UI_PORT}', exp_id)} (open it: ca-flow ui{flag})"
 
 
 def quoted(value: str) -> str:

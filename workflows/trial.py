@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from collections import OrderedDict
