@@ -14,7 +14,7 @@ from workflows.barrier import VARIABLE
 pytestmark = pytest.mark.slow
 GRID = ["--datasets", "colours", "--methods", "clip-adapter", "--alphas", "0.2,0.6", "--shots", "1",
         "--seeds", "1", "--epochs", "2", "--augment-views", "2", "--experiment", "interrupt"]
-NOISE = ("Traceback", "Ray Data", "internal code", "SystemError")
+NOISE = ("Traceback", "Ray Data", "internal code", "SystemError", "github.com/ray-project")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
