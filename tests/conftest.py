@@ -108,3 +108,11 @@ def copy_features(source: Path, to: Path) -> Path:
 
     shutil.copytree(source, to)
     return to
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the session's Ray (an in-process sweep, a Ray Data pipeline) is slow, as are
+    those marked so by hand for starting processes: `-m "not slow"` is the tier to run after every change."""
+    for item in items:
+        if "ray_local" in item.fixturenames or "textile_features" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)

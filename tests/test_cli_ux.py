@@ -101,6 +101,7 @@ def test_config_unknown_key_is_an_error_naming_it(elsewhere):
     assert not (elsewhere / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_logged_sweep_toml_reproduces_the_grid(store, elsewhere):
     client, parent = store["client"], store["parent"]
     assert "sweep.toml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -199,6 +200,7 @@ def check_document(verb, doc, s, colour_root):
 VERBS = ["datasets", "sweeps", "status", "promote", "predict", "report", "sweep --dry-run"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verb", VERBS)
 def test_json_through_clirunner(verb, promoted, colour_root, elsewhere):
     result = invoke(json_args(verb, promoted, elsewhere / "report", colour_root))
@@ -216,6 +218,7 @@ def test_json_through_the_real_cli(verb, promoted, colour_root, elsewhere):
     check_document(verb, one_document(done.stdout), promoted, colour_root)
 
 
+@pytest.mark.slow
 def test_promote_json_is_one_document(promoted):
     doc = one_document(promoted["promote"])
     assert doc["dry_run"] is False and doc["promotions"][0]["action"].startswith("new")
@@ -276,6 +279,7 @@ def test_sweep_help_shows_the_defaults():
         assert default in text, default
 
 
+@pytest.mark.slow
 def test_mlflow_tracking_uri_and_experiment_name_are_honoured(store):
     env = {"MLFLOW_TRACKING_URI": store["uri"]}
     rows = one_document(invoke(["sweeps", "--json"], env=env).stdout)  # no ./mlflow.db here: the env's store
@@ -315,6 +319,7 @@ def test_ray_address_is_honoured(elsewhere):
     assert not (elsewhere / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_report_and_promote_without_experiment_use_the_latest_sweeps(store, elsewhere):
     # The sweep went to `--experiment demo`; the default experiment `ca-flow` does not exist in this store.
     assert store["client"].get_experiment_by_name("ca-flow") is None
@@ -387,10 +392,12 @@ def test_datasets_version_and_help_load_no_torch_ray_or_mlflow(args, colour_root
 
 # -- what MLflow holds --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_experiment_is_set_up_for_model_training(store):
     assert store["exp"].tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+@pytest.mark.slow
 def test_every_trial_run_has_its_dataset_input(store):
     import conformal_clip_data
 
@@ -406,6 +413,7 @@ def test_every_trial_run_has_its_dataset_input(store):
     assert len(digests) == 1  # the digest of the split, the same for every trial of the dataset
 
 
+@pytest.mark.slow
 def test_counts_are_params_and_trial_seconds_is_a_metric_within_the_run(store):
     for run in store["children"]:
         p, m = run.data.params, run.data.metrics
@@ -416,6 +424,7 @@ def test_counts_are_params_and_trial_seconds_is_a_metric_within_the_run(store):
         assert 0 < m["trial_seconds"] <= duration, (m["trial_seconds"], duration)  # one clock: no slack
 
 
+@pytest.mark.slow
 def test_trial_runs_start_when_their_trial_starts(store):
     parent, children = store["parent"], store["children"]
     starts = sorted(r.info.start_time for r in children)
@@ -427,6 +436,7 @@ def test_trial_runs_start_when_their_trial_starts(store):
     assert len(set(starts)) > len(starts) // 2
 
 
+@pytest.mark.slow
 def test_parent_params_are_plain_grid_strings_that_no_child_shares(store):
     pp = store["parent"].data.params
     assert pp and all(k.startswith("grid.") for k in pp), sorted(pp)
@@ -437,6 +447,7 @@ def test_parent_params_are_plain_grid_strings_that_no_child_shares(store):
     assert not set(pp) & child_params
 
 
+@pytest.mark.slow
 def test_parent_summary_metrics_are_the_best_val_and_its_test(store):
     metrics = store["parent"].data.metrics
     for method in ("clip-adapter", "zero-shot"):
@@ -448,6 +459,7 @@ def test_parent_summary_metrics_are_the_best_val_and_its_test(store):
     assert metrics["trials_finished"] == TRIALS
 
 
+@pytest.mark.slow
 def test_parent_description_has_the_command_and_the_table(store):
     note = store["parent"].data.tags["mlflow.note.content"]
     assert "ca-flow sweep" in note and "--alphas 0.2,0.6" in note and "--experiment demo" in note
@@ -455,6 +467,7 @@ def test_parent_description_has_the_command_and_the_table(store):
     assert "sweep.toml" in note
 
 
+@pytest.mark.slow
 def test_accuracies_are_fractions_in_mlflow(store):
     for run in [store["parent"], *store["children"]]:
         for key, value in run.data.metrics.items():

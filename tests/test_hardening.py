@@ -209,6 +209,7 @@ def http_code(url: str, token: str | None = None, body: dict | bytes | None = No
         return exc.code
 
 
+@pytest.mark.slow
 def test_a_local_sweep_keeps_rays_token_auth(launched):
     """No RAY_AUTH_MODE anywhere in ca-flow: the sweep's Ray makes a token, and its GCS and its runtime-env
     agent (on the LAN address) refuse a caller without it. Its job API: the test after this one."""
@@ -333,6 +334,7 @@ def store(launched):
     return dict(launched, client=MlflowClient(uri), a=a.stdout(), b=b.stdout(), promoted=promoted)
 
 
+@pytest.mark.slow
 def test_two_sweeps_create_one_fresh_store_at_once(store):
     for experiment, datasets in ((EXP_A, set(QUOTED)), (EXP_B, {"o'brien", "uneven"})):
         parents, children = runs_of(store["uri"], experiment)
@@ -352,6 +354,7 @@ def best(store, experiment: str, dataset: str, method: str):
     return max(trial_runs(store, experiment, dataset, method), key=lambda r: r.data.metrics["val_acc"])
 
 
+@pytest.mark.slow
 def test_quotes_backslashes_and_unicode_in_names(store):
     """Through sweep (above), sweeps, status, report, resume, promote and predict."""
     uri, client = store["uri"], store["client"]
@@ -395,6 +398,7 @@ def action(store, *args) -> tuple[str, str, str]:
     return row["action"], champion.run_id, champion.tags["method"]
 
 
+@pytest.mark.slow
 def test_the_champion_moves_only_to_a_better_run(store):
     a_ca, b_ca = best(store, EXP_A, "o'brien", "clip-adapter"), best(store, EXP_B, "o'brien", "clip-adapter")
     b_zs = best(store, EXP_B, "o'brien", "zero-shot")
@@ -438,6 +442,7 @@ def test_the_champion_moves_only_to_a_better_run(store):
     assert f"moved v2 -> v1 (val_acc {vb:.4f} -> {va:.4f})" in " ".join(printed.split())
 
 
+@pytest.mark.slow
 def test_shots_a_class_cannot_give(store):
     refused = invoke(["sweep", "--datasets", "uneven", "--data-root", store["root_b"], *FAST, "--shots", "4"])
     assert refused.exit_code == 1
@@ -457,6 +462,7 @@ def test_shots_a_class_cannot_give(store):
         assert (p["train_per_class_min"], p["train_per_class_max"], p["n_train"]) == ("4", "4", "12")
 
 
+@pytest.mark.slow
 def test_registered_model_pins_what_it_needs_and_ships_its_code(store):
     from importlib.metadata import version
 
@@ -485,6 +491,7 @@ def test_registered_model_pins_what_it_needs_and_ships_its_code(store):
     assert not list(folder.rglob("*.pkl")) and "cloudpickle" not in (folder / "requirements.txt").read_text()
 
 
+@pytest.mark.slow
 def test_the_pyfunc_reads_paths_only_under_an_allow_listed_root(store, tmp_path):
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -523,6 +530,7 @@ def test_the_pyfunc_reads_paths_only_under_an_allow_listed_root(store, tmp_path)
 
 # -- the offline sweep, ended by now -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_weights_that_cannot_load_inside_a_ray_task_are_one_line(launched):
     """`--pretrained openai` offline: the BackboneError is raised in a Ray task and comes out as its
     own message, not Ray's traceback."""
