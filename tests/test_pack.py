@@ -226,6 +226,9 @@ def test_resumed_packed_sweep_reruns_only_the_unfinished_points(sweeps):
         client.set_terminated(run.info.run_id, "FAILED")
     client.set_terminated(parent.info.run_id, "FAILED")
     before = {k: r.info.end_time for k, r in packed.items()}
+    import ray  # the first driver's recorder outlives its sweep in this process; a new driver starts afresh
+
+    ray.kill(ray.get_actor(f"ca-flow-recorder-{parent.data.tags['ca_flow.sweep_id']}"))
     result = runner.invoke(app, ["resume", parent.data.tags["ca_flow.sweep_id"], "--tracking-uri", sweeps["uri"],
                                  "--force"])
     assert result.exit_code == 0, result.output + result.stderr

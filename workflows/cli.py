@@ -111,6 +111,8 @@ def sweep(
     results_dir: Optional[str] = typer.Option(None, help="per-trial Parquet  \\[default: ca-flow-results]"),
     storage_path: Optional[str] = typer.Option(None, help="Tune's own state (shared storage on a cluster)  "
                                                            "\\[default: ~/ray_results]"),
+    pack: Optional[bool] = typer.Option(None, "--pack/--no-pack", help="train the CLIP-Adapter points that differ only "
+                                        "in alpha/beta as one stacked model, one Tune trial  \\[default: no-pack]"),
     tracking_uri: Optional[str] = URI,
     address: Optional[str] = ADDRESS,
     dry_run: bool = typer.Option(False, "--dry-run", help="show the grid and what is to encode; start nothing"),
@@ -152,7 +154,8 @@ def _dry_run(spec, as_json: bool) -> None:
         out.print(f"{dataset}: {sum(per.values())} trials ({', '.join(f'{m} {n}' for m, n in per.items())}); "
                   f"{img['images']} images, {img['cached']} in the feature store, {img['to_encode']} to encode"
                   + (f", {img['missing']} missing" if img["missing"] else ""), markup=False, highlight=False)
-    out.print(f"dry run: {plan['trials']} trials; nothing started", markup=False, highlight=False)
+    out.print(f"dry run: {plan['trials']} trials (grid points) in {plan['tune_trials']} Tune trials"
+              f"{' (--pack)' if plan['spec']['pack'] else ''}; nothing started", markup=False, highlight=False)
 
 
 def _submit(spec, uri: str, address: Optional[str], as_json: bool) -> None:

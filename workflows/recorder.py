@@ -30,6 +30,7 @@ class Recorder:
         self.attempts: dict[str, int] = {}
         self.errored: set[str] = set()       # runs carrying an error tag from a failed attempt
         self.unwritten: dict[str, str] = {}  # trial key -> why its record could not be written
+        self.done: set[str] = set()          # keys whose record is written: FINISHED with metrics
         self.down_since: float | None = None
         for run in tracking.children(self.client, exp_id, parent_id):
             key = run.data.tags.get(tracking.TRIAL_KEY)
@@ -38,6 +39,8 @@ class Recorder:
                 self.attempts[key] = int(run.data.tags.get(tracking.ATTEMPT, "0"))
                 if tracking.ERROR in run.data.tags:
                     self.errored.add(key)
+                if tracking.is_done(run):
+                    self.done.add(key)
 
     def _write(self, key: str, what: str, write) -> None:
         """One write; a store that failed a moment ago is checked first, so a long outage costs one
@@ -88,6 +91,7 @@ class Recorder:
                 self.client.delete_tag(self.runs[key], tracking.ERROR)
                 self.errored.discard(key)
             tracking.finish_trial(self.client, self.runs[key], params, metrics, losses, str(folder), dataset, end_ms)
+            self.done.add(key)
         try:
             for name, data in files.items():
                 (folder / name).write_bytes(data)
@@ -99,6 +103,10 @@ class Recorder:
         if key in self.runs:
             self.errored.add(key)
             self._write(key, "failure", lambda: tracking.fail_trial(self.client, self.runs[key], error))
+
+    def finished(self, keys: list[str]) -> list[str]:
+        """Which of `keys` have their record written: a retried pack skips them."""
+        return [k for k in keys if k in self.done]
 
     def drain(self) -> dict[str, str]:
         """Called last: every write sent before it is done (an actor runs calls in order)."""
