@@ -206,7 +206,8 @@ def test_packed_sweep_records_each_point_as_the_unpacked_sweep_does(sweeps):
             got, expected = losses(client, run), losses(client, want)
             assert len(got) == 4
             np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
-            w, v = adapter_weights(client, run, sweeps["work"] / "a"), adapter_weights(client, want, sweeps["work"] / "b")
+            w = adapter_weights(client, run, sweeps["work"] / "a")
+            v = adapter_weights(client, want, sweeps["work"] / "b")
             assert w.keys() == v.keys()
             for k in w:
                 np.testing.assert_allclose(w[k].numpy(), v[k].numpy(), atol=1e-5, rtol=0, err_msg=k)

@@ -24,6 +24,8 @@ class Recorder:
     def __init__(self, uri: str, exp_id: str, parent_id: str, sweep_id: str):
         import mlflow
 
+        if uri.startswith("sqlite:"):
+            _write_ahead_log()
         self.client = mlflow.MlflowClient(uri)
         self.uri, self.ctx = uri, dict(exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id)
         self.runs: dict[str, str] = {}       # trial key -> run id
@@ -111,6 +113,28 @@ class Recorder:
     def drain(self) -> dict[str, str]:
         """Called last: every write sent before it is done (an actor runs calls in order)."""
         return dict(self.unwritten)
+
+
+def _write_ahead_log() -> None:
+    """This process's SQLite connections commit to a write-ahead log, synced at checkpoints rather than
+    at each of a trial's nine commits (an fsync each: most of a trial's write time on a local disk). A
+    killed process loses nothing committed; a power cut may lose the last commits, which `resume` reruns.
+    Readers (the driver, `mlflow ui`) no longer wait on the writer."""
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    @event.listens_for(Engine, "connect")
+    def _pragmas(connection, _record):
+        if isinstance(connection, sqlite3.Connection):
+            cursor = connection.cursor()
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")  # kept in the file: once per store
+            except sqlite3.OperationalError:  # another connection holds it now: the next one switches
+                pass
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
 
 
 def start_recorder(uri: str, exp_id: str, parent_id: str, sweep_id: str):

@@ -13,7 +13,8 @@ from .grid import SweepError, SweepSpec
 
 # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds: time to close the runs.
 STOP_GRACE_S = 60
-EXCLUDES = [".git", ".venv", "mlflow.db", "mlartifacts", "mlruns", "ca-flow-results", "ca-flow-report", "*.parquet"]
+EXCLUDES = [".git", ".venv", "mlflow.db", "mlflow.db-wal", "mlflow.db-shm",  # the store's write-ahead log
+            "mlartifacts", "mlruns", "ca-flow-results", "ca-flow-report", "*.parquet"]
 
 
 def as_flags(spec: SweepSpec) -> list[str]:
