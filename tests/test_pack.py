@@ -246,3 +246,24 @@ def test_resumed_packed_sweep_reruns_only_the_unfinished_points(sweeps):
         else:  # trained again as a pack of the two left, equal to the point trained alone
             np.testing.assert_allclose(losses(client, run), losses(client, alone[key]), atol=1e-5, rtol=0)
             assert run.data.metrics["val_acc"] == pytest.approx(alone[key].data.metrics["val_acc"], abs=1e-5)
+
+
+def test_recorder_says_which_points_of_a_pack_are_written(tmp_path):
+    """A retried pack asks the recorder which of its points are done, and trains only the others."""
+    import mlflow
+
+    from workflows.recorder import Recorder
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment("x")
+    parent = client.create_run(exp_id).info.run_id
+    rec = Recorder(uri, exp_id, parent, "s")
+    source = dict(name="d", digest="0" * 8, source_type="local", source="file:///d")
+    for key in ("a", "b", "c"):
+        rec.start(dict(key=key, name=key, dataset="d", method="clip-adapter", weights="random"), 0)
+    rec.finish("a", {"alpha": 0.2}, {"val_acc": 0.5, "test_acc": 0.5}, [1.0], {}, source, 1)
+    rec.fail("c", "worker died")
+    assert rec.finished(["a", "b", "c"]) == ["a"]
+    # a resumed sweep's recorder reads the same from the store
+    assert Recorder(uri, exp_id, parent, "s").finished(["c", "b", "a"]) == ["a"]
