@@ -10,6 +10,9 @@
    (the bound).
 4. Training: a CLIP-Adapter on ImageNet-sized planted features (1000 classes x 16 shots x 10 views)
    for a few epochs on CUDA and on the CPU: seconds per epoch and the ratio, and that the losses agree.
+5. Packed trials: K = 1, 4, 16, 64 stacked adapters (--pack) on 16,000 x 1,024 features, 1,000 classes,
+   batch 32: steps/s and GPU seconds per adapter-epoch, against one unpacked adapter at a time.
+   `--only-pack` runs just this part (no backbone, no images).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from clip_adapter import CLIPAdapter, TrainConfig, fit
+from clip_adapter.adapter import StackedCLIPAdapter
 from clip_adapter import datasets as ds
 from clip_adapter.backbone import load_backbone
 from clip_adapter.features import Request, encode_in_process
@@ -78,14 +82,44 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def packed(ks=(1, 4, 16, 64), n=16_000, dim=1024, classes=1000, views=2, epochs=1) -> dict:
+    """Stacked adapters on one batch stream: what one packed Tune trial does per step, on CUDA."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(classes, dim)).astype(np.float32)
+    labels = rng.integers(classes, size=n)
+    feats = (centers[labels][:, None, :] + 4.0 * rng.normal(size=(n, views, dim))).astype(np.float32)
+    text = torch.from_numpy(centers)
+    cfg, steps = TrainConfig(epochs=epochs), epochs * -(-n // 32)
+    torch.manual_seed(0)
+    single = CLIPAdapter(text, 100.0, alpha=0.2).cuda()  # the unpacked trial's model: K of these one by one
+    fit(single, feats[:512], labels[:512], TrainConfig(epochs=1), seed=1)
+    _, secs = timed(lambda: fit(single, feats, labels, cfg, seed=1))
+    out = {"separate": {"steps_per_s": steps / secs, "gpu_s_per_adapter_epoch": secs / epochs}}
+    for k in ks:
+        torch.manual_seed(0)
+        members = [CLIPAdapter(text, 100.0, alpha=a) for a in np.linspace(0.1, 0.9, k)]
+        model = StackedCLIPAdapter(members).cuda()
+        fit(model, feats[:512], labels[:512], TrainConfig(epochs=1), seed=1)  # warm-up: kernels, allocator
+        _, secs = timed(lambda: fit(model, feats, labels, cfg, seed=1))
+        out[f"K={k}"] = {"steps_per_s": steps / secs, "gpu_s_per_adapter_epoch": secs / (k * epochs)}
+    one = out["separate"]["gpu_s_per_adapter_epoch"]
+    for k in ks:
+        out[f"K={k}"]["vs_separate"] = one / out[f"K={k}"]["gpu_s_per_adapter_epoch"]
+    return {"features": [n, views, dim], "classes": classes, "batch": 32, "epochs": epochs, **out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="RN50-quickgelu")
     ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--only-pack", action="store_true", help="only the packed-trials comparison (part 5)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this check needs a CUDA device"
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "backbone": args.backbone}
+    if args.only_pack:
+        report["packed"] = packed()
+        return _emit(report, args.out)
 
     split = ds.load(ds.resolve("textile", ds.default_data_root())[0])
     items = split.test[: args.images]
@@ -117,10 +151,15 @@ def main() -> None:
                        "cpu_s_per_epoch": results["cpu"][1],
                        "speedup": results["cpu"][1] / results["cuda"][1],
                        "losses_cuda": results["cuda"][0], "losses_cpu": results["cpu"][0]}
+    report["packed"] = packed()
+    _emit(report, args.out)
+
+
+def _emit(report: dict, out: str | None) -> None:
     text_json = json.dumps(report, indent=2)
     print(text_json)
-    if args.out:
-        open(args.out, "w").write(text_json)
+    if out:
+        open(out, "w").write(text_json)
 
 
 if __name__ == "__main__":

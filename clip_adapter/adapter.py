@@ -49,3 +49,46 @@ class CLIPAdapter(nn.Module):
         if self.text is not None:
             w = self.beta * self.text(w) + (1 - self.beta) * w
         return cosine_logits(f, w, self.logit_scale)
+
+
+class StackedCLIPAdapter(nn.Module):
+    """K CLIP-Adapters of one variant, one per (alpha, beta), as stacked weights [K, out, in]: one batched
+    matmul per layer instead of K. Logits are [K, n, C]; member k computes what `members[k]` computes."""
+
+    def __init__(self, members: list[CLIPAdapter]):
+        super().__init__()
+        first = members[0]
+        if any((m.variant, m.reduction) != (first.variant, first.reduction) for m in members):
+            raise ValueError("stacked adapters must share their variant and reduction")
+        self.variant, self.reduction, self.logit_scale = first.variant, first.reduction, first.logit_scale
+        self.register_buffer("text_weights", first.text_weights.clone())
+        self.register_buffer("alpha", torch.tensor([float(m.alpha) for m in members]).view(-1, 1, 1))
+        self.register_buffer("beta", torch.tensor([float(m.beta) for m in members]).view(-1, 1, 1))
+        for branch in ("visual", "text"):
+            if getattr(first, branch) is not None:
+                stacked = [torch.stack([getattr(m, branch)[i].weight.detach() for m in members]) for i in (0, 2)]
+                setattr(self, f"{branch}_down", nn.Parameter(stacked[0].clone()))
+                setattr(self, f"{branch}_up", nn.Parameter(stacked[1].clone()))
+
+    @staticmethod
+    def _bottleneck(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        # x [K, n, D] (or [n, D], shared by all members); nn.Linear's weights are [out, in].
+        x = x.expand(len(down), *x.shape[-2:])
+        return F.relu(torch.bmm(F.relu(torch.bmm(x, down.transpose(1, 2))), up.transpose(1, 2)))
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        f, w = image_features.unsqueeze(0), self.text_weights.unsqueeze(0)
+        if self.variant in ("visual", "both"):
+            f = self.alpha * self._bottleneck(f, self.visual_down, self.visual_up) + (1 - self.alpha) * f
+        if self.variant in ("text", "both"):
+            w = self.beta * self._bottleneck(w, self.text_down, self.text_up) + (1 - self.beta) * w
+        return self.logit_scale * torch.matmul(F.normalize(f, dim=-1), F.normalize(w, dim=-1).transpose(1, 2))
+
+    @torch.no_grad()
+    def unstack(self, members: list[CLIPAdapter]) -> None:
+        """Copy member k's trained weights into `members[k]`."""
+        for branch in ("visual", "text"):
+            if getattr(members[0], branch) is not None:
+                for k, m in enumerate(members):
+                    getattr(m, branch)[0].weight.copy_(getattr(self, f"{branch}_down")[k])
+                    getattr(m, branch)[2].weight.copy_(getattr(self, f"{branch}_up")[k])

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapter import CLIPAdapter, zero_shot_logits
+from .adapter import CLIPAdapter, StackedCLIPAdapter, zero_shot_logits
 
 
 def epochs_for_shots(shots: int) -> int:
@@ -73,11 +73,13 @@ class SGD:
             p.add_(self.buffers[i], alpha=-self.lr)
 
 
-def fit(adapter: CLIPAdapter, features: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
-        seed: int) -> list[float]:
+def fit(adapter: CLIPAdapter | StackedCLIPAdapter, features: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
+        seed: int) -> list:
     """Train on [n, views, D] features; each epoch draws one cached view per image. Loss per epoch.
 
-    Runs where the adapter's parameters are (move it to a GPU first to train there).
+    A stacked adapter (logits [K, n, C]) trains its K members on the one batch stream; the loss per
+    epoch is then a list of K, one per member, and the step minimises their sum: each member's
+    gradient is its own loss's. Runs where the adapter's parameters are (move it to a GPU first).
     """
     seed_everything(seed)
     rng = np.random.default_rng(seed)
@@ -95,14 +97,21 @@ def fit(adapter: CLIPAdapter, features: np.ndarray, labels: np.ndarray, cfg: Tra
         total = torch.zeros((), device=device)
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            loss = F.cross_entropy(adapter(x[idx]), targets[idx])
+            loss = _loss(adapter(x[idx]), targets[idx])
             opt.zero_grad()
-            loss.backward()
+            loss.sum().backward()
             opt.step()
-            total += loss.detach() * len(idx)
-        losses.append(float(total) / n)  # one device sync per epoch, not per step
+            total = total + loss.detach() * len(idx)
+        losses.append((total.double() / n).tolist())  # one device sync per epoch, not per step
     adapter.eval()
     return losses
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy: a scalar for logits [n, C], one per member for stacked logits [K, n, C]."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits.permute(1, 2, 0), targets[:, None].expand(-1, len(logits)), reduction="none").mean(0)
 
 
 @torch.no_grad()

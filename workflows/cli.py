@@ -113,6 +113,8 @@ def sweep(
                                                            "\\[default: ~/ray_results]"),
     protocol: Optional[str] = typer.Option(None, help="few-shot (choices on min(K,4) val per class), released "
                                                       "(the released code's recipe), or both  \\[default: few-shot]"),
+    pack: Optional[bool] = typer.Option(None, "--pack/--no-pack", help="train the CLIP-Adapter points that differ only "
+                                        "in alpha/beta as one stacked model, one Tune trial  \\[default: no-pack]"),
     tracking_uri: Optional[str] = URI,
     address: Optional[str] = ADDRESS,
     dry_run: bool = typer.Option(False, "--dry-run", help="show the grid and what is to encode; start nothing"),
@@ -154,7 +156,8 @@ def _dry_run(spec, as_json: bool) -> None:
         out.print(f"{dataset}: {sum(per.values())} trials ({', '.join(f'{m} {n}' for m, n in per.items())}); "
                   f"{img['images']} images, {img['cached']} in the feature store, {img['to_encode']} to encode"
                   + (f", {img['missing']} missing" if img["missing"] else ""), markup=False, highlight=False)
-    out.print(f"dry run: {plan['trials']} trials; nothing started", markup=False, highlight=False)
+    out.print(f"dry run: {plan['trials']} trials (grid points) in {plan['tune_trials']} Tune trials"
+              f"{' (--pack)' if plan['spec']['pack'] else ''}; nothing started", markup=False, highlight=False)
 
 
 def _submit(spec, uri: str, address: Optional[str], as_json: bool) -> None:

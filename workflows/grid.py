@@ -56,6 +56,7 @@ class SweepSpec:
     results_dir: str = "ca-flow-results"
     storage_path: str = "~/ray_results"  # Tune's own state; MLflow is the record of what is done
     protocol: list[str] = field(default_factory=lambda: ["few-shot"])  # few-shot, released (README: Protocol)
+    pack: bool = False              # CLIP-Adapter points that differ only in alpha/beta: one Tune trial
 
     def validate(self) -> "SweepSpec":
         for name, values in (("alpha", self.alphas), ("beta", self.betas)):
@@ -185,6 +186,8 @@ def build_spec(config: str | Path | None, flags: dict) -> SweepSpec:
     for key in ("epochs", "augment_views", "batch_size", "max_retries"):
         if key in values and values[key] is not None and not isinstance(values[key], int):
             raise SweepError(f"{key} expects an integer, got {values[key]!r}")
+    if "pack" in values and not isinstance(values["pack"], bool):
+        raise SweepError(f"pack expects true or false, got {values['pack']!r}")
     for key in ("lr", "cpus_per_trial", "gpus_per_trial"):
         if key in values and not isinstance(values[key], (int, float)):
             raise SweepError(f"{key} expects a number, got {values[key]!r}")
@@ -236,6 +239,21 @@ def grid(spec: SweepSpec, names: list[str], weights_id: str | None = None) -> li
                             + ([protocol] if protocol != "few-shot" else []))
             trials.append(dict(point, key=key, name=name))
     return trials
+
+
+def packs(trials: list[dict], pack: bool) -> list[list[dict]]:
+    """The Tune trials: with `pack`, the CLIP-Adapter points that differ only in alpha and beta train as one
+    stacked model (they see the same batches: views, order and initial weights come from the seed alone);
+    every other point, and every point without `pack`, is a trial of its own. Grid order is kept."""
+    out: dict = {}
+    for t in trials:
+        same = None
+        if pack and t["method"] == "clip-adapter":
+            rest = {k: v for k, v in t["hparams"].items() if k not in ("alpha", "beta")}
+            same = json.dumps(dict({k: t[k] for k in POINT_PARAMS}, hparams=rest, protocol=t.get("protocol"),
+                                   select=t.get("select")), sort_keys=True)  # one FewShot for the pack
+        out.setdefault(same or t["key"], []).append(t)
+    return list(out.values())
 
 
 def counts(trials: list[dict]) -> dict[str, dict[str, int]]:

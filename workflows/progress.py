@@ -32,9 +32,9 @@ class TrialProgress(Callback):
         if FAILED in (trial.last_result or {}):
             self.on_trial_error(iteration, trials, trial)
         elif self.bar:
-            self.bar.advance(self.task)
+            self.bar.advance(self.task, len(trial.config["trials"]))  # grid points: a pack holds several
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.failed += 1
+        self.failed += len(trial.config["trials"])
         if self.bar:
-            self.bar.update(self.task, advance=1, failed=self.failed)
+            self.bar.update(self.task, advance=len(trial.config["trials"]), failed=self.failed)

@@ -35,6 +35,7 @@ class Recorder:
         self.attempts: dict[str, int] = {}
         self.errored: set[str] = set()       # runs carrying an error tag from a failed attempt
         self.unwritten: dict[str, str] = {}  # trial key -> why its record could not be written
+        self.done: set[str] = set()          # keys whose result is held: handed over, or FINISHED in the store
         self.down_since: float | None = None
         for run in tracking.children(self.client, exp_id, parent_id):
             key = run.data.tags.get(tracking.TRIAL_KEY)
@@ -43,6 +44,8 @@ class Recorder:
                 self.attempts[key] = int(run.data.tags.get(tracking.ATTEMPT, "0"))
                 if tracking.ERROR in run.data.tags:
                     self.errored.add(key)
+                if tracking.is_done(run):
+                    self.done.add(key)
         self.records: queue.Queue = queue.Queue()
         threading.Thread(target=self._write_records, daemon=True, name="ca-flow-recorder").start()
 
@@ -113,6 +116,7 @@ class Recorder:
         self.records.put((t["key"], self._start, (t, start_ms)))
 
     def finish(self, key: str, *record) -> None:
+        self.done.add(key)
         self.records.put((key, self._finish, (key, *record)))
 
     def fail(self, key: str, error: str) -> None:
@@ -120,6 +124,12 @@ class Recorder:
 
     def ready(self) -> bool:
         return True
+
+    def finished(self, keys: list[str]) -> list[str]:
+        """Which of `keys` this recorder holds a result for (handed over, or FINISHED in the store): a
+        retried pack skips them. Handed over is enough: one that is then not written is reported by
+        `drain`, stays unfinished and `resume` runs it."""
+        return [k for k in keys if k in self.done]
 
     def drain(self) -> dict[str, str]:
         """Called last, once every trial has handed over: waits until all of it is written."""

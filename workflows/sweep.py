@@ -33,7 +33,7 @@ from clip_adapter import datasets as ds  # noqa: E402
 from clip_adapter.backbone import RANDOM, weights_identity  # noqa: E402
 
 from . import sweeps, tracking  # noqa: E402
-from .grid import SweepError, SweepSpec, check_shots, counts, grid  # noqa: E402
+from .grid import SweepError, SweepSpec, check_shots, counts, grid, packs  # noqa: E402
 
 WEIGHTS_ID = "ca_flow.weights_id"
 NOTE_LIMIT = 8000
@@ -318,7 +318,7 @@ def _tune(todo, features, recorder, slots, spec, signals, console) -> dict[str, 
     storage = spec.storage_path if "://" in spec.storage_path else str(Path(spec.storage_path).expanduser().resolve())
     progress = TrialProgress(len(todo), console)
     tuner = tune.Tuner(
-        trainable, param_space={"trial": tune.grid_search(todo)},
+        trainable, param_space={"trials": tune.grid_search(packs(todo, spec.pack))},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=slots),
         run_config=tune.RunConfig(name=f"ca-flow-{uuid.uuid4().hex[:8]}", verbose=0, callbacks=[progress],
                                   storage_path=storage, stop=StopOnSignal(),
@@ -328,9 +328,9 @@ def _tune(todo, features, recorder, slots, spec, signals, console) -> dict[str, 
     errors = {}
     for r in results:
         if r.config and r.error is not None:  # Tune gave up: retries spent on lost workers or nodes
-            errors[r.config["trial"]["key"]] = tracking.error_line(r.error)
+            errors.update({t["key"]: tracking.error_line(r.error) for t in r.config["trials"]})
         elif r.config and FAILED in (r.metrics or {}):  # the trial's own error, not retried
-            errors[r.config["trial"]["key"]] = r.metrics[FAILED]
+            errors.update({t["key"]: r.metrics[FAILED] for t in r.config["trials"]})
     return errors
 
 
@@ -423,5 +423,6 @@ def dry_run(spec: SweepSpec) -> dict:
         images[s.name] = dict(images=len(train) + len(held), cached=len(train) + len(held) - len(pt.todo) - len(ph.todo)
                               - len(pt.missing) - len(ph.missing), to_encode=len(pt.todo) + len(ph.todo),
                               missing=len(pt.missing) + len(ph.missing))
-    return dict(trials=len(planned.trials), per_dataset=counts(planned.trials), images=images,
+    return dict(trials=len(planned.trials), tune_trials=len(packs(planned.trials, spec.pack)),
+                per_dataset=counts(planned.trials), images=images,
                 skipped={s.name: s.reason for s in planned.skipped}, spec=json.loads(json.dumps(spec.record())))

@@ -52,15 +52,39 @@ def zero_shot_accuracy(features: np.ndarray, labels: np.ndarray, text: np.ndarra
 
 def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
     """Fit and evaluate one grid point on in-memory features: no Ray, no MLflow."""
-    from clip_adapter import evaluate
     from clip_adapter.methods import make
 
+    few_shot, n_select = _few_shot(t, data)
+    method = make(t["method"], data.text.copy(), data.logit_scale, **t["hparams"]).to(device)
+    fitted = method.fit(few_shot, t["seed"])  # sees train and val only: every choice is made on val
+    return _evaluate(t, data, few_shot, n_select, method, fitted)
+
+
+def train_pack(pack: list[dict], data: DatasetFeatures, device: str = "cpu") -> list[tuple]:
+    """Fit the CLIP-Adapter points of one pack (grid.packs) as one stacked model; per point what
+    `train_trial` returns for it."""
+    from clip_adapter.methods import make
+    from clip_adapter.methods.clip_adapter import fit_packed
+
+    if len(pack) == 1:
+        return [train_trial(pack[0], data, device)]
+    few_shot, n_select = _few_shot(pack[0], data)
+    methods = [make(t["method"], data.text.copy(), data.logit_scale, **t["hparams"]).to(device) for t in pack]
+    fits = fit_packed(methods, few_shot, pack[0]["seed"])
+    return [_evaluate(t, data, few_shot, n_select, m, f) for t, m, f in zip(pack, methods, fits)]
+
+
+def _few_shot(t: dict, data: DatasetFeatures):
+    """The point's FewShot (what its protocol selects on) and the number of images it selects on."""
     train_rows, val_rows = data.rows[(t["shots"], t["seed"])]
     if len(train_rows) == 0:
         raise RuntimeError(f"{t['dataset']}: no readable train image for {t['shots']} shots, seed {t['seed']}")
-    few_shot, n_select = select_on(t, data, train_rows, val_rows)
-    method = make(t["method"], data.text.copy(), data.logit_scale, **t["hparams"]).to(device)
-    fitted = method.fit(few_shot, t["seed"])  # sees train and val only: every choice is made on val
+    return select_on(t, data, train_rows, val_rows)
+
+
+def _evaluate(t: dict, data: DatasetFeatures, few_shot, n_select: int, method, fitted):
+    from clip_adapter import evaluate
+
     method.eval()
     metrics = dict(val_acc=evaluate(method, few_shot.val, few_shot.val_labels),
                    test_acc=evaluate(method, data.test, data.test_labels), zs_test_acc=data.zs_test_acc)
@@ -73,7 +97,7 @@ def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
     params = {k: t[k] for k in POINT_PARAMS}
     params.update(protocol=t.get("protocol", "few-shot"), selection_split=selection_split(t.get("select", {})),
                   n_select=n_select)
-    params.update(n_train=len(train_rows), n_val=len(few_shot.val_labels), n_test=len(data.test),
+    params.update(n_train=len(few_shot.train), n_val=len(few_shot.val_labels), n_test=len(data.test),
                   train_per_class_min=int(per_class.min()), train_per_class_max=int(per_class.max()))
     params.update({("adapter" if k == "variant" else k): v for k, v in method.config().items()})
     params.update({f"chosen_{k}": v for k, v in fitted.chosen.items()})
@@ -132,23 +156,35 @@ FAILED = "ca_flow_error"  # the result key of a trial that failed for good, with
 
 
 def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -> None:
-    """The Tune trainable: train one grid point, hand its record to the sweep's recorder, report.
+    """The Tune trainable: train one pack of grid points (one point without --pack), hand each
+    point's record to the sweep's recorder, report.
 
-    An error goes to the recorder (the run becomes FAILED with its last line). Ray's own failures and
-    a node's go on to Tune, which retries the trial up to --max-retries times, in the same run; an
-    error of the trial itself (its data, its numbers) is final: another attempt would fail alike.
+    An error goes to the recorder (each point's run becomes FAILED with its last line). Ray's own
+    failures and a node's go on to Tune, which retries the trial up to --max-retries times, in the same
+    runs; an error of the trial itself (its data, its numbers) is final: another attempt would fail alike.
     """
-    t = config["trial"]
-    # First of all, so the run starts with the trial (a worker lost during the imports below still
-    # leaves its run RUNNING, attempt counted). One wall clock for the run's start and end and for
-    # trial_seconds, so the run's span always holds trial_seconds.
+    pack = config["trials"]
+    if len(pack) > 1:  # a retried pack trains only the points whose records the recorder already holds
+        import ray
+
+        done = set(ray.get(recorder.finished.remote([t["key"] for t in pack])))
+        pack = [t for t in pack if t["key"] not in done]
+        if not pack:
+            from ray import tune
+
+            return tune.report({"points": 0})
+    # First of all, so each run starts with the trial (a worker lost during the imports below still
+    # leaves its run RUNNING, attempt counted). One wall clock for the runs' start and end and for
+    # trial_seconds, so a run's span always holds its trial_seconds.
     started = time.time()
-    hand_over(recorder.start, t, math.floor(started * 1000))
-    if barrier.holds("trial"):  # a test acts on the run while the trial waits: the start is written first
+    for t in pack:
+        hand_over(recorder.start, t, math.floor(started * 1000))
+    if barrier.holds("trial"):  # a test acts on the runs while the trial waits: the starts are written first
         import ray
 
         ray.get(recorder.drain.remote())
-        barrier.barrier("trial", t["key"], trial=t["name"], dataset=t["dataset"])
+        for t in pack:
+            barrier.barrier("trial", t["key"], trial=t["name"], dataset=t["dataset"])
     import torch
     from ray import tune
 
@@ -160,21 +196,27 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     try:
         if gpu and not torch.cuda.is_available():
             raise NodeError("the trial was given a GPU but torch sees no CUDA device; fix the node's CUDA setup")
-        data = _fetch(features[t["dataset"]])
-        method, losses, metrics, params = train_trial(t, data, "cuda" if gpu else "cpu")
-        files = adapter_files(method, torch.from_numpy(data.text.copy()), AdapterMeta(
-            method=t["method"], config=method.config(), backbone=t["backbone"], weights=t["weights"],
-            weights_id=t["weights_id"], classnames=data.classnames, template=data.template,
-            logit_scale=data.logit_scale, dataset=t["dataset"]))
-        metrics["trial_seconds"] = time.time() - started
+        data = _fetch(features[pack[0]["dataset"]])
+        records = []
+        for t, (method, losses, metrics, params) in zip(pack, train_pack(pack, data, "cuda" if gpu else "cpu")):
+            files = adapter_files(method, torch.from_numpy(data.text.copy()), AdapterMeta(
+                method=t["method"], config=method.config(), backbone=t["backbone"], weights=t["weights"],
+                weights_id=t["weights_id"], classnames=data.classnames, template=data.template,
+                logit_scale=data.logit_scale, dataset=t["dataset"]))
+            records.append((t, params, metrics, losses, files))
+        seconds = (time.time() - started) / len(pack)  # a pack's points share its time
     except Exception as exc:
-        hand_over(recorder.fail, t["key"], tracking.error_line(exc))
+        for t in pack:
+            hand_over(recorder.fail, t["key"], tracking.error_line(exc))
         if _retryable(exc):
             raise
         tune.report({FAILED: tracking.error_line(exc)})
         return
-    hand_over(recorder.finish, t["key"], params, metrics, losses, files, data.source, math.ceil(time.time() * 1000))
-    tune.report(metrics)
+    for t, params, metrics, losses, files in records:
+        metrics["trial_seconds"] = seconds
+        hand_over(recorder.finish, t["key"], params, metrics, losses, files, data.source,
+                  math.ceil(time.time() * 1000))
+    tune.report({"points": len(records)})
 
 
 def hand_over(call, *record) -> None:

@@ -1,0 +1,123 @@
+"""Packed trials against one trial per grid point: the same grid, both ways, in one run.
+
+    python benchmarks/pack.py [--shots 2] [--seeds 1,2,3] [--alphas 8 and 4 values] [--repeat 3]
+
+For each alpha list (default: 8 alphas, then the paper's 4), the sweep (warm feature store, real Ray
+Tune and MLflow, 2 trials at once) unpacked and with --pack: wall seconds of the whole sweep and of
+its Tune phase, seconds per grid point, and the ratio. Then the training loop alone, no Ray or MLflow:
+K adapters fitted one after another against one stacked fit of K, on the same features, to tell
+training from orchestration. With --repeat N each figure is the median of N, with its spread.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from clip_adapter import datasets as ds  # noqa: E402
+from clip_adapter.backbone import TINY  # noqa: E402
+from clip_adapter.features import FeatureStore  # noqa: E402
+from clip_adapter.methods import make  # noqa: E402
+from clip_adapter.methods.clip_adapter import fit_packed  # noqa: E402
+from workflows import sweep as s  # noqa: E402
+from workflows.encode import dataset_features  # noqa: E402
+from workflows.grid import SweepSpec, grid, packs  # noqa: E402
+from workflows.trial import _few_shot  # noqa: E402
+
+ALPHAS8 = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8"
+PAPER = "0.2,0.4,0.6,0.8"
+
+
+def spread(xs: list[float]) -> str:
+    med = statistics.median(xs)
+    return f"{med:7.2f}" + (f" ({min(xs):.2f}-{max(xs):.2f})" if len(xs) > 1 else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shots", default="2")
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--epochs", type=int, default=None, help="default: CoOp's by shots")
+    ap.add_argument("--alphas", nargs="+", default=[ALPHAS8, PAPER])
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ca-flow-pack-"))
+    base = dict(datasets="textile", backbone=TINY, pretrained="random", methods=["clip-adapter"],
+                shots=[int(x) for x in args.shots.split(",")], seeds=[int(x) for x in args.seeds.split(",")],
+                epochs=args.epochs, cache_dir=str(work / "cache"), results_dir=str(work / "results"),
+                storage_path=str(work / "ray_results"))
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    quiet = Console(file=open(os.devnull, "w"))
+    warm = SweepSpec(**dict(base, alphas=[0.2], seeds=base["seeds"][:1])).validate()
+    assert s.run(warm, uri, None, quiet).done == len(base["shots"])  # encodes the features; warms Ray's workers
+
+    sweeps = []
+    for alphas in args.alphas:
+        for pack in (False, True):
+            spec = SweepSpec(**base, alphas=[float(a) for a in alphas.split(",")], pack=pack).validate()
+            points = len(grid(spec, ["textile"]))
+            whole, tune = [], []
+            for _ in range(args.repeat):
+                out = s.run(spec, uri, None, quiet)
+                assert out.done == points, out.results[["status", "error"]]
+                whole.append(out.seconds)
+                tune.append(out.tune_seconds)
+            sweeps.append((len(spec.alphas), pack, points, len(packs(grid(spec, ["textile"]), pack)), whole, tune))
+
+    # The training loop alone: one dataset split, K fits one after another vs one stacked fit of K.
+    split = ds.load(ds.resolve("textile", ds.default_data_root())[0])
+    spec = SweepSpec(**base, alphas=[0.2]).validate()
+    data = dataset_features([split], spec, FeatureStore(spec.cache_dir, spec.backbone, spec.pretrained), 0.0, 1, 1,
+                            lambda p, r: None)["textile"]
+    t = grid(spec, ["textile"])[0]
+    few = _few_shot(t, data)
+    torch.set_num_threads(1)  # what each trial gets in the sweep
+    loops = []
+    for alphas in args.alphas:
+        ratios = [float(a) for a in alphas.split(",")]
+        methods = lambda: [make("clip-adapter", data.text, data.logit_scale, alpha=a, **{  # noqa: E731
+            k: v for k, v in t["hparams"].items() if k != "alpha"}) for a in ratios]
+        separate, stacked = [], []
+        for _ in range(args.repeat):
+            started = time.perf_counter()
+            for m in methods():
+                m.fit(few, t["seed"])
+            separate.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            fit_packed(methods(), few, t["seed"])
+            stacked.append(time.perf_counter() - started)
+        loops.append((len(ratios), separate, stacked))
+
+    print(f"textile, {TINY} random, shots {args.shots}, seeds {args.seeds}, epochs "
+          f"{'by shots' if args.epochs is None else args.epochs}, 2 trials at once on 2 CPUs, {sys.platform}, "
+          f"median of {args.repeat} (min-max)")
+    print(f"{'alphas':>6} {'mode':>9} {'points':>6} {'Tune trials':>11} {'whole s':>20} {'Tune phase s':>20} "
+          f"{'s/point (whole)':>20} {'s/point (Tune)':>20}")
+    per = {}
+    for n_alpha, pack, points, trials, whole, tune in sweeps:
+        per[(n_alpha, pack)] = (statistics.median(whole) / points, statistics.median(tune) / points)
+        print(f"{n_alpha:>6} {'packed' if pack else 'unpacked':>9} {points:>6} {trials:>11} {spread(whole):>20} "
+              f"{spread(tune):>20} {spread([w / points for w in whole]):>20} {spread([x / points for x in tune]):>20}")
+    for n_alpha in sorted({k[0] for k in per}, reverse=True):
+        (w0, t0), (w1, t1) = per[(n_alpha, False)], per[(n_alpha, True)]
+        print(f"{n_alpha} alphas: packed is {w0 / w1:.2f}x faster per grid point (whole sweep), "
+              f"{t0 / t1:.2f}x (Tune phase)")
+    print(f"training loop alone ({t['hparams']['epochs']} epochs, {len(few.train)} images, 1 thread):")
+    for k, separate, stacked in loops:
+        print(f"  K={k}: {k} separate fits {spread(separate)} s, one stacked fit {spread(stacked)} s, "
+              f"{statistics.median(separate) / statistics.median(stacked):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
