@@ -74,7 +74,6 @@ def recorder_ops(work: Path, n: int = 40) -> None:
     import torch
 
     from clip_adapter.methods import make
-    from workflows import tracking
     from workflows.recorder import Recorder
 
     uri = f"sqlite:///{work / 'recorder.db'}"
@@ -107,6 +106,7 @@ def recorder_ops(work: Path, n: int = 40) -> None:
         t = dict(key=f"k{i}", name=f"trial{i}", dataset="d", method="clip-adapter", weights="random")
         rec.start(t, int(time.time() * 1000))
         rec.finish(t["key"], params, metrics, [1.0] * 50, files, source, int(time.time() * 1000))
+    rec.drain()  # the writes happen on the recorder's writer thread
     total = time.perf_counter() - started
     assert not rec.unwritten, rec.unwritten
     print(f"recorder, {n} trials written in this process (sqlite): {total / n:.3f} s per trial; by MLflow call:")
