@@ -265,5 +265,6 @@ def test_recorder_says_which_points_of_a_pack_are_written(tmp_path):
     rec.finish("a", {"alpha": 0.2}, {"val_acc": 0.5, "test_acc": 0.5}, [1.0], {}, source, 1)
     rec.fail("c", "worker died")
     assert rec.finished(["a", "b", "c"]) == ["a"]
+    assert rec.drain() == {}  # written by the recorder's writer thread
     # a resumed sweep's recorder reads the same from the store
     assert Recorder(uri, exp_id, parent, "s").finished(["c", "b", "a"]) == ["a"]
