@@ -81,7 +81,7 @@ def main() -> None:
     data = dataset_features([split], spec, FeatureStore(spec.cache_dir, spec.backbone, spec.pretrained), 0.0, 1, 1,
                             lambda p, r: None)["textile"]
     t = grid(spec, ["textile"])[0]
-    few = _few_shot(t, data)
+    few, _ = _few_shot(t, data)
     torch.set_num_threads(1)  # what each trial gets in the sweep
     loops = []
     for alphas in args.alphas:
