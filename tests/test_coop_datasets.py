@@ -3,8 +3,11 @@ import io
 import json
 import os
 import random
+import sys
+import zlib
 from collections import Counter, defaultdict
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -102,6 +105,28 @@ def make_imagenet(root, train=12, val=3):
 
 def make(root, name):
     {"fgvc_aircraft": make_fgvc, "imagenet": make_imagenet}.get(name, lambda r: make_json_kind(r, name))(root)
+    return root
+
+
+def noise_image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(zlib.crc32(str(path).encode()))
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path, "JPEG")
+
+
+def make_distinct(root, names, per_split=None):
+    """Miniatures whose images all differ (seeded noise), so a sweep encodes every one; `per_split`
+    overrides the JSON layouts' images per split."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(sys.modules[__name__], "_image", noise_image)
+    if per_split:
+        patch.setattr(sys.modules[__name__], "PER_SPLIT", per_split)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            make(root, name)
+    finally:
+        patch.undo()
     return root
 
 

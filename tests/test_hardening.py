@@ -149,8 +149,8 @@ def launched(tmp_path_factory):
     `back\\slash` and `ünï`; B on an `o'brien` whose train labels are wrong, plus a dataset short of
     --shots. Then a sweep whose weights cannot load offline.
 
-    Started before this module's in-process Ray, so that a sweep's dashboard agent can take its
-    default port (52365); they run while the in-process tests do."""
+    They run while the in-process tests do. (Their job API is probed by the namespace test below,
+    where the agent's fixed port is surely free.)"""
     work = tmp_path_factory.mktemp("hardening")
     root_a, root_b = work / "data-a", work / "data-b"
     for name in QUOTED:

@@ -1,13 +1,10 @@
 """Every method through the real CLI on miniatures of CoOp layouts: sweep, report, promote, predict."""
 import json
 import re
-import zlib
 
-import numpy as np
 import pytest
 import test_coop_datasets as layouts
 from mlflow import MlflowClient
-from PIL import Image
 from typer.testing import CliRunner
 
 from clip_adapter.backbone import TINY
@@ -19,21 +16,10 @@ CHOSEN = {"linear-probe": {"chosen_C"}, "tip-adapter": {"chosen_alpha", "chosen_
           "tip-adapter-f": {"chosen_alpha", "chosen_beta", "chosen_epoch"}, "gda": {"chosen_alpha"}}
 
 
-def noise_image(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(zlib.crc32(str(path).encode()))
-    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path, "JPEG")
-
-
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, ray_local):
     work = tmp_path_factory.mktemp("paper")
-    patch = pytest.MonkeyPatch()
-    patch.setattr(layouts, "_image", noise_image)  # distinct images, so every one is encoded
-    (work / "data").mkdir()
-    for name in ("imagenet", "fgvc_aircraft"):
-        layouts.make(work / "data", name)
-    patch.undo()
+    layouts.make_distinct(work / "data", ("imagenet", "fgvc_aircraft"))  # every image encoded
     uri = f"sqlite:///{work / 'mlflow.db'}"
     result = runner.invoke(app, [
         "sweep", "--datasets", "imagenet,fgvc_aircraft", "--data-root", str(work / "data"), "--methods",

@@ -1,13 +1,10 @@
 """Both protocols in one sweep through the real CLI on CoOp miniatures: what each run logs, the
 side-by-side report, and a champion never chosen on test."""
 import json
-import zlib
 
-import numpy as np
 import pytest
 import test_coop_datasets as layouts
 from mlflow import MlflowClient
-from PIL import Image
 from typer.testing import CliRunner
 
 from clip_adapter.backbone import TINY
@@ -18,22 +15,11 @@ runner = CliRunner()
 METHODS = ["clip-adapter", "zero-shot", "tip-adapter", "tip-adapter-f", "gda"]
 
 
-def noise_image(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(zlib.crc32(str(path).encode()))
-    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path, "JPEG")
-
-
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, ray_local):
     work = tmp_path_factory.mktemp("protocols")
-    patch = pytest.MonkeyPatch()
-    patch.setattr(layouts, "_image", noise_image)
-    patch.setattr(layouts, "PER_SPLIT", {"train": 5, "val": 6, "test": 3})  # a whole val larger than min(K, 4)
-    (work / "data").mkdir()
-    for name in ("imagenet", "dtd"):
-        layouts.make(work / "data", name)
-    patch.undo()
+    # a whole val larger than min(K, 4)
+    layouts.make_distinct(work / "data", ("imagenet", "dtd"), {"train": 5, "val": 6, "test": 3})
     uri = f"sqlite:///{work / 'mlflow.db'}"
     result = runner.invoke(app, [
         "sweep", "--datasets", "imagenet,dtd", "--data-root", str(work / "data"), "--methods", ",".join(METHODS),
