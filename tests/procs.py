@@ -29,9 +29,20 @@ TINY_SWEEP = ["--backbone", "ca-flow-tiny", "--pretrained", "random"]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all held at once while picked, since the kernel may hand the same
+    ephemeral port to two sockets picked one after the other."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def clean_env(home: Path, **extra) -> dict:
@@ -143,7 +154,8 @@ def port_open(port: int) -> bool:
         return False
 
 
-BIND_FAILED = re.compile(r"address already in use|Errno 98|failed to bind|Port .* is (already )?in use", re.I)
+BIND_FAILED = re.compile(r"address already in use|Errno 98|failed to bind|Port .* is (already )?in use"
+                         r"|port number \d+ that is used by other components", re.I)
 
 
 @contextmanager
@@ -179,18 +191,23 @@ def ray_temp_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="caf-ray-", dir="/tmp"))
 
 
+NODE_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+              "metrics-export-port", "node-manager-port", "object-manager-port")
+
+
+def _node_port_flags(ports: list[int]) -> list[str]:
+    return [f"--{flag}={port}" for flag, port in zip(NODE_PORTS, ports, strict=True)]
+
+
 @contextmanager
 def ray_head(logs: Path, env: dict, cwd: Path, temp_dir: Path, num_cpus: int = 1, dashboard: bool = False):
     """`ray start --head --block` on free ports, retried if a port was taken meanwhile. Yields
     (GCS address, dashboard/job API url or None, Proc)."""
     for attempt in range(3):
-        gcs, dash = free_port(), free_port()
+        gcs, dash, client, *node = free_ports(3 + len(NODE_PORTS))
         cmd = [RAY, "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-               "--disable-usage-stats", f"--temp-dir={temp_dir}",
-               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-               f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-               f"--metrics-export-port={free_port()}", f"--node-manager-port={free_port()}",
-               f"--object-manager-port={free_port()}"]
+               "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--ray-client-server-port={client}",
+               *_node_port_flags(node)]
         cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"] if dashboard \
             else ["--include-dashboard=false"]
         proc = Proc("ray head", cmd, logs / f"head-{attempt}.log", env, cwd)
@@ -224,10 +241,7 @@ def ray_worker(address: str, logs: Path, env: dict, cwd: Path, temp_dir: Path, n
     for attempt in range(3):
         proc = Proc("ray worker", [RAY, "start", "--block", f"--address={address}", f"--num-cpus={num_cpus}",
                                    "--num-gpus=0", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-                                   f"--dashboard-agent-listen-port={free_port()}",
-                                   f"--dashboard-agent-grpc-port={free_port()}",
-                                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-                                   f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"],
+                                   *_node_port_flags(free_ports(len(NODE_PORTS)))],
                     logs / f"worker-{attempt}.log", env, cwd)
         deadline = time.monotonic() + 60
         while proc.alive() and "Ray runtime started" not in proc.output() and time.monotonic() < deadline:
