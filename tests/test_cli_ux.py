@@ -117,7 +117,7 @@ def test_logged_sweep_toml_reproduces_the_grid(store, elsewhere):
                                                                          if k != "data_root"}
     assert a["images"]["textile"]["to_encode"] == 0  # the same feature store: nothing to encode again
     # The same trial keys as the runs the sweep made: `ca-flow sweep --config` of the file finds them.
-    keys = {t["key"] for t in grid(build_spec(logged, {}), ["textile"])}
+    keys = {t.key for t in grid(build_spec(logged, {}), ["textile"])}
     assert keys == {r.data.tags["ca_flow.trial_key"] for r in store["children"]}
 
 

@@ -204,7 +204,7 @@ def test_trial_that_failed_before_its_run_counts_as_failed(tmp_path):
     parent_id = s.start(client, exp_id, sweep_id, planned)
     in_flight, never_began = planned.trials
     tracking.create_trial_run(client, dict(exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id), in_flight)
-    errors = {t["key"]: f"store gone ({t['name']})" for t in planned.trials}  # Tune gave up on both
+    errors = {t.key: f"store gone ({t.name})" for t in planned.trials}  # Tune gave up on both
 
     outcome = s.close(client, exp_id, parent_id, sweep_id, planned, 0, errors, 1.0, 1.0)
 

@@ -26,13 +26,13 @@ def test_grid_axes_per_method_and_variant():
                      adapter=["visual", "text", "both"], methods=["clip-adapter", "zero-shot", "tip-adapter"],
                      **TINY)
     trials = grid(spec, ["d"])
-    by = Counter((t["method"], t["hparams"].get("variant")) for t in trials)
+    by = Counter((t.method, t.hparams.get("variant")) for t in trials)
     # visual: alphas only; text: betas only; both: alphas x betas; each x shots x seeds
     assert by == {("clip-adapter", "visual"): 2 * 2 * 2, ("clip-adapter", "text"): 2 * 2 * 2,
                   ("clip-adapter", "both"): 4 * 2 * 2, ("zero-shot", None): 2, ("tip-adapter", None): 2 * 2}
-    assert len({t["key"] for t in trials}) == len(trials)  # every trial has its own identity
-    assert {t["hparams"]["epochs"] for t in trials if t["method"] == "clip-adapter" and t["shots"] == 1} == {50}
-    assert {t["hparams"]["epochs"] for t in trials if t["method"] == "clip-adapter" and t["shots"] == 16} == {200}
+    assert len({t.key for t in trials}) == len(trials)  # every trial has its own identity
+    assert {t.hparams["epochs"] for t in trials if t.method == "clip-adapter" and t.shots == 1} == {50}
+    assert {t.hparams["epochs"] for t in trials if t.method == "clip-adapter" and t.shots == 16} == {200}
     assert grid(spec, ["d"]) == trials  # keys are stable: a resumed sweep finds its runs
 
 
@@ -129,10 +129,10 @@ def test_to_toml_round_trip(tmp_path, flags):
 
 def test_keys_are_stable_across_processes_and_ignore_what_does_not_change_a_result(tmp_path):
     spec = resolved(tmp_path, shots="1,2", seeds="1,2", alphas="0.2,0.6", methods="clip-adapter,zero-shot,linear-probe")
-    keys = [t["key"] for t in grid(spec, ["textile"])]
+    keys = [t.key for t in grid(spec, ["textile"])]
     code = ("import json, sys; from workflows.grid import SweepSpec, grid; "
             "spec = SweepSpec.from_record(json.loads(sys.argv[1])); "
-            "print(json.dumps([t['key'] for t in grid(spec, ['textile'])]))")
+            "print(json.dumps([t.key for t in grid(spec, ['textile'])]))")
     for seed in ("0", "123"):  # another interpreter, another str hash seed: the same keys
         out = subprocess.run([sys.executable, "-c", code, json.dumps(spec.record())], capture_output=True, text=True,
                              env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
@@ -142,12 +142,12 @@ def test_keys_are_stable_across_processes_and_ignore_what_does_not_change_a_resu
     moved = resolved(tmp_path, shots="1,2", seeds="1,2", alphas="0.2,0.6",
                      methods="clip-adapter,zero-shot,linear-probe", experiment="elsewhere",
                      cache_dir=str(tmp_path / "c"), cpus_per_trial=2.0, max_retries=0)
-    assert [t["key"] for t in grid(moved, ["textile"])] == keys
+    assert [t.key for t in grid(moved, ["textile"])] == keys
     # what changes a result changes the key
     for change in (dict(augment_views=3), dict(epochs=7), dict(lr=0.01), dict(backbone="RN50-quickgelu")):
         other = resolved(tmp_path, shots="1,2", seeds="1,2", alphas="0.2,0.6",
                          methods="clip-adapter,zero-shot,linear-probe", **change)
-        assert not set(t["key"] for t in grid(other, ["textile"]) if t["method"] == "clip-adapter") & set(keys), change
+        assert not set(t.key for t in grid(other, ["textile"]) if t.method == "clip-adapter") & set(keys), change
 
 
 def test_grid_counts_of_the_papers_grid():
@@ -159,9 +159,9 @@ def test_grid_counts_of_the_papers_grid():
     # ... under each of the two protocols
     assert per == {d: {"clip-adapter": 120, "zero-shot": 6, "linear-probe": 30, "tip-adapter": 30,
                        "tip-adapter-f": 30, "gda": 30} for d in names}
-    assert len(trials) == 11 * 246 == len({t["key"] for t in trials})
-    assert {t["shots"] for t in trials if t["method"] == "zero-shot"} == {16}  # validates on the largest K
-    assert Counter(t["hparams"]["epochs"] for t in trials if t["method"] == "clip-adapter") == {
+    assert len(trials) == 11 * 246 == len({t.key for t in trials})
+    assert {t.shots for t in trials if t.method == "zero-shot"} == {16}  # validates on the largest K
+    assert Counter(t.hparams["epochs"] for t in trials if t.method == "clip-adapter") == {
         50: 11 * 12 * 2 + 48, 100: (11 * 24 - 24) + 11 * 24, 200: (11 * 24 - 24) + 11 * 24}
     # CoOp's 50/100/200 by shots; released ImageNet 50 at every shots (its 48 trials at 2-16 shots)
 

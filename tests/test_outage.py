@@ -29,7 +29,7 @@ def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, c
     port = procs.free_port()
 
     def finish(rec, t):
-        rec.finish(t["key"], dict(shots=1, seed=1, alpha=t["hparams"]["alpha"]),
+        rec.finish(t.key, dict(shots=1, seed=1, alpha=t.hparams["alpha"]),
                    dict(val_acc=0.5, test_acc=0.4), [0.9, 0.7], {"adapter.json": b"{}"},
                    dict(name="colours", digest="d", source="s", source_type="local"), 1)
 
@@ -52,7 +52,7 @@ def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, c
         rec.start(never_began, 1)        # its run is never made
         finish(rec, never_began)
         unwritten = rec.drain()
-    assert set(unwritten) == {cut_short["key"], never_began["key"]}, unwritten
+    assert set(unwritten) == {cut_short.key, never_began.key}, unwritten
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # the store is back: MLflow's own patience again
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
 
@@ -61,18 +61,18 @@ def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, c
         # Tune saw every trial succeed: what failed is only what the recorder hands back
         outcome = s.close(client, exp_id, parent_id, sweep_id, planned, 0, dict(unwritten), 1.0, 1.0)
         assert not outcome.note and (outcome.total, outcome.done) == (3, 1)
-        assert sorted(outcome.failed["key"]) == sorted([cut_short["key"], never_began["key"]])
+        assert sorted(outcome.failed["key"]) == sorted([cut_short.key, never_began.key])
         by_key = outcome.results.set_index("key")
-        assert by_key.loc[cut_short["key"], "error"].startswith("result not recorded: ")
-        assert by_key.loc[never_began["key"], "error"] == "start not recorded: the tracking store is unreachable"
+        assert by_key.loc[cut_short.key, "error"].startswith("result not recorded: ")
+        assert by_key.loc[never_began.key, "error"] == "start not recorded: the tracking store is unreachable"
         runs = {r.data.tags[tracking.TRIAL_KEY]: r for r in tracking.children(client, exp_id, parent_id)}
-        assert runs[done["key"]].info.status == "FINISHED" and tracking.is_done(runs[done["key"]])
-        assert runs[cut_short["key"]].info.status == "FAILED" and not tracking.is_done(runs[cut_short["key"]])
-        assert never_began["key"] not in runs
+        assert runs[done.key].info.status == "FINISHED" and tracking.is_done(runs[done.key])
+        assert runs[cut_short.key].info.status == "FAILED" and not tracking.is_done(runs[cut_short.key])
+        assert never_began.key not in runs
         assert client.get_run(parent_id).info.status == "FAILED"
         # resume runs exactly the two (the rule _drive applies: a point is done only with a done run)
-        assert {k for k, r in runs.items() if tracking.is_done(r)} == {done["key"]}
+        assert {k for k, r in runs.items() if tracking.is_done(r)} == {done.key}
 
         # the recorder itself lost (drain gave nothing): the point without a run is still no success
         outcome = s.close(client, exp_id, parent_id, sweep_id, planned, 0, {}, 1.0, 1.0)
-        assert sorted(outcome.failed["key"]) == sorted([cut_short["key"], never_began["key"]])
+        assert sorted(outcome.failed["key"]) == sorted([cut_short.key, never_began.key])

@@ -21,6 +21,7 @@ from clip_adapter.methods import FewShot, make
 from clip_adapter.methods.clip_adapter import fit_packed
 from workflows.cli import app
 from workflows.grid import SweepSpec, grid, packs
+from workflows.point import TrialPoint
 
 runner = CliRunner()
 
@@ -87,17 +88,17 @@ def test_pack_groups_the_points_that_differ_only_in_alpha_and_beta():
     trials = grid(SweepSpec(**SPEC, pack=True), ["d1", "d2"])
     assert grid(SweepSpec(**SPEC), ["d1", "d2"]) == trials  # keys do not change with --pack: resume finds runs
     groups = packs(trials, True)
-    assert sorted(t["key"] for g in groups for t in g) == sorted(t["key"] for t in trials)  # each point once
-    ca = [g for g in groups if g[0]["method"] == "clip-adapter"]
+    assert sorted(t.key for g in groups for t in g) == sorted(t.key for t in trials)  # each point once
+    ca = [g for g in groups if g[0].method == "clip-adapter"]
     # per (dataset, shots, seed, variant): visual packs its 3 alphas, both its 3 alphas x 2 betas
-    assert Counter((g[0]["hparams"]["variant"], len(g)) for g in ca) == {("visual", 3): 2 * 2 * 2,
+    assert Counter((g[0].hparams["variant"], len(g)) for g in ca) == {("visual", 3): 2 * 2 * 2,
                                                                          ("both", 6): 2 * 2 * 2}
     for g in ca:
-        same = {(t["dataset"], t["shots"], t["seed"], t["hparams"]["variant"], t["hparams"]["epochs"],
-                 t["hparams"]["lr"], t["hparams"]["batch_size"]) for t in g}
+        same = {(t.dataset, t.shots, t.seed, t.hparams["variant"], t.hparams["epochs"],
+                 t.hparams["lr"], t.hparams["batch_size"]) for t in g}
         assert len(same) == 1, g
-        assert len({(t["hparams"]["alpha"], t["hparams"]["beta"]) for t in g}) == len(g)
-    others = [g for g in groups if g[0]["method"] != "clip-adapter"]
+        assert len({(t.hparams["alpha"], t.hparams["beta"]) for t in g}) == len(g)
+    others = [g for g in groups if g[0].method != "clip-adapter"]
     assert all(len(g) == 1 for g in others)  # other methods search inside their own trial
     assert len(others) == 2 * (2 + 2 * 2)  # zero-shot: per seed; tip-adapter: per shots and seed
 
@@ -114,7 +115,7 @@ def test_pack_keeps_apart_what_trains_differently():
     c = grid(SweepSpec(**dict(SPEC, epochs=5, augment_views=3)), ["d"])
     groups = packs(a + b + c, True)
     for g in groups:
-        assert len({(t["hparams"].get("epochs"), t["views"]) for t in g}) == 1
+        assert len({(t.hparams.get("epochs"), t.views) for t in g}) == 1
 
 
 def test_dry_run_says_points_and_tune_trials(tmp_path, monkeypatch):
@@ -261,7 +262,8 @@ def test_recorder_says_which_points_of_a_pack_are_written(tmp_path):
     rec = Recorder(uri, exp_id, parent, "s")
     source = dict(name="d", digest="0" * 8, source_type="local", source="file:///d")
     for key in ("a", "b", "c"):
-        rec.start(dict(key=key, name=key, dataset="d", method="clip-adapter", weights="random"), 0)
+        rec.start(TrialPoint(key=key, name=key, dataset="d", method="clip-adapter", shots=1, seed=1,
+                             weights="random"), 0)
     rec.finish("a", {"alpha": 0.2}, {"val_acc": 0.5, "test_acc": 0.5}, [1.0], {}, source, 1)
     rec.fail("c", "worker died")
     assert rec.finished(["a", "b", "c"]) == ["a"]

@@ -2,6 +2,7 @@
 where each protocol makes its choices (val, the whole val split, test) down to what a trial logs."""
 import hashlib
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ from test_tip_adapter_fidelity import released_search_hp
 from clip_adapter.backbone import TINY
 from clip_adapter.methods import FewShot, make
 from workflows.grid import build_spec, grid
+from workflows.point import TrialPoint
 from workflows.report import select_on_val, side_by_side, summary
 from workflows.trial import DatasetFeatures, select_on, train_trial
 
@@ -45,17 +47,17 @@ def spec(**kw):
 def test_released_tip_adapter_configs_per_dataset(dataset):
     scale, init_alpha, epochs = RELEASED_TIP[dataset]
     trials = grid(spec(protocol=["released"]), [dataset], weights_id="w")
-    tip = [t for t in trials if t["method"] == "tip-adapter"]
-    tip_f = [t for t in trials if t["method"] == "tip-adapter-f"]
+    tip = [t for t in trials if t.method == "tip-adapter"]
+    tip_f = [t for t in trials if t.method == "tip-adapter-f"]
     assert len(tip) == len(tip_f) == 5
-    assert all(t["hparams"] == dict(search_scale=scale, alpha=init_alpha, beta=1) for t in tip)
-    assert all(t["hparams"] == dict(search_scale=scale, alpha=init_alpha, beta=1, epochs=epochs) for t in tip_f)
+    assert all(t.hparams == dict(search_scale=scale, alpha=init_alpha, beta=1) for t in tip)
+    assert all(t.hparams == dict(search_scale=scale, alpha=init_alpha, beta=1, epochs=epochs) for t in tip_f)
 
 
 def test_released_epochs_imagenet_50_at_every_shots_else_coops_schedule():
     trials = grid(spec(protocol=["released", "few-shot"]), ["imagenet", "dtd"], weights_id="w")
-    epochs = {(t["dataset"], t.get("protocol", "few-shot"), t["shots"]): t["hparams"]["epochs"]
-              for t in trials if t["method"] == "clip-adapter"}
+    epochs = {(t.dataset, t.protocol, t.shots): t.hparams["epochs"]
+              for t in trials if t.method == "clip-adapter"}
     # CoOp ff61507 COOP.md: "*_ep50.yaml for all settings" on ImageNet; else 50/100/100/200/200 by shots
     # (configs/trainers/CoOp/rn50_ep50.yaml, rn50_ep100.yaml, rn50.yaml).
     assert [epochs[("imagenet", "released", k)] for k in (1, 2, 4, 8, 16)] == [50, 50, 50, 50, 50]
@@ -65,7 +67,7 @@ def test_released_epochs_imagenet_50_at_every_shots_else_coops_schedule():
 
 def test_where_each_method_chooses_under_each_protocol():
     trials = grid(spec(protocol=["few-shot", "released"]), ["imagenet", "dtd"], weights_id="w")
-    where = {(t["dataset"], t["method"], t.get("protocol", "few-shot")): t.get("select") for t in trials}
+    where = {(t.dataset, t.method, t.protocol): t.select for t in trials}
     for d in ("imagenet", "dtd"):
         for m in ("clip-adapter", "zero-shot", "tip-adapter", "tip-adapter-f", "gda", "linear-probe"):
             assert where[(d, m, "few-shot")] is None  # few-shot points carry nothing new
@@ -89,10 +91,10 @@ def test_few_shot_keys_are_the_keys_from_before_protocols():
     (t,) = grid(s, ["dtd"], weights_id="w")
     point = dict(dataset="dtd", method="tip-adapter", shots=1, seed=1, hparams={}, backbone=TINY,
                  weights="random", weights_id="w", views=10)
-    assert t["key"] == hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
+    assert t.key == hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
     both = grid(spec(datasets="dtd", methods=["tip-adapter"], shots=[1], protocol=["few-shot", "released"]),
                 ["dtd"], weights_id="w")
-    assert [b["key"] for b in both if "protocol" not in b] == [t["key"]] and len({b["key"] for b in both}) == 2
+    assert [b.key for b in both if b.protocol == "few-shot"] == [t.key] and len({b.key for b in both}) == 2
 
 
 def test_protocol_is_a_sweep_file_key_and_checked(tmp_path):
@@ -153,10 +155,10 @@ def features(n_val_whole=12):
 ])
 def test_a_trial_chooses_where_its_protocol_says_and_logs_it(select, n_val, epoch_test, n_select, split):
     data = features()
-    t = dict(dataset="dtd", method="tip-adapter-f", shots=2, seed=1, hparams={"epochs": 2}, backbone=TINY,
-             weights="random", weights_id="w", views=2)
+    t = TrialPoint(dataset="dtd", method="tip-adapter-f", shots=2, seed=1, hparams={"epochs": 2}, backbone=TINY,
+                   weights="random", weights_id="w", views=2)
     if select:
-        t.update(protocol="released", select=select)
+        t = replace(t, protocol="released", select=select)
     few_shot, n = select_on(t, data, *data.rows[(2, 1)])
     assert len(few_shot.val_labels) == n_val and n == n_select
     assert (few_shot.epoch_val is not None) == epoch_test
@@ -171,9 +173,9 @@ def test_a_trial_chooses_where_its_protocol_says_and_logs_it(select, n_val, epoc
 
 def test_released_tip_adapter_f_reports_the_max_of_its_two_test_figures():
     data = features()
-    t = dict(dataset="dtd", method="tip-adapter-f", shots=2, seed=1, hparams={"epochs": 3}, backbone=TINY,
-             weights="random", weights_id="w", views=2, protocol="released",
-             select={"val": "whole", "crops": 0.5, "epoch": "test"})
+    t = TrialPoint(dataset="dtd", method="tip-adapter-f", shots=2, seed=1, hparams={"epochs": 3}, backbone=TINY,
+                   weights="random", weights_id="w", views=2, protocol="released",
+                   select={"val": "whole", "crops": 0.5, "epoch": "test"})
     method, _, metrics, params = train_trial(t, data)
     with torch.no_grad():
         searched = float((method(torch.from_numpy(data.test)).argmax(-1).numpy() == data.test_labels).mean())
@@ -184,7 +186,7 @@ def test_released_tip_adapter_f_reports_the_max_of_its_two_test_figures():
     # keeps zero-shot (all wrong on test), the epoch chosen on test at alpha 10 is right: the max is it.
     data.text = data.text[::-1].copy()
     data.val_labels = 1 - data.val_labels
-    t["hparams"] = {"epochs": 3, "alpha": 10.0}
+    t = replace(t, hparams={"epochs": 3, "alpha": 10.0})
     method, _, metrics, params = train_trial(t, data)
     with torch.no_grad():
         searched = float((method(torch.from_numpy(data.test)).argmax(-1).numpy() == data.test_labels).mean())
@@ -194,7 +196,8 @@ def test_released_tip_adapter_f_reports_the_max_of_its_two_test_figures():
 def test_whole_val_missing_is_an_error_naming_it():
     data = features()
     data.whole_val = np.array([], dtype=np.int64)
-    t = dict(dataset="dtd", method="gda", shots=2, seed=1, protocol="released", select={"val": "whole", "epoch": "val"})
+    t = TrialPoint(dataset="dtd", method="gda", shots=2, seed=1, protocol="released",
+                   select={"val": "whole", "epoch": "val"})
     with pytest.raises(RuntimeError, match="whole val split"):
         select_on(t, data, *data.rows[(2, 1)])
 

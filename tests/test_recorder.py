@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from workflows.point import TrialPoint
 from workflows.recorder import Recorder
 from workflows.trial import hand_over
 
@@ -18,8 +20,9 @@ ADAPTER = os.urandom(2 * 2 ** 20)  # large enough to travel through the object s
 SOURCE = dict(name="colours", digest="abc123", source="/data/colours", source_type="local")
 
 
-def point(key: str) -> dict:
-    return dict(key=key, name=f"colours-{key}", dataset="colours", method="clip-adapter", weights="random")
+def point(key: str) -> TrialPoint:
+    return TrialPoint(key=key, name=f"colours-{key}", dataset="colours", method="clip-adapter", shots=1, seed=1,
+                      weights="random")
 
 
 @pytest.fixture
@@ -47,7 +50,7 @@ def test_a_record_handed_over_is_written_after_its_worker_died(ray_local, store)
     class Trial:
         def run(self, recorder, t):
             hand_over(recorder.start, t, 1_000)
-            hand_over(recorder.finish, t["key"], {"shots": 1}, {"val_acc": 0.5, "test_acc": 0.25},
+            hand_over(recorder.finish, t.key, {"shots": 1}, {"val_acc": 0.5, "test_acc": 0.25},
                       [1.0, 0.5], {"adapter.safetensors": ADAPTER}, SOURCE, 2_000)
             os._exit(0)  # as Tune ends a trial's actor once its trial returned
 
@@ -70,7 +73,7 @@ def test_a_grid_point_whose_record_never_arrived_fails_the_sweep(store, tmp_path
 
     uri, client, exp_id, parent = store
     client.set_tag(parent, tracking.SWEEP_ID, "sweep-1")
-    t1, t2 = (dict(point(k), shots=1, seed=1, hparams={"alpha": 0.2}) for k in ("k1", "k2"))
+    t1, t2 = (replace(point(k), hparams={"alpha": 0.2}) for k in ("k1", "k2"))
     run = tracking.create_trial_run(client, dict(exp_id=exp_id, parent_id=parent, sweep_id="sweep-1"), t1, 1_000)
     client.log_batch(run, params=[Param("dataset", "colours"), Param("method", "clip-adapter"),
                                   Param("shots", "1"), Param("seed", "1"), Param("alpha", "0.2")],

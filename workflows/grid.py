@@ -5,7 +5,6 @@ Nothing here imports torch, Ray or MLflow: every argument error answers at once.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import tomllib
@@ -19,6 +18,8 @@ from clip_adapter.methods import NAMES as METHOD_NAMES
 from clip_adapter.methods import trains
 from clip_adapter.protocol import IMAGENET_EPOCHS, PROTOCOLS, selection
 from clip_adapter.protocol import hparams as released_hparams
+
+from .point import FEW_SHOT, Pack, TrialPoint
 
 
 class SweepError(ValueError):
@@ -221,45 +222,39 @@ def _points(spec: SweepSpec, method: str, protocol: str = "few-shot", dataset: s
             yield k, ({**hparams, "epochs": spec.epochs} if spec.epochs and method == "tip-adapter-f" else hparams)
 
 
-def grid(spec: SweepSpec, names: list[str], weights_id: str | None = None) -> list[dict]:
-    """One dict per trial; its key hashes everything that changes the trial's result."""
+def grid(spec: SweepSpec, names: list[str], weights_id: str | None = None) -> list[TrialPoint]:
+    """One point per trial, keyed by everything that changes the trial's result."""
     weights_id = weights_id or weights_identity(spec.pretrained)
     trials = []
     for dataset, method, seed, protocol in itertools.product(names, spec.methods, spec.seeds, spec.protocol):
         for shots, hparams in _points(spec, method, protocol, dataset):
-            point = dict(dataset=dataset, method=method, shots=shots, seed=seed, hparams=hparams,
-                         backbone=spec.backbone, weights=spec.pretrained, weights_id=weights_id,
-                         views=spec.augment_views)
-            if protocol != "few-shot":  # few-shot points keep the keys they had before protocols
-                point.update(protocol=protocol, select=selection(protocol, method, dataset))
-            key = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
-            name = "-".join([dataset, method, f"{shots}shot", f"seed{seed}"]
-                            + [f"{k}{v:g}" if isinstance(v, float) else str(v)
-                               for k, v in hparams.items() if k in ("variant", "alpha", "beta")]
-                            + ([protocol] if protocol != "few-shot" else []))
-            trials.append(dict(point, key=key, name=name))
+            released = {} if protocol == FEW_SHOT else dict(protocol=protocol,
+                                                             select=selection(protocol, method, dataset))
+            trials.append(TrialPoint.keyed(dataset=dataset, method=method, shots=shots, seed=seed, hparams=hparams,
+                                           backbone=spec.backbone, weights=spec.pretrained, weights_id=weights_id,
+                                           views=spec.augment_views, **released))
     return trials
 
 
-def packs(trials: list[dict], pack: bool) -> list[list[dict]]:
+def packs(trials: list[TrialPoint], pack: bool) -> list[Pack]:
     """The Tune trials: with `pack`, the CLIP-Adapter points that differ only in alpha and beta train as one
     stacked model (they see the same batches: views, order and initial weights come from the seed alone);
     every other point, and every point without `pack`, is a trial of its own. Grid order is kept."""
     out: dict = {}
-    for t in trials:
+    for point in trials:
         same = None
-        if pack and t["method"] == "clip-adapter":
-            rest = {k: v for k, v in t["hparams"].items() if k not in ("alpha", "beta")}
-            same = json.dumps(dict({k: t[k] for k in POINT_PARAMS}, hparams=rest, protocol=t.get("protocol"),
-                                   select=t.get("select")), sort_keys=True)  # one FewShot for the pack
-        out.setdefault(same or t["key"], []).append(t)
+        if pack and point.method == "clip-adapter":
+            rest = {k: v for k, v in point.hparams.items() if k not in ("alpha", "beta")}
+            same = json.dumps(dict(point.params(), hparams=rest, protocol=point.protocol, select=point.select),
+                              sort_keys=True)  # one FewShot for the pack
+        out.setdefault(same or point.key, []).append(point)
     return list(out.values())
 
 
-def counts(trials: list[dict]) -> dict[str, dict[str, int]]:
+def counts(trials: list[TrialPoint]) -> dict[str, dict[str, int]]:
     """Trials per dataset and method: what `--dry-run` and `status` show."""
     out: dict[str, dict[str, int]] = {}
-    for (dataset, method), n in Counter((t["dataset"], t["method"]) for t in trials).items():
+    for (dataset, method), n in Counter((p.dataset, p.method) for p in trials).items():
         out.setdefault(dataset, {})[method] = n
     return out
 
@@ -280,7 +275,3 @@ def check_shots(spec: SweepSpec, split) -> dict[str, int]:
                          f"{max(spec.shots)}; lower --shots, or pass --allow-fewer-shots to train on what "
                          f"there is (the real per-class counts are then logged)")
     return short
-
-
-# Keys of a grid point's metadata that a trial logs as params.
-POINT_PARAMS = ("dataset", "method", "shots", "seed", "backbone", "weights", "weights_id", "views")

@@ -5,7 +5,7 @@ from ray.tune import Callback
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from .trial import FAILED
+from .trial import ERROR_RESULT
 
 
 class TrialProgress(Callback):
@@ -29,7 +29,7 @@ class TrialProgress(Callback):
         self.bar.stop()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if FAILED in (trial.last_result or {}):
+        if ERROR_RESULT in (trial.last_result or {}):
             self.on_trial_error(iteration, trials, trial)
         elif self.bar:
             self.bar.advance(self.task, len(trial.config["trials"]))  # grid points: a pack holds several

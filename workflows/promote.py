@@ -41,12 +41,12 @@ def model_name(dataset: str) -> str:
     return f"clip-adapter-{dataset}"
 
 
-def rank_key(run):
-    """Best val_acc; ties: more shots, then lower seed, then lower alpha (closer to zero-shot)."""
-    p = run.data.params
-    val = run.data.metrics["val_acc"]
-    return (-(val if val == val else -1.0), -int(p["shots"]), int(p["seed"]), float(p.get("alpha", 0.0)),
-            run.info.run_id)
+def best_run(runs: list):
+    """The run `sweeps.rank_runs` puts first: the one rule the parent's summary and the report use too."""
+    from .sweeps import frame, rank_runs
+
+    by_id = {r.info.run_id: r for r in runs}
+    return by_id[rank_runs(frame("", runs)).iloc[0]["run_id"]]
 
 
 def choose(client, experiment: str, datasets: list[str] | None, methods: list[str]) -> dict:
@@ -78,7 +78,7 @@ def choose(client, experiment: str, datasets: list[str] | None, methods: list[st
                 raise PromoteError(f"dataset {dataset} has no finished {' or '.join(methods)} runs in {experiment!r}; "
                                    f"pass --methods naming the methods it has")
             continue
-        chosen[dataset] = min(mine, key=rank_key)
+        chosen[dataset] = best_run(mine)
     if not chosen:
         raise PromoteError(f"no finished {' or '.join(methods)} runs in {experiment!r}; pass --methods")
     return chosen

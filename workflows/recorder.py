@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from . import tracking
+from .point import TrialPoint
 
 
 class Recorder:
@@ -30,7 +31,7 @@ class Recorder:
         import mlflow
 
         self.client = mlflow.MlflowClient(uri)
-        self.uri, self.ctx = uri, dict(exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id)
+        self.uri, self.sweep = uri, dict(exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id)
         self.runs: dict[str, str] = {}       # trial key -> run id
         self.attempts: dict[str, int] = {}
         self.errored: set[str] = set()       # runs carrying an error tag from a failed attempt
@@ -71,9 +72,9 @@ class Recorder:
         except OSError:
             return False
 
-    def _start(self, t: dict, start_ms: int) -> None:
+    def _start(self, point: TrialPoint, start_ms: int) -> None:
         """The trial's run, created (or reopened) as the trial starts: RUNNING, attempt + 1."""
-        key = t["key"]
+        key = point.key
         self.unwritten.pop(key, None)
 
         def write():
@@ -82,7 +83,7 @@ class Recorder:
                 tracking.reopen_trial_run(self.client, self.runs[key], attempt, key in self.errored)
                 self.errored.discard(key)
             else:
-                self.runs[key] = tracking.create_trial_run(self.client, self.ctx, t, start_ms)
+                self.runs[key] = tracking.create_trial_run(self.client, self.sweep, point, start_ms)
             self.attempts[key] = attempt
         self._write(key, "start", write)
 
@@ -112,8 +113,8 @@ class Recorder:
 
     # -- the hand-over: trials wait for these, and they only queue ---------------------------------
 
-    def start(self, t: dict, start_ms: int) -> None:
-        self.records.put((t["key"], self._start, (t, start_ms)))
+    def start(self, point: TrialPoint, start_ms: int) -> None:
+        self.records.put((point.key, self._start, (point, start_ms)))
 
     def finish(self, key: str, *record) -> None:
         self.done.add(key)

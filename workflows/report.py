@@ -13,6 +13,8 @@ import pandas as pd
 from clip_adapter.methods import NAMES, trains
 from clip_adapter.protocol import CLIP_ADAPTER_ALPHA
 
+from .sweeps import rank_runs
+
 PICK = ["dataset", "method", "shots", "seed", "protocol"]
 TEST_MARK = "*"  # beside a figure whose choices were made on test (the released protocol, where it does)
 
@@ -51,9 +53,9 @@ def with_protocol(frame: pd.DataFrame) -> pd.DataFrame:
 def select_on_val(frame: pd.DataFrame) -> pd.DataFrame:
     """Per (dataset, method, shots, seed, protocol), the finished trial with the best val_acc.
 
-    It is handed no test column, so it cannot read one. Ties go to the smaller alpha, then beta
-    (the run closer to zero-shot CLIP). Under the released protocol CLIP-Adapter is the alpha 0.2
-    trial where the sweep has one: its released trainer fixes alpha 0.2 and chooses nothing.
+    It is handed no test column, so it cannot read one. Ties go as `rank_runs` says (the smaller alpha,
+    then beta: the run closer to zero-shot CLIP). Under the released protocol CLIP-Adapter is the alpha
+    0.2 trial where the sweep has one: its released trainer fixes alpha 0.2 and chooses nothing.
     """
     frame = with_protocol(frame)
     done = frame.loc[frame["status"] == "FINISHED",
@@ -62,10 +64,8 @@ def select_on_val(frame: pd.DataFrame) -> pd.DataFrame:
     at_fixed = fixed & (done["alpha"] == CLIP_ADAPTER_ALPHA)
     group = done[PICK].apply(tuple, axis=1) if len(done) else pd.Series(dtype=object)
     done = done[~fixed | at_fixed | ~group.isin(set(group[at_fixed]))]
-    ranked = done.assign(_val=done["val_acc"].fillna(-1.0)).sort_values(
-        ["dataset", "method", "shots", "seed", "protocol", "_val", "alpha", "beta"],
-        ascending=[True] * 5 + [False, True, True], na_position="last")
-    return ranked.groupby(PICK, as_index=False).head(1).drop(columns="_val")
+    best = rank_runs(done).groupby(PICK, as_index=False).head(1)
+    return best.sort_values(PICK, ignore_index=True)
 
 
 def summary(frame: pd.DataFrame) -> pd.DataFrame:

@@ -33,6 +33,7 @@ from clip_adapter.backbone import RANDOM, weights_identity  # noqa: E402
 from . import sweeps, tracking  # noqa: E402
 from .lifecycle import Heartbeat, Interrupted, Signals  # noqa: E402
 from .grid import SweepError, SweepSpec, check_shots, counts, grid, packs  # noqa: E402
+from .point import TrialPoint  # noqa: E402
 
 WEIGHTS_ID = "ca_flow.weights_id"
 NOTE_LIMIT = 8000
@@ -44,7 +45,7 @@ class Planned:
     spec: SweepSpec
     splits: list
     skipped: list
-    trials: list[dict]
+    trials: list[TrialPoint]
     weights_id: str
     short: dict = field(default_factory=dict)  # dataset -> {class: train images} under --shots
 
@@ -169,7 +170,7 @@ def _drive(planned, uri, client, exp_id, sweep_id, parent_id, slots, signals, co
     spec = planned.spec
     done = {r.data.tags.get(tracking.TRIAL_KEY) for r in tracking.children(client, exp_id, parent_id)
             if tracking.is_done(r)}
-    todo = [t for t in planned.trials if t["key"] not in done]
+    todo = [p for p in planned.trials if p.key not in done]
     if done:
         console.print(f"resuming sweep {sweep_id}: {len(done)} of {len(planned.trials)} trials already done, "
                       f"{len(todo)} to run", markup=False, highlight=False)
@@ -184,7 +185,7 @@ def _drive(planned, uri, client, exp_id, sweep_id, parent_id, slots, signals, co
             from .recorder import drain, start_recorder
 
             recorder = start_recorder(uri, exp_id, parent_id, sweep_id)  # it starts while features load
-            names = {t["dataset"] for t in todo}
+            names = {p.dataset for p in todo}
             gpus = 1.0 if spec.gpus_per_trial > 0 else 0.0
             with signals.polling():
                 features = _features([s for s in planned.splits if s.name in names], spec, gpus, console,
@@ -226,7 +227,7 @@ def _tune(todo, features, recorder, slots, spec, signals, console) -> dict[str, 
     from ray import tune
 
     from .progress import TrialProgress
-    from .trial import FAILED, run_trial
+    from .trial import ERROR_RESULT, run_trial
 
     class StopOnSignal(tune.Stopper):
         def __call__(self, trial_id, result):
@@ -252,9 +253,9 @@ def _tune(todo, features, recorder, slots, spec, signals, console) -> dict[str, 
     errors = {}
     for r in results:
         if r.config and r.error is not None:  # Tune gave up: retries spent on lost workers or nodes
-            errors.update({t["key"]: tracking.error_line(r.error) for t in r.config["trials"]})
-        elif r.config and FAILED in (r.metrics or {}):  # the trial's own error, not retried
-            errors.update({t["key"]: r.metrics[FAILED] for t in r.config["trials"]})
+            errors.update({p.key: tracking.error_line(r.error) for p in r.config["trials"]})
+        elif r.config and ERROR_RESULT in (r.metrics or {}):  # the trial's own error, not retried
+            errors.update({p.key: r.metrics[ERROR_RESULT] for p in r.config["trials"]})
     return errors
 
 
@@ -291,7 +292,7 @@ def close(client, exp_id, parent_id, sweep_id, planned: Planned, signum: int, er
         complete = (results["status"] == "FINISHED").all()
         client.set_terminated(parent_id, status="KILLED" if signum else "FINISHED" if complete else "FAILED")
     except (MlflowException, OSError, tracking.TrackingError) as exc:
-        keys = {t["key"] for t in planned.trials}
+        keys = {p.key for p in planned.trials}
         results = pd.DataFrame({"key": sorted(keys), "status": "UNKNOWN"})
         return Outcome(sweep_id, parent_id, results, None, seconds, tune_seconds, signum,
                        f"the tracking store stopped answering ({tracking.error_line(exc)}); what finished is in it, "
@@ -309,7 +310,7 @@ def _summarise(client, parent_id: str, results: pd.DataFrame) -> None:
     now, points = int(time.time() * 1000), []
     done = results[results["status"] == "FINISHED"]
     for (dataset, method), part in done.groupby(["dataset", "method"]):
-        best = part.sort_values(["val_acc", "shots", "seed"], ascending=[False, False, True]).iloc[0]
+        best = sweeps.rank_runs(part).iloc[0]
         key = re.sub(r"[^\w\-. /]", "_", f"{dataset}.{method}")
         points += [Metric(f"best_val_acc.{key}", float(best["val_acc"]), now, 0),
                    Metric(f"best_test_acc.{key}", float(best["test_acc"]), now, 0)]

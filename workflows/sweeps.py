@@ -20,12 +20,14 @@ import pandas as pd
 from clip_adapter.protocol import selection_split
 
 from . import tracking
-from .tracking import DRIVER, HEARTBEAT, PARENT, SPEC, SWEEP_ID, TOTALS, TrackingError
+from .names import (ADAPTER, ALPHA, BETA, CHOSEN, DATASET, DRIVER, ERROR, HEARTBEAT, METHOD, PARENT, PROTOCOL,
+                    RESULT_METRICS, SELECTION_SPLIT, SPEC, SWEEP_ID, TEST_ACC, TOTALS, TRIAL_KEY, VAL_ACC)
+from .point import FEW_SHOT, TrialPoint
+from .tracking import TrackingError
 
 SWEEP_ID_FORM = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
-RESULT_COLUMNS = ["sweep_id", "key", "run_id", "dataset", "method", "shots", "seed", "adapter", "alpha", "beta",
-                  "val_acc", "test_acc", "zs_test_acc", "train_loss_final", "trial_seconds", "status", "error",
-                  "protocol", "selection_split"]
+RESULT_COLUMNS = ["sweep_id", "key", "run_id", "dataset", "method", "shots", "seed", ADAPTER, ALPHA, BETA,
+                  *RESULT_METRICS, "status", "error", PROTOCOL, SELECTION_SPLIT]
 
 
 def heartbeat_seconds() -> float:
@@ -96,7 +98,7 @@ def progress(parent, runs: list) -> dict:
     """Counts for `sweeps` and `status`: finished / failed / total, overall and per dataset."""
     per = {d: dict(finished=0, failed=0, running=0, total=sum(m.values())) for d, m in totals(parent).items()}
     for run in runs:
-        row = per.setdefault(run.data.tags.get(tracking.DATASET, "?"), dict(finished=0, failed=0, running=0, total=0))
+        row = per.setdefault(run.data.tags.get(DATASET, "?"), dict(finished=0, failed=0, running=0, total=0))
         if tracking.is_done(run):
             row["finished"] += 1
         elif run.info.status in ("FAILED", "KILLED"):
@@ -123,44 +125,60 @@ def describe(client, parent) -> dict:
                 parent_run_id=info.run_id, driver=parent.data.tags.get(DRIVER, ""), datasets=prog["datasets"])
 
 
-def frame(sweep_id: str, runs: list, trials: list[dict] | None = None) -> pd.DataFrame:
+def frame(sweep_id: str, runs: list, trials: list[TrialPoint] | None = None) -> pd.DataFrame:
     """One row per trial run; with `trials` (the grid), grid points without a run too, SCHEDULED.
 
     A run shows FINISHED only with its metrics; anything else shows its own status and error.
     """
-    rows, seen = [], set()
-    points = {t["key"]: t for t in trials or []}  # a run that failed before logging params: its grid point
-    for r in runs:
-        p, m, tags = r.data.params, r.data.metrics, r.data.tags
-        seen.add(tags.get(tracking.TRIAL_KEY))
-        done = tracking.is_done(r)
-        point = points.get(tags.get(tracking.TRIAL_KEY), {})
-        rows.append(dict(
-            key=tags.get(tracking.TRIAL_KEY, ""), run_id=r.info.run_id,
-            dataset=p.get("dataset", tags.get(tracking.DATASET)), method=p.get("method", tags.get(tracking.METHOD)),
-            shots=int(p["shots"]) if "shots" in p else point.get("shots"),
-            seed=int(p["seed"]) if "seed" in p else point.get("seed"),
-            adapter=p.get("adapter", ""),
-            alpha=float(p["alpha"]) if "alpha" in p and "chosen_alpha" not in p else float("nan"),
-            beta=float(p["beta"]) if "beta" in p and "chosen_beta" not in p else float("nan"),
-            **{k: m.get(k, float("nan")) for k in ("val_acc", "test_acc", "zs_test_acc", "train_loss_final",
-                                                   "trial_seconds")},
-            status="FINISHED" if done else ("FAILED" if r.info.status == "FINISHED" else r.info.status),
-            error=tags.get(tracking.ERROR, "" if done else ("no metrics" if r.info.status == "FINISHED" else "")),
-            protocol=p.get("protocol", point.get("protocol", "few-shot")),
-            selection_split=p.get("selection_split", selection_split(point.get("select", {})))))
-        if not done:
-            rows[-1].update(val_acc=float("nan"), test_acc=float("nan"))
-    for t in trials or []:
-        if t["key"] not in seen:
-            hp = t["hparams"]
-            rows.append(dict(key=t["key"], run_id="", dataset=t["dataset"], method=t["method"], shots=t["shots"],
-                             seed=t["seed"], adapter=hp.get("variant", ""), alpha=hp.get("alpha", float("nan")),
-                             beta=hp.get("beta", float("nan")), status="SCHEDULED", error="",
-                             protocol=t.get("protocol", "few-shot"),
-                             selection_split=selection_split(t.get("select", {}))))
+    points = {p.key: p for p in trials or []}  # a run that failed before logging params: its grid point
+    rows = [_run_row(r, points.get(r.data.tags.get(TRIAL_KEY))) for r in runs]
+    seen = {row["key"] for row in rows}
+    rows += [_point_row(p) for p in trials or [] if p.key not in seen]
     out = pd.DataFrame(rows, columns=RESULT_COLUMNS[1:])
     out.insert(0, "sweep_id", sweep_id)
     if trials:  # the grid's points only (a run whose key left the grid is not this sweep's any more)
-        out = out[out["key"].isin({t["key"] for t in trials})]
+        out = out[out["key"].isin(set(points))]
     return out.sort_values(["dataset", "method", "shots", "seed", "adapter", "alpha", "beta"], ignore_index=True)
+
+
+def _run_row(run, point: TrialPoint | None) -> dict:
+    """A run as a row of the table: its params as the trial logged them, else its grid point's."""
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    done, status = tracking.is_done(run), run.info.status
+
+    def ratio(name):  # a ratio the method chose itself is no grid value
+        return float(params[name]) if name in params and CHOSEN + name not in params else float("nan")
+
+    row = dict(key=tags.get(TRIAL_KEY, ""), run_id=run.info.run_id,
+               dataset=params.get("dataset", tags.get(DATASET)), method=params.get("method", tags.get(METHOD)),
+               shots=int(params["shots"]) if "shots" in params else point and point.shots,
+               seed=int(params["seed"]) if "seed" in params else point and point.seed,
+               adapter=params.get(ADAPTER, ""), alpha=ratio(ALPHA), beta=ratio(BETA),
+               **{k: metrics.get(k, float("nan")) for k in RESULT_METRICS},
+               status="FINISHED" if done else ("FAILED" if status == "FINISHED" else status),
+               error=tags.get(ERROR, "" if done else ("no metrics" if status == "FINISHED" else "")),
+               protocol=params.get(PROTOCOL, point.protocol if point else FEW_SHOT),
+               selection_split=params.get(SELECTION_SPLIT, selection_split(point.selects if point else {})))
+    if not done:
+        row.update({VAL_ACC: float("nan"), TEST_ACC: float("nan")})
+    return row
+
+
+def _point_row(point: TrialPoint) -> dict:
+    """A grid point without a run: SCHEDULED."""
+    return dict(key=point.key, run_id="", dataset=point.dataset, method=point.method, shots=point.shots,
+                seed=point.seed, adapter=point.variant, alpha=point.alpha, beta=point.beta, status="SCHEDULED",
+                error="", protocol=point.protocol, selection_split=selection_split(point.selects))
+
+
+def rank_runs(results: pd.DataFrame) -> pd.DataFrame:
+    """The rows best first, by the one rule every choice uses (the parent's summary, the report's
+    pick per seed, promote's champion): the best val_acc; on a tie more shots, then the lower seed,
+    then the smaller alpha and beta (closer to zero-shot CLIP; a run without a ratio counts as 0, as
+    zero-shot), then the run id, so that the same runs always give the same winner.
+    """
+    ranked = results.assign(_val=results[VAL_ACC].fillna(-1.0), _alpha=results[ALPHA].fillna(0.0),
+                            _beta=results[BETA].fillna(0.0))
+    ranked = ranked.sort_values(["_val", "shots", "seed", "_alpha", "_beta", "run_id"],
+                                ascending=[False, False, True, True, True, True], kind="stable")
+    return ranked.drop(columns=["_val", "_alpha", "_beta"])

@@ -20,10 +20,11 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # ca-flow prints its own link
 
-SWEEP_ID, TRIAL_KEY, DATASET, METHOD = "ca_flow.sweep_id", "ca_flow.trial_key", "ca_flow.dataset", "ca_flow.method"
-RANDOM_WEIGHTS, ATTEMPT, ERROR = "ca_flow.random_weights", "ca_flow.attempt", "ca_flow.error"
-SPEC, TOTALS, HEARTBEAT, DRIVER = "ca_flow.spec", "ca_flow.trials", "ca_flow.heartbeat", "ca_flow.driver"
-PARENT, NOTE, KIND = "mlflow.parentRunId", "mlflow.note.content", "mlflow.experimentKind"
+# The tag names, here too: the modules that read runs find them beside the functions that write them.
+from .names import (ATTEMPT, DATASET, DONE_METRICS, DRIVER, ERROR, HEARTBEAT, KIND, METHOD, NOTE,  # noqa: F401
+                    PARENT, RANDOM_WEIGHTS, SPEC, SWEEP_ID, TOTALS, TRAIN_LOSS, TRIAL_KEY)
+from .point import TrialPoint
+
 ADAPTER_DIR = "adapter"  # the artifact folder of a trial's adapter (safetensors + JSON)
 UI_PORT = 5000  # `ca-flow ui`, as `mlflow ui`
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
@@ -226,11 +227,12 @@ def beat(client, parent_id: str) -> None:
 
 # -- one run per trial -----------------------------------------------------------------------------
 
-def create_trial_run(client, ctx: dict, t: dict, start_ms: int | None = None) -> str:
-    """A new run for trial `t` under the sweep's parent, RUNNING from when the trial began, tagged with its key."""
-    run = client.create_run(ctx["exp_id"], start_time=start_ms, run_name=t["name"], tags={
-        PARENT: ctx["parent_id"], SWEEP_ID: ctx["sweep_id"], TRIAL_KEY: t["key"], DATASET: t["dataset"],
-        METHOD: t["method"], RANDOM_WEIGHTS: str(t["weights"] == "random").lower(), ATTEMPT: "1"})
+def create_trial_run(client, sweep: dict, point: TrialPoint, start_ms: int | None = None) -> str:
+    """A new run for `point` under the sweep's parent (`sweep`: exp_id, parent_id, sweep_id), RUNNING from
+    when the trial began, tagged with its key."""
+    run = client.create_run(sweep["exp_id"], start_time=start_ms, run_name=point.name, tags={
+        PARENT: sweep["parent_id"], SWEEP_ID: sweep["sweep_id"], TRIAL_KEY: point.key, DATASET: point.dataset,
+        METHOD: point.method, RANDOM_WEIGHTS: str(point.weights == "random").lower(), ATTEMPT: "1"})
     return run.info.run_id
 
 
@@ -252,7 +254,7 @@ def finish_trial(client, run_id: str, params: dict, metrics: dict, losses: list[
     client.log_inputs(run_id, [DatasetInput(Dataset(**dataset), [InputTag("mlflow.data.context", "train")])])
     now = end_ms or int(time.time() * 1000)
     points = ([Metric(k, float(v), now, 0) for k, v in metrics.items()]
-              + [Metric("train_loss", float(v), now, epoch) for epoch, v in enumerate(losses)])
+              + [Metric(TRAIN_LOSS, float(v), now, epoch) for epoch, v in enumerate(losses)])
     first = 1000 - len(params)  # MLflow takes 1000 entries a batch
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()], metrics=points[:first])
     for start in range(first, len(points), 1000):
@@ -298,4 +300,4 @@ def children(client, exp_id: str, parent_id: str) -> list:
 
 def is_done(run) -> bool:
     """Done means FINISHED with its metrics: the only runs a resume skips and a table may show."""
-    return run.info.status == "FINISHED" and {"val_acc", "test_acc"} <= set(run.data.metrics)
+    return run.info.status == "FINISHED" and DONE_METRICS <= set(run.data.metrics)

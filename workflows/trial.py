@@ -15,7 +15,9 @@ import numpy as np
 from clip_adapter.protocol import selection_split
 
 from . import barrier, tracking
-from .grid import POINT_PARAMS
+from .names import ADAPTER, CHOSEN, N_SELECT, PROTOCOL, SELECTION_SPLIT, TEST_ACC, TRAIN_LOSS_FINAL, \
+    TRIAL_SECONDS, VAL_ACC, ZS_TEST_ACC
+from .point import Pack, TrialPoint
 
 
 @dataclass
@@ -50,17 +52,17 @@ def zero_shot_accuracy(features: np.ndarray, labels: np.ndarray, text: np.ndarra
     return float(((scale * f @ text.T).argmax(-1) == labels).mean())
 
 
-def train_trial(t: dict, data: DatasetFeatures, device: str = "cpu"):
+def train_trial(point: TrialPoint, data: DatasetFeatures, device: str = "cpu"):
     """Fit and evaluate one grid point on in-memory features: no Ray, no MLflow."""
     from clip_adapter.methods import make
 
-    few_shot, n_select = _few_shot(t, data)
-    method = make(t["method"], data.text.copy(), data.logit_scale, **t["hparams"]).to(device)
-    fitted = method.fit(few_shot, t["seed"])  # sees train and val only: every choice is made on val
-    return _evaluate(t, data, few_shot, n_select, method, fitted)
+    few_shot, n_select = _few_shot(point, data)
+    method = make(point.method, data.text.copy(), data.logit_scale, **point.hparams).to(device)
+    fitted = method.fit(few_shot, point.seed)  # sees train and val only: every choice is made on val
+    return _evaluate(point, data, few_shot, n_select, method, fitted)
 
 
-def train_pack(pack: list[dict], data: DatasetFeatures, device: str = "cpu") -> list[tuple]:
+def train_pack(pack: Pack, data: DatasetFeatures, device: str = "cpu") -> list[tuple]:
     """Fit the CLIP-Adapter points of one pack (grid.packs) as one stacked model; per point what
     `train_trial` returns for it."""
     from clip_adapter.methods import make
@@ -69,55 +71,54 @@ def train_pack(pack: list[dict], data: DatasetFeatures, device: str = "cpu") -> 
     if len(pack) == 1:
         return [train_trial(pack[0], data, device)]
     few_shot, n_select = _few_shot(pack[0], data)
-    methods = [make(t["method"], data.text.copy(), data.logit_scale, **t["hparams"]).to(device) for t in pack]
-    fits = fit_packed(methods, few_shot, pack[0]["seed"])
-    return [_evaluate(t, data, few_shot, n_select, m, f) for t, m, f in zip(pack, methods, fits)]
+    methods = [make(p.method, data.text.copy(), data.logit_scale, **p.hparams).to(device) for p in pack]
+    fits = fit_packed(methods, few_shot, pack[0].seed)
+    return [_evaluate(p, data, few_shot, n_select, m, f) for p, m, f in zip(pack, methods, fits)]
 
 
-def _few_shot(t: dict, data: DatasetFeatures):
+def _few_shot(point: TrialPoint, data: DatasetFeatures):
     """The point's FewShot (what its protocol selects on) and the number of images it selects on."""
-    train_rows, val_rows = data.rows[(t["shots"], t["seed"])]
+    train_rows, val_rows = data.rows[(point.shots, point.seed)]
     if len(train_rows) == 0:
-        raise RuntimeError(f"{t['dataset']}: no readable train image for {t['shots']} shots, seed {t['seed']}")
-    return select_on(t, data, train_rows, val_rows)
+        raise RuntimeError(f"{point.dataset}: no readable train image for {point.shots} shots, seed {point.seed}")
+    return select_on(point, data, train_rows, val_rows)
 
 
-def _evaluate(t: dict, data: DatasetFeatures, few_shot, n_select: int, method, fitted):
+def _evaluate(point: TrialPoint, data: DatasetFeatures, few_shot, n_select: int, method, fitted):
     from clip_adapter import evaluate
 
     method.eval()
-    metrics = dict(val_acc=evaluate(method, few_shot.val, few_shot.val_labels),
-                   test_acc=evaluate(method, data.test, data.test_labels), zs_test_acc=data.zs_test_acc)
+    metrics = {VAL_ACC: evaluate(method, few_shot.val, few_shot.val_labels),
+               TEST_ACC: evaluate(method, data.test, data.test_labels), ZS_TEST_ACC: data.zs_test_acc}
     if few_shot.epoch_val is not None and "epoch_acc" in fitted.chosen:
         # Tip-Adapter main.py:141 reports max(best test epoch's accuracy, test after the val search).
-        metrics["test_acc"] = max(metrics["test_acc"], fitted.chosen["epoch_acc"])
+        metrics[TEST_ACC] = max(metrics[TEST_ACC], fitted.chosen["epoch_acc"])
     if fitted.losses:
-        metrics["train_loss_final"] = fitted.losses[-1]
+        metrics[TRAIN_LOSS_FINAL] = fitted.losses[-1]
     per_class = np.bincount(few_shot.train_labels, minlength=len(data.classnames))
-    params = {k: t[k] for k in POINT_PARAMS}
-    params.update(protocol=t.get("protocol", "few-shot"), selection_split=selection_split(t.get("select", {})),
-                  n_select=n_select)
+    params = point.params()
+    params.update({PROTOCOL: point.protocol, SELECTION_SPLIT: selection_split(point.selects), N_SELECT: n_select})
     params.update(n_train=len(few_shot.train), n_val=len(few_shot.val_labels), n_test=len(data.test),
                   train_per_class_min=int(per_class.min()), train_per_class_max=int(per_class.max()))
-    params.update({("adapter" if k == "variant" else k): v for k, v in method.config().items()})
-    params.update({f"chosen_{k}": v for k, v in fitted.chosen.items()})
+    params.update({(ADAPTER if k == "variant" else k): v for k, v in method.config().items()})
+    params.update({f"{CHOSEN}{k}": v for k, v in fitted.chosen.items()})
     return method.cpu(), fitted.losses, metrics, params
 
 
-def select_on(t: dict, data: DatasetFeatures, train_rows, val_rows):
+def select_on(point: TrialPoint, data: DatasetFeatures, train_rows, val_rows):
     """The FewShot a trial fits on, and how many images its choices are made on.
 
-    few-shot: val is the min(K, 4) per class of the subset. released (t["select"], from
+    few-shot: val is the min(K, 4) per class of the subset. released (point.select, from
     clip_adapter.protocol): val is the whole val split or test, and Tip-Adapter-F's epoch split test.
     """
     from clip_adapter.methods import FewShot
 
-    where = t.get("select", {"val": "few-shot", "epoch": "val"})
+    where = point.selects
     if where["val"] == "test":
         val, val_labels = data.test, data.test_labels
     elif where["val"] == "whole":
         if data.whole_val is None or not len(data.whole_val):
-            raise RuntimeError(f"{t['dataset']}: the released protocol searches on the whole val split, "
+            raise RuntimeError(f"{point.dataset}: the released protocol searches on the whole val split, "
                                f"and this dataset has no readable val images")
         val, val_labels = data.val[data.whole_val], data.val_labels[data.whole_val]
     else:
@@ -126,12 +127,12 @@ def select_on(t: dict, data: DatasetFeatures, train_rows, val_rows):
     train = data.train
     if where.get("crops"):
         if data.train_released is None:
-            raise RuntimeError(f"{t['dataset']}: the released protocol trains {t['method']} on views cropped "
+            raise RuntimeError(f"{point.dataset}: the released protocol trains {point.method} on views cropped "
                                f"from {where['crops']:g}, and they were not encoded")
         train = data.train_released
     few_shot = FewShot(train[train_rows], data.train_labels[train_rows], val, val_labels, data.text,
                        data.logit_scale, epoch_val)
-    chooses = t["method"] != "zero-shot"  # CLIP-Adapter's ratio is chosen across trials on val_acc
+    chooses = point.method != "zero-shot"  # CLIP-Adapter's ratio is chosen across trials on val_acc
     n_select = (len(val_labels) + (len(data.test_labels) if epoch_val is not None and where["val"] != "test" else 0)
                 if chooses else 0)
     return few_shot, n_select
@@ -152,7 +153,7 @@ def _fetch(ref) -> DatasetFeatures:
     return _FETCHED[key]
 
 
-FAILED = "ca_flow_error"  # the result key of a trial that failed for good, with its error's last line
+ERROR_RESULT = "ca_flow_error"  # the key of the result a trial that failed for good reports: its error's last line
 
 
 def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -> None:
@@ -167,8 +168,8 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     if len(pack) > 1:  # a retried pack trains only the points whose records the recorder already holds
         import ray
 
-        done = set(ray.get(recorder.finished.remote([t["key"] for t in pack])))
-        pack = [t for t in pack if t["key"] not in done]
+        done = set(ray.get(recorder.finished.remote([p.key for p in pack])))
+        pack = [p for p in pack if p.key not in done]
         if not pack:
             from ray import tune
 
@@ -177,14 +178,14 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     # leaves its run RUNNING, attempt counted). One wall clock for the runs' start and end and for
     # trial_seconds, so a run's span always holds its trial_seconds.
     started = time.time()
-    for t in pack:
-        hand_over(recorder.start, t, math.floor(started * 1000))
+    for point in pack:
+        hand_over(recorder.start, point, math.floor(started * 1000))
     if barrier.holds("trial"):  # a test acts on the runs while the trial waits: the starts are written first
         import ray
 
         ray.get(recorder.drain.remote())
-        for t in pack:
-            barrier.barrier("trial", t["key"], trial=t["name"], dataset=t["dataset"])
+        for point in pack:
+            barrier.barrier("trial", point.key, trial=point.name, dataset=point.dataset)
     import torch
     from ray import tune
 
@@ -196,25 +197,25 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     try:
         if gpu and not torch.cuda.is_available():
             raise NodeError("the trial was given a GPU but torch sees no CUDA device; fix the node's CUDA setup")
-        data = _fetch(features[pack[0]["dataset"]])
+        data = _fetch(features[pack[0].dataset])
         records = []
-        for t, (method, losses, metrics, params) in zip(pack, train_pack(pack, data, "cuda" if gpu else "cpu")):
+        for point, (method, losses, metrics, params) in zip(pack, train_pack(pack, data, "cuda" if gpu else "cpu")):
             files = adapter_files(method, torch.from_numpy(data.text.copy()), AdapterMeta(
-                method=t["method"], config=method.config(), backbone=t["backbone"], weights=t["weights"],
-                weights_id=t["weights_id"], classnames=data.classnames, template=data.template,
-                logit_scale=data.logit_scale, dataset=t["dataset"]))
-            records.append((t, params, metrics, losses, files))
+                method=point.method, config=method.config(), backbone=point.backbone, weights=point.weights,
+                weights_id=point.weights_id, classnames=data.classnames, template=data.template,
+                logit_scale=data.logit_scale, dataset=point.dataset))
+            records.append((point, params, metrics, losses, files))
         seconds = (time.time() - started) / len(pack)  # a pack's points share its time
     except Exception as exc:
-        for t in pack:
-            hand_over(recorder.fail, t["key"], tracking.error_line(exc))
+        for point in pack:
+            hand_over(recorder.fail, point.key, tracking.error_line(exc))
         if _retryable(exc):
             raise
-        tune.report({FAILED: tracking.error_line(exc)})
+        tune.report({ERROR_RESULT: tracking.error_line(exc)})
         return
-    for t, params, metrics, losses, files in records:
-        metrics["trial_seconds"] = seconds
-        hand_over(recorder.finish, t["key"], params, metrics, losses, files, data.source,
+    for point, params, metrics, losses, files in records:
+        metrics[TRIAL_SECONDS] = seconds
+        hand_over(recorder.finish, point.key, params, metrics, losses, files, data.source,
                   math.ceil(time.time() * 1000))
     tune.report({"points": len(records)})
 

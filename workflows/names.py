@@ -1,0 +1,26 @@
+"""The names ca-flow writes into MLflow and reads back: tags, params and metrics.
+
+A name written in one module (a trial's params, the parent's tags) and read in another (the results
+table, promote, status) is spelled once, here.
+"""
+from __future__ import annotations
+
+# -- tags -------------------------------------------------------------------------------------------
+SWEEP_ID, TRIAL_KEY, DATASET, METHOD = "ca_flow.sweep_id", "ca_flow.trial_key", "ca_flow.dataset", "ca_flow.method"
+RANDOM_WEIGHTS, ATTEMPT, ERROR = "ca_flow.random_weights", "ca_flow.attempt", "ca_flow.error"
+SPEC, TOTALS, HEARTBEAT, DRIVER = "ca_flow.spec", "ca_flow.trials", "ca_flow.heartbeat", "ca_flow.driver"
+WEIGHTS_ID_TAG = "ca_flow.weights_id"  # the parent's: `resume` refuses weights that changed since
+PARENT, NOTE, KIND = "mlflow.parentRunId", "mlflow.note.content", "mlflow.experimentKind"
+
+# -- a trial run's metrics ----------------------------------------------------------------------------
+VAL_ACC, TEST_ACC, ZS_TEST_ACC = "val_acc", "test_acc", "zs_test_acc"
+TRAIN_LOSS, TRAIN_LOSS_FINAL, TRIAL_SECONDS = "train_loss", "train_loss_final", "trial_seconds"
+RESULT_METRICS = (VAL_ACC, TEST_ACC, ZS_TEST_ACC, TRAIN_LOSS_FINAL, TRIAL_SECONDS)  # columns of the table
+DONE_METRICS = frozenset({VAL_ACC, TEST_ACC})  # a FINISHED run without them is not done
+
+# -- a trial run's params -----------------------------------------------------------------------------
+# A grid point's own fields, logged as they are.
+POINT_PARAMS = ("dataset", "method", "shots", "seed", "backbone", "weights", "weights_id", "views")
+ADAPTER, ALPHA, BETA = "adapter", "alpha", "beta"  # the method's config; `variant` is logged as `adapter`
+PROTOCOL, SELECTION_SPLIT, N_SELECT = "protocol", "selection_split", "n_select"
+CHOSEN = "chosen_"  # prefix of what a method chose on val (chosen_alpha: alpha is no grid value then)
