@@ -10,6 +10,8 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import CaFlowError, first_line
+
 RANDOM = "random"
 RANDOM_SEED = 0
 
@@ -27,7 +29,7 @@ def _open_clip():
     return open_clip
 
 
-class BackboneError(RuntimeError):
+class BackboneError(CaFlowError, RuntimeError):
     """Requested weights or model cannot be loaded; never silently replaced."""
 
 
@@ -186,9 +188,8 @@ def load_backbone(name: str, weights: str = "openai", device: str | None = None)
             model = open_clip.create_model(
                 name, pretrained=str(Path(weights).expanduser()) if looks_like_path else weights)
         except Exception as exc:  # open_clip raises many types: network, key mismatch, unknown tag
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BackboneError(f"cannot load {weights!r} weights for {name}: {first}; "
-                                f"check the tag/file, or use --pretrained random for an offline demo") from exc
+            raise BackboneError(f"cannot load {weights!r} weights for {name}: {first_line(exc, 10_000)}; "
+                                f"check the tag/file", hint="random_weights") from exc
     model.eval().requires_grad_(False).to(device)
     backbone = Backbone(name=name, weights=weights, weights_id=weights_identity(weights), model=model,
                         preprocess=None, tokenizer=open_clip.get_tokenizer(name), device=device)

@@ -9,8 +9,10 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from .errors import CaFlowError
 
-class ImageError(ValueError):
+
+class ImageError(CaFlowError, ValueError):
     """An image that cannot be read or decoded; the message says why."""
 
 

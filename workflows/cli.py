@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .errors import Group, fail
+from .cli_errors import Group, fail
 
 app = typer.Typer(cls=Group, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},

@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from .cli import EXPERIMENT, JSON, TABLE_TITLE, URI, _experiment, _store, _sweep_id, app, console, emit
-from .errors import fail
+from .cli_errors import fail
 
 
 @app.command()

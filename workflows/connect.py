@@ -8,7 +8,7 @@ import socket
 import sys
 from contextlib import contextmanager
 
-from .grid import SweepError
+from .errors import SweepError, first_line
 
 CONNECT_TIMEOUT_S = 10
 
@@ -64,8 +64,7 @@ def connect_ray(address: str | None) -> None:
         if _refused_for_auth(exc):
             raise SweepError(f"the Ray cluster at {address} refused this client: it needs the cluster's token "
                              f"and token mode, see cluster/README.md (Token authentication)") from None
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SweepError(f"cannot connect to Ray at {address or 'a new local cluster'}: {first}; "
+        raise SweepError(f"cannot connect to Ray at {address or 'a new local cluster'}: {first_line(exc, 10_000)}; "
                          f"check --address / RAY_ADDRESS") from None
 
 

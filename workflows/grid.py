@@ -19,11 +19,8 @@ from clip_adapter.methods import trains
 from clip_adapter.protocol import IMAGENET_EPOCHS, PROTOCOLS, selection
 from clip_adapter.protocol import hparams as released_hparams
 
+from .errors import SweepError
 from .point import FEW_SHOT, Pack, TrialPoint
-
-
-class SweepError(ValueError):
-    """The sweep cannot run as asked; the message names the fix."""
 
 
 # CoOp's schedule by shots (clip_adapter.train.epochs_for_shots, without importing torch here).

@@ -11,11 +11,8 @@ from importlib import metadata
 from pathlib import Path
 
 from . import tracking
+from .errors import PromoteError
 from .tracking import DATASET, METHOD, SWEEP_ID
-
-
-class PromoteError(RuntimeError):
-    """Nothing can be promoted as asked; the message names the fix."""
 
 
 ADAPTER_MODEL_CODE = str(Path(__file__).with_name("adapter_model.py"))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from .grid import SweepError, SweepSpec
+from .errors import SweepError, first_line
+from .grid import SweepSpec
 
 # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds: time to close the runs.
 STOP_GRACE_S = 60
@@ -54,7 +55,6 @@ def submit(spec: SweepSpec, uri: str, address: str, sweep_id: str) -> str:
         return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                  submission_id=f"ca-flow-{sweep_id}", metadata={"ca_flow.sweep_id": sweep_id})
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SweepError(f"cannot submit to the Ray job API at {address}: {first[:300]}; is the head "
+        raise SweepError(f"cannot submit to the Ray job API at {address}: {first_line(exc)}; is the head "
                          f"running (ray start --head)? A token cluster needs its token and token mode here too, see "
                          f"cluster/README.md (Token authentication)") from None

@@ -23,6 +23,7 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # ca-fl
 # The tag names, here too: the modules that read runs find them beside the functions that write them.
 from .names import (ATTEMPT, DATASET, DONE_METRICS, DRIVER, ERROR, HEARTBEAT, KIND, METHOD, NOTE,  # noqa: F401
                     PARENT, RANDOM_WEIGHTS, SPEC, SWEEP_ID, TOTALS, TRAIN_LOSS, TRIAL_KEY)
+from .errors import TrackingError, first_line, last_line
 from .point import TrialPoint
 
 ADAPTER_DIR = "adapter"  # the artifact folder of a trial's adapter (safetensors + JSON)
@@ -43,10 +44,6 @@ VIEW = {"selectedColumns": ["attributes.`Dataset`", "metrics.`val_acc`", "metric
                                                                     {"mode": "param", "groupByData": "method"}]}}
 # The UI's model-training view (not GenAI) and ca-flow's table.
 EXPERIMENT_TAGS = {KIND: "custom_model_development", VIEW_TAG: json.dumps(VIEW)}
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message names the fix."""
 
 
 # -- where runs go ---------------------------------------------------------------------------------
@@ -124,8 +121,7 @@ def connect(uri: str, must_exist: bool = False):
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TrackingError(f"cannot use MLflow tracking store {uri}: {first[:300]}") from None
+        raise TrackingError(f"cannot use MLflow tracking store {uri}: {first_line(exc)}") from None
     exported = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # registry calls resolve models:/ URIs through the global store
     # ...and set_tracking_uri exports it too: the next command in this process (a notebook, a test)
@@ -264,11 +260,7 @@ def finish_trial(client, run_id: str, params: dict, metrics: dict, losses: list[
 
 def error_line(error: BaseException | str) -> str:
     """The cause's last line: what a user reads first in a run, a table or the sweep's exit."""
-    cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the trial's own exception
-    text = str(cause).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    last = lines[-1].strip() if lines else type(cause).__name__
-    return last[:500]
+    return last_line(getattr(error, "cause", None) or error)  # a RayTaskError wraps the trial's own exception
 
 
 def fail_trial(client, run_id: str, error: BaseException | str) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from clip_adapter.protocol import selection_split
 
 from . import barrier, tracking
+from .errors import FinalError, NodeError, TrialError
 from .names import ADAPTER, CHOSEN, N_SELECT, PROTOCOL, SELECTION_SPLIT, TEST_ACC, TRAIN_LOSS_FINAL, \
     TRIAL_SECONDS, VAL_ACC, ZS_TEST_ACC
 from .point import Pack, TrialPoint
@@ -80,7 +81,7 @@ def _few_shot(point: TrialPoint, data: DatasetFeatures):
     """The point's FewShot (what its protocol selects on) and the number of images it selects on."""
     train_rows, val_rows = data.rows[(point.shots, point.seed)]
     if len(train_rows) == 0:
-        raise RuntimeError(f"{point.dataset}: no readable train image for {point.shots} shots, seed {point.seed}")
+        raise TrialError(f"{point.dataset}: no readable train image for {point.shots} shots, seed {point.seed}")
     return select_on(point, data, train_rows, val_rows)
 
 
@@ -118,7 +119,7 @@ def select_on(point: TrialPoint, data: DatasetFeatures, train_rows, val_rows):
         val, val_labels = data.test, data.test_labels
     elif where["val"] == "whole":
         if data.whole_val is None or not len(data.whole_val):
-            raise RuntimeError(f"{point.dataset}: the released protocol searches on the whole val split, "
+            raise TrialError(f"{point.dataset}: the released protocol searches on the whole val split, "
                                f"and this dataset has no readable val images")
         val, val_labels = data.val[data.whole_val], data.val_labels[data.whole_val]
     else:
@@ -127,7 +128,7 @@ def select_on(point: TrialPoint, data: DatasetFeatures, train_rows, val_rows):
     train = data.train
     if where.get("crops"):
         if data.train_released is None:
-            raise RuntimeError(f"{point.dataset}: the released protocol trains {point.method} on views cropped "
+            raise TrialError(f"{point.dataset}: the released protocol trains {point.method} on views cropped "
                                f"from {where['crops']:g}, and they were not encoded")
         train = data.train_released
     few_shot = FewShot(train[train_rows], data.train_labels[train_rows], val, val_labels, data.text,
@@ -228,11 +229,9 @@ def hand_over(call, *record) -> None:
     ray.get(call.remote(*record))
 
 
-class NodeError(RuntimeError):
-    """The node cannot run the trial as asked; another node may."""
-
-
 def _retryable(exc: Exception) -> bool:
-    from ray.exceptions import RayError  # a lost object, a dead actor or node
+    """Ray's failures (a lost object, a dead actor or node) and a node's are retried; the trial's own
+    error (a FinalError, or anything else it raises) is final."""
+    from ray.exceptions import RayError
 
-    return isinstance(exc, (RayError, NodeError))
+    return isinstance(exc, (RayError, NodeError)) and not isinstance(exc, FinalError)

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from . import sweeps, tracking
-from .errors import fail
+from .cli_errors import fail
 
 START_S = 120   # a cold `mlflow ui` imports for tens of seconds on a busy machine
 STOP_S = 10     # how long Ctrl-C may take before the group is killed

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..errors import CaFlowError
 from .fs import Location
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
-class DatasetError(ValueError):
+class DatasetError(CaFlowError, ValueError):
     """A dataset cannot be found or parsed; the message names the fix."""
 
 
@@ -82,11 +83,10 @@ def check_root(data_root: str | Path | Location) -> Location:
     """The data root as a Location, or one line saying what is wrong with it."""
     root = Location(data_root)
     if root.is_file():
-        raise DatasetError(f"data root {root} is a file, not a folder; pass the folder that holds the "
-                           f"datasets as --data-root DIR (or set CA_FLOW_DATA_ROOT)")
+        raise DatasetError(f"data root {root} is a file, not a folder; pass the folder that holds the datasets",
+                           hint="data_root_as")
     if not root.is_dir():
-        raise DatasetError(f"data root {root} does not exist; create it or pass --data-root DIR "
-                           f"(or set CA_FLOW_DATA_ROOT)")
+        raise DatasetError(f"data root {root} does not exist; create it", hint="data_root_or")
     return root
 
 
@@ -120,7 +120,7 @@ def resolve_all(names: str | list[str], data_root: str | Path | Location) -> tup
     named explicitly must be there and valid."""
     wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
     if not wanted:
-        raise DatasetError("no dataset named; pass --datasets all or --datasets NAME[,NAME...]")
+        raise DatasetError("no dataset named", hint="datasets")
     needs_root = wanted == ["all"] or any(
         n not in REGISTRY or REGISTRY[n].locate is None for n in wanted)
     data_root = check_root(data_root) if needs_root else Location(data_root)
