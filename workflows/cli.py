@@ -7,35 +7,19 @@ on stdout and nothing else there.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from . import cli_results
+from .cli_common import ADDRESS, EXPERIMENT, JSON, TABLE_TITLE, URI, console, emit, open_store
 from .cli_errors import Group, fail
+from .names import check_sweep_id
 
 app = typer.Typer(cls=Group, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="CLIP-Adapter few-shot sweeps on Ray Tune, tracked in MLflow.")
-
-URI = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="default: ./mlflow.db")
-EXPERIMENT = typer.Option(None, "--experiment", envvar="MLFLOW_EXPERIMENT_NAME",
-                          help="default: the experiment of the latest sweep in the store")
-ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray address; default: a new local Ray")
-JSON = typer.Option(False, "--json", help="one JSON document on stdout")
-
-
-def console():
-    from rich.console import Console
-
-    # Off a terminal (CI logs, pipes) rich would squeeze tables into 80 columns and wrap lines.
-    return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=not sys.stdout.isatty())
-
-
-def emit(document) -> None:
-    typer.echo(json.dumps(document, indent=2, default=str))
-
 
 def _version(value: bool):
     if value:
@@ -50,34 +34,6 @@ def main(ctx: typer.Context,
          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
          debug: bool = typer.Option(False, "--debug", help="print tracebacks of unexpected errors")):
     ctx.obj = {"debug": debug}
-
-
-def _store(uri: Optional[str], must_exist: bool = True):
-    from . import tracking
-
-    uri = tracking.resolve_uri(uri)
-    tracking.check(uri, must_exist)  # a wrong URI or a missing store answers before MLflow loads
-    return uri, tracking.connect(uri, must_exist=must_exist)
-
-
-def _sweep_id(sweep_id: Optional[str]) -> None:
-    """A malformed sweep id is an argument error: answer it before MLflow loads."""
-    from .sweeps import SWEEP_ID_FORM
-
-    if sweep_id is not None and not SWEEP_ID_FORM.match(sweep_id):
-        fail(f"{sweep_id!r} is not a sweep id (they look like 20261127-101500-1a2b3c); see `ca-flow sweeps`")
-
-
-def _experiment(client, experiment: Optional[str]) -> str:
-    """--experiment, else the experiment of the latest sweep in the store."""
-    if experiment:
-        return experiment
-    from . import sweeps
-
-    found = sweeps.parents(client)
-    if not found:
-        fail("no sweep in this tracking store; run `ca-flow sweep` first, or pass --experiment / --tracking-uri")
-    return client.get_experiment(found[0].info.experiment_id).name
 
 
 @app.command()
@@ -127,7 +83,7 @@ def sweep(
              if k not in ("config", "tracking_uri", "address", "dry_run", "submit", "sweep_id", "as_json")}
     from .grid import build_spec
 
-    _sweep_id(sweep_id)  # the hidden flag `submit` passes: the same form as every sweep id
+    check_sweep_id(sweep_id)  # the hidden flag `submit` passes: the same form as every sweep id
     spec = build_spec(config, flags)
     from . import tracking
 
@@ -207,9 +163,6 @@ def _finish(outcome) -> None:
         raise typer.Exit(1)
 
 
-TABLE_TITLE = "test accuracy (%) at the point chosen on validation, mean +- std over seeds"
-
-
 @app.command()
 def resume(
     sweep_id: Optional[str] = typer.Argument(None, help="default: the latest unfinished sweep of --experiment"),
@@ -225,8 +178,8 @@ def resume(
 
     if max_retries is not None and max_retries < 0:
         fail(f"--max-retries must be >= 0, got {max_retries}")
-    _sweep_id(sweep_id)
-    uri, client = _store(tracking_uri)
+    check_sweep_id(sweep_id)
+    uri, client = open_store(tracking_uri)
     parent = sweeps.find(client, sweep_id, experiment, unfinished=True)
     sid, state = parent.data.tags[sweeps.SWEEP_ID], sweeps.state(parent)
     if state == "finished":
@@ -253,7 +206,7 @@ def list_sweeps(experiment: Optional[str] = typer.Option(None, "--experiment", e
     """Every sweep in the store: status, trials finished / failed / total, when, how long."""
     from . import sweeps
 
-    _, client = _store(tracking_uri)
+    _, client = open_store(tracking_uri)
     rows = [sweeps.describe(client, p) for p in sweeps.parents(client, experiment)]
     if as_json:
         return emit([{k: v for k, v in r.items() if k != "datasets"} for r in rows])
@@ -274,8 +227,8 @@ def status(sweep_id: Optional[str] = typer.Argument(None, help="default: the lat
     """One sweep: its status and progress per dataset."""
     from . import sweeps
 
-    _sweep_id(sweep_id)
-    _, client = _store(tracking_uri)
+    check_sweep_id(sweep_id)
+    _, client = open_store(tracking_uri)
     row = sweeps.describe(client, sweeps.find(client, sweep_id))
     if as_json:
         return emit(row)
@@ -297,10 +250,12 @@ def ui(tracking_uri: Optional[str] = URI,
     """The MLflow UI on the store (a server's own, or `mlflow ui` here until Ctrl-C): the latest sweep's runs."""
     from . import ui as mlflow_ui
 
-    uri, client = _store(tracking_uri)
+    uri, client = open_store(tracking_uri)
     raise typer.Exit(mlflow_ui.serve(client, uri, port, typer.echo))
 
-from . import cli_results  # noqa: E402,F401  (report, promote, predict, datasets)
+for verb in (cli_results.report, cli_results.promote, cli_results.predict):
+    app.command()(verb)
+app.command("datasets")(cli_results.list_datasets)
 
 if __name__ == "__main__":
     app()

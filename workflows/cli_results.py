@@ -1,4 +1,7 @@
-"""The verbs on what sweeps produced: report, promote, predict; and datasets, what there is to sweep."""
+"""The verbs on what sweeps produced: report, promote, predict; and datasets, what there is to sweep.
+
+workflows/cli.py registers them on the app.
+"""
 from __future__ import annotations
 
 import base64
@@ -10,11 +13,11 @@ from typing import List, Optional
 
 import typer
 
-from .cli import EXPERIMENT, JSON, TABLE_TITLE, URI, _experiment, _store, _sweep_id, app, console, emit
+from .cli_common import EXPERIMENT, JSON, TABLE_TITLE, URI, console, emit, experiment_or_latest, open_store
 from .cli_errors import fail
+from .names import check_sweep_id
 
 
-@app.command()
 def report(
     experiment: Optional[str] = EXPERIMENT,
     sweep: Optional[str] = typer.Option(None, help="sweep id; default: the latest sweep (of --experiment)"),
@@ -28,8 +31,8 @@ def report(
     from .report import (cells, comparable_to_paper, numbers, paper_table, rich_tables, side_by_side,
                          side_by_side_markdown, write_report)
 
-    _sweep_id(sweep)
-    _, client = _store(tracking_uri)
+    check_sweep_id(sweep)
+    _, client = open_store(tracking_uri)
     parent = sweeps.find(client, sweep, experiment)
     sweep_id = parent.data.tags[tracking.SWEEP_ID]
     frame = sweeps.frame(sweep_id, tracking.children(client, parent.info.experiment_id, parent.info.run_id))
@@ -61,7 +64,6 @@ def report(
 ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
 
 
-@app.command()
 def promote(
     experiment: Optional[str] = EXPERIMENT,
     datasets: Optional[str] = typer.Option(None, help="NAME[,NAME...]; default: every dataset with runs"),
@@ -84,8 +86,8 @@ def promote(
         fail(f"--alias {alias!r} is not a registry alias: letters, digits, _ and -, not 'latest' or v<number>")
     from . import promote as p
 
-    _, client = _store(tracking_uri)
-    exp = _experiment(client, experiment)
+    _, client = open_store(tracking_uri)
+    exp = experiment_or_latest(client, experiment)
     wanted = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
     decisions = [p.promote(client, d, run, alias, force, dry_run)
                  for d, run in p.choose(client, exp, wanted, chosen_methods).items()]
@@ -107,7 +109,6 @@ def promote(
     console().print(table)
 
 
-@app.command()
 def predict(
     images: List[Path] = typer.Argument(..., help="image files to classify"),
     dataset: str = typer.Option(..., help="dataset whose promoted adapter to use"),
@@ -132,7 +133,7 @@ def predict(
 
     from .promote import model_name
 
-    uri, client = _store(tracking_uri)
+    uri, client = open_store(tracking_uri)
     name = model_name(dataset)
     try:
         client.get_model_version_by_alias(name, alias)
@@ -150,7 +151,6 @@ def predict(
         typer.echo(f"{r['image']}: " + " | ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"]))
 
 
-@app.command("datasets")
 def list_datasets(
     data_root: Optional[str] = typer.Option(None, envvar="CA_FLOW_DATA_ROOT", help="default: ~/.cache/ca-flow/data"),
     as_json: bool = JSON,

@@ -5,6 +5,12 @@ table, promote, status) is spelled once, here.
 """
 from __future__ import annotations
 
+import re
+import time
+import uuid
+
+from .errors import TrackingError
+
 # -- tags -------------------------------------------------------------------------------------------
 SWEEP_ID, TRIAL_KEY, DATASET, METHOD = "ca_flow.sweep_id", "ca_flow.trial_key", "ca_flow.dataset", "ca_flow.method"
 RANDOM_WEIGHTS, ATTEMPT, ERROR = "ca_flow.random_weights", "ca_flow.attempt", "ca_flow.error"
@@ -24,3 +30,18 @@ POINT_PARAMS = ("dataset", "method", "shots", "seed", "backbone", "weights", "we
 ADAPTER, ALPHA, BETA = "adapter", "alpha", "beta"  # the method's config; `variant` is logged as `adapter`
 PROTOCOL, SELECTION_SPLIT, N_SELECT = "protocol", "selection_split", "n_select"
 CHOSEN = "chosen_"  # prefix of what a method chose on val (chosen_alpha: alpha is no grid value then)
+
+
+# -- a sweep's id: when it started, and a random suffix -------------------------------------------------
+SWEEP_ID_FORM = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
+
+
+def new_sweep_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def check_sweep_id(sweep_id: str | None) -> None:
+    """A malformed sweep id is an argument error: it answers before MLflow loads."""
+    if sweep_id is not None and not SWEEP_ID_FORM.match(sweep_id):
+        raise TrackingError(f"{sweep_id!r} is not a sweep id (they look like 20261127-101500-1a2b3c); "
+                            f"see `ca-flow sweeps`")

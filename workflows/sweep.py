@@ -33,6 +33,7 @@ from clip_adapter.backbone import RANDOM, weights_identity  # noqa: E402
 from . import sweeps, tracking  # noqa: E402
 from .lifecycle import Heartbeat, Interrupted, Signals  # noqa: E402
 from .grid import SweepError, SweepSpec, check_shots, counts, grid, packs  # noqa: E402
+from .names import new_sweep_id  # noqa: E402
 from .point import TrialPoint  # noqa: E402
 
 WEIGHTS_ID = "ca_flow.weights_id"
@@ -127,10 +128,6 @@ def run(spec: SweepSpec, uri: str, address: str | None, console, parent=None,
             raise
         finally:
             beat.stopped.set()
-
-
-def new_sweep_id() -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def start(client, exp_id: str, sweep_id: str, planned: Planned) -> str:

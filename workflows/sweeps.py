@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import time
 
@@ -21,11 +20,11 @@ from clip_adapter.protocol import selection_split
 
 from . import tracking
 from .names import (ADAPTER, ALPHA, BETA, CHOSEN, DATASET, DRIVER, ERROR, HEARTBEAT, METHOD, PARENT, PROTOCOL,
-                    RESULT_METRICS, SELECTION_SPLIT, SPEC, SWEEP_ID, TEST_ACC, TOTALS, TRIAL_KEY, VAL_ACC)
+                    RESULT_METRICS, SELECTION_SPLIT, SPEC, SWEEP_ID, TEST_ACC, TOTALS, TRIAL_KEY, VAL_ACC,
+                    check_sweep_id)
 from .point import FEW_SHOT, TrialPoint
 from .tracking import TrackingError
 
-SWEEP_ID_FORM = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
 RESULT_COLUMNS = ["sweep_id", "key", "run_id", "dataset", "method", "shots", "seed", ADAPTER, ALPHA, BETA,
                   *RESULT_METRICS, "status", "error", PROTOCOL, SELECTION_SPLIT]
 
@@ -77,9 +76,7 @@ def parents(client, experiment: str | None = None, sweep_id: str | None = None) 
 
 def find(client, sweep_id: str | None, experiment: str | None = None, unfinished: bool = False):
     """One sweep's parent run: `sweep_id` in any experiment, else the latest (unfinished) one."""
-    if sweep_id is not None and not SWEEP_ID_FORM.match(sweep_id):
-        raise TrackingError(f"{sweep_id!r} is not a sweep id (they look like 20261127-101500-1a2b3c); "
-                            f"see `ca-flow sweeps`")
+    check_sweep_id(sweep_id)
     found = parents(client, None if sweep_id else experiment, sweep_id)
     if unfinished and not sweep_id:
         found = [p for p in found if state(p) != "finished"]
