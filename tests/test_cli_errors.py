@@ -261,7 +261,7 @@ def test_an_unexpected_error_is_one_line_and_a_log_file_and_debug_prints_it(stor
     def broken(*_a, **_k):
         raise ZeroDivisionError("something nobody planned for\nsecond line of the cause")
 
-    monkeypatch.setattr("workflows.sweeps.parents", broken)
+    monkeypatch.setattr("workflows.runs_table.parents", broken)
     result = runner.invoke(app, ["sweeps", "--tracking-uri", uri])
     assert result.exit_code == 1
     (line,) = result.stderr.strip().splitlines()

@@ -189,6 +189,7 @@ def test_trial_that_failed_before_its_run_counts_as_failed(tmp_path):
     trial whose every attempt failed before it could make its run (the store did not answer as it
     began) is a failed grid point, not one silently left out of the count; checked here on a real
     store, with the sweep's own close."""
+    from workflows import parent_run
     from workflows import sweep as s
     from workflows import tracking
     from workflows.grid import SweepSpec
@@ -201,12 +202,12 @@ def test_trial_that_failed_before_its_run_counts_as_failed(tmp_path):
     client = tracking.connect(uri)
     exp_id = tracking.experiment_id(client, spec.experiment, uri)
     sweep_id = s.new_sweep_id()
-    parent_id = s.start(client, exp_id, sweep_id, planned)
+    parent_id = parent_run.start(client, exp_id, sweep_id, planned)
     in_flight, never_began = planned.trials
     tracking.create_trial_run(client, dict(exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id), in_flight)
     errors = {t.key: f"store gone ({t.name})" for t in planned.trials}  # Tune gave up on both
 
-    outcome = s.close(client, exp_id, parent_id, sweep_id, planned, 0, errors, 1.0, 1.0)
+    outcome = s.close(s.Sweep(planned, client, exp_id, sweep_id, parent_id, errors=errors))
 
     assert not outcome.note and outcome.total == 2 and outcome.done == 0
     assert sorted(outcome.failed["key"]) == sorted(errors), outcome.results[["key", "run_id", "status", "error"]]

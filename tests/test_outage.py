@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slow
 def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, colour_root, monkeypatch):
     import mlflow
 
+    from workflows import parent_run
     from workflows import sweep as s
     from workflows import tracking
     from workflows.grid import SweepSpec
@@ -37,7 +38,7 @@ def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, c
         client = mlflow.MlflowClient(uri)
         exp_id = tracking.experiment_id(client, spec.experiment, uri)
         sweep_id = s.new_sweep_id()
-        parent_id = s.start(client, exp_id, sweep_id, planned)
+        parent_id = parent_run.start(client, exp_id, sweep_id, planned)
         rec = Recorder(uri, exp_id, parent_id, sweep_id)
         rec.start(done, 1)
         finish(rec, done)
@@ -59,7 +60,7 @@ def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, c
     with procs.mlflow_server(db, artifacts, logs, env, tmp_path, port=port) as (uri, _):
         client = mlflow.MlflowClient(uri)
         # Tune saw every trial succeed: what failed is only what the recorder hands back
-        outcome = s.close(client, exp_id, parent_id, sweep_id, planned, 0, dict(unwritten), 1.0, 1.0)
+        outcome = s.close(s.Sweep(planned, client, exp_id, sweep_id, parent_id, errors=dict(unwritten)))
         assert not outcome.note and (outcome.total, outcome.done) == (3, 1)
         assert sorted(outcome.failed["key"]) == sorted([cut_short.key, never_began.key])
         by_key = outcome.results.set_index("key")
@@ -74,5 +75,5 @@ def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, c
         assert {k for k, r in runs.items() if tracking.is_done(r)} == {done.key}
 
         # the recorder itself lost (drain gave nothing): the point without a run is still no success
-        outcome = s.close(client, exp_id, parent_id, sweep_id, planned, 0, {}, 1.0, 1.0)
+        outcome = s.close(s.Sweep(planned, client, exp_id, sweep_id, parent_id))
         assert sorted(outcome.failed["key"]) == sorted([cut_short.key, never_began.key])

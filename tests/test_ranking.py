@@ -2,7 +2,7 @@
 expected order is written out here."""
 import pandas as pd
 
-from workflows.sweeps import rank_runs
+from workflows.runs_table import rank_runs
 
 NAN = float("nan")
 

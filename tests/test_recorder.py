@@ -69,7 +69,7 @@ def test_a_grid_point_whose_record_never_arrived_fails_the_sweep(store, tmp_path
     """Close a sweep (no Ray needed) where one of two grid points has a run and the other none."""
     from workflows import tracking
     from workflows.grid import SweepSpec
-    from workflows.sweep import Planned, close
+    from workflows.sweep import Sweep, SweepPlan, close
 
     uri, client, exp_id, parent = store
     client.set_tag(parent, tracking.SWEEP_ID, "sweep-1")
@@ -80,8 +80,8 @@ def test_a_grid_point_whose_record_never_arrived_fails_the_sweep(store, tmp_path
                      metrics=[Metric("val_acc", 1.0, 0, 0), Metric("test_acc", 1.0, 0, 0)])
     client.set_terminated(run, "FINISHED")
     spec = SweepSpec(datasets="colours", results_dir=str(tmp_path / "results"))
-    planned = Planned(spec, [], [], [t1, t2], "random")
-    outcome = close(client, exp_id, parent, "sweep-1", planned, 0, {}, 1.0, 1.0)
+    planned = SweepPlan(spec, [], [], [t1, t2], "random")
+    outcome = close(Sweep(planned, client, exp_id, "sweep-1", parent))
     assert outcome.done == 1 and list(outcome.failed["key"]) == ["k2"]
     assert outcome.failed.iloc[0]["error"] == "no run was recorded for this grid point"
     assert client.get_run(parent).info.status == "FAILED"

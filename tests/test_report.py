@@ -1,6 +1,6 @@
 """The report: selection on validation, the table and its published numbers, the CSV and the figure.
 
-Frames are built by hand here (the columns `sweeps.frame` gives), oracles written out in the test."""
+Frames are built by hand here (the columns `runs_table.frame` gives), oracles written out in the test."""
 import csv
 import math
 

@@ -173,21 +173,21 @@ def resume(
     force: bool = typer.Option(False, "--force", help="resume even if its driver still beats"),
 ):
     """Run the grid points of a sweep that have no finished run, in the same parent run."""
-    from . import sweeps
+    from . import runs_table
     from .grid import SweepError, SweepSpec
 
     if max_retries is not None and max_retries < 0:
         fail(f"--max-retries must be >= 0, got {max_retries}")
     check_sweep_id(sweep_id)
     uri, client = open_store(tracking_uri)
-    parent = sweeps.find(client, sweep_id, experiment, unfinished=True)
-    sid, state = parent.data.tags[sweeps.SWEEP_ID], sweeps.state(parent)
+    parent = runs_table.find(client, sweep_id, experiment, unfinished=True)
+    sid, state = parent.data.tags[runs_table.SWEEP_ID], runs_table.state(parent)
     if state == "finished":
         fail(f"sweep {sid} is finished: every grid point has a finished run; nothing to resume")
     if state == "running" and not force:
-        fail(f"sweep {sid} is running (driver {parent.data.tags.get(sweeps.DRIVER, '?')} beats); pass --force to "
+        fail(f"sweep {sid} is running (driver {parent.data.tags.get(runs_table.DRIVER, '?')} beats); pass --force to "
              f"resume it anyway, or stop that driver first")
-    spec = SweepSpec.from_record(json.loads(parent.data.tags[sweeps.SPEC]))
+    spec = SweepSpec.from_record(json.loads(parent.data.tags[runs_table.SPEC]))
     if max_retries is not None:
         spec.max_retries = max_retries
     try:
@@ -204,10 +204,10 @@ def list_sweeps(experiment: Optional[str] = typer.Option(None, "--experiment", e
                                                          help="default: every experiment"),
                 tracking_uri: Optional[str] = URI, as_json: bool = JSON):
     """Every sweep in the store: status, trials finished / failed / total, when, how long."""
-    from . import sweeps
+    from . import runs_table
 
     _, client = open_store(tracking_uri)
-    rows = [sweeps.describe(client, p) for p in sweeps.parents(client, experiment)]
+    rows = [runs_table.describe(client, p) for p in runs_table.parents(client, experiment)]
     if as_json:
         return emit([{k: v for k, v in r.items() if k != "datasets"} for r in rows])
     from rich.table import Table
@@ -225,11 +225,11 @@ def list_sweeps(experiment: Optional[str] = typer.Option(None, "--experiment", e
 def status(sweep_id: Optional[str] = typer.Argument(None, help="default: the latest sweep"),
            tracking_uri: Optional[str] = URI, as_json: bool = JSON):
     """One sweep: its status and progress per dataset."""
-    from . import sweeps
+    from . import runs_table
 
     check_sweep_id(sweep_id)
     _, client = open_store(tracking_uri)
-    row = sweeps.describe(client, sweeps.find(client, sweep_id))
+    row = runs_table.describe(client, runs_table.find(client, sweep_id))
     if as_json:
         return emit(row)
     out = console()

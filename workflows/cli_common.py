@@ -44,9 +44,9 @@ def experiment_or_latest(client, experiment: Optional[str]) -> str:
     """--experiment, else the experiment of the latest sweep in the store."""
     if experiment:
         return experiment
-    from . import sweeps
+    from . import runs_table
 
-    found = sweeps.parents(client)
+    found = runs_table.parents(client)
     if not found:
         fail("no sweep in this tracking store; run `ca-flow sweep` first, or pass --experiment / --tracking-uri")
     return client.get_experiment(found[0].info.experiment_id).name

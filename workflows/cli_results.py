@@ -27,15 +27,15 @@ def report(
     as_json: bool = JSON,
 ):
     """The paper's table and figure for a sweep: printed, written to --out, logged on its parent run."""
-    from . import sweeps, tracking
+    from . import runs_table, tracking
     from .report import (cells, comparable_to_paper, numbers, paper_table, rich_tables, side_by_side,
                          side_by_side_markdown, write_report)
 
     check_sweep_id(sweep)
     _, client = open_store(tracking_uri)
-    parent = sweeps.find(client, sweep, experiment)
+    parent = runs_table.find(client, sweep, experiment)
     sweep_id = parent.data.tags[tracking.SWEEP_ID]
-    frame = sweeps.frame(sweep_id, tracking.children(client, parent.info.experiment_id, parent.info.run_id))
+    frame = runs_table.frame(sweep_id, tracking.children(client, parent.info.experiment_id, parent.info.run_id))
     if not (frame["status"] == "FINISHED").any():
         fail(f"sweep {sweep_id} has no finished trial runs to report; see `ca-flow status {sweep_id}`")
     spec = json.loads(parent.data.tags[tracking.SPEC])

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from . import sweeps, tracking
+from . import runs_table, tracking
 
 
 class Interrupted(BaseException):
@@ -82,7 +82,7 @@ class Heartbeat(threading.Thread):
         import mlflow
 
         client = mlflow.MlflowClient(self.uri)
-        while not self.stopped.wait(sweeps.heartbeat_seconds()):
+        while not self.stopped.wait(runs_table.heartbeat_seconds()):
             try:
                 tracking.beat(client, self.parent_id)
             except Exception:

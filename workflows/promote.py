@@ -39,8 +39,8 @@ def model_name(dataset: str) -> str:
 
 
 def best_run(runs: list):
-    """The run `sweeps.rank_runs` puts first: the one rule the parent's summary and the report use too."""
-    from .sweeps import frame, rank_runs
+    """The run `runs_table.rank_runs` puts first: the one rule the parent's summary and the report use too."""
+    from .runs_table import frame, rank_runs
 
     by_id = {r.info.run_id: r for r in runs}
     return by_id[rank_runs(frame("", runs)).iloc[0]["run_id"]]

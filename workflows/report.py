@@ -13,7 +13,7 @@ import pandas as pd
 from clip_adapter.methods import NAMES, trains
 from clip_adapter.protocol import CLIP_ADAPTER_ALPHA
 
-from .sweeps import rank_runs
+from .runs_table import rank_runs
 
 PICK = ["dataset", "method", "shots", "seed", "protocol"]
 TEST_MARK = "*"  # beside a figure whose choices were made on test (the released protocol, where it does)

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import sweeps, tracking
+from . import runs_table, tracking
 from .cli_errors import fail
 
 START_S = 120   # a cold `mlflow ui` imports for tens of seconds on a busy machine
@@ -27,7 +27,7 @@ STOP_S = 10     # how long Ctrl-C may take before the group is killed
 
 def latest_runs_link(client, base: str) -> str:
     """The latest sweep's experiment, set up for ca-flow's view (an older store may lack it), as a link."""
-    found = sweeps.parents(client)
+    found = runs_table.parents(client)
     if not found:
         fail("no sweep in this tracking store; run `ca-flow sweep` first, or pass --tracking-uri")
     exp = client.get_experiment(found[0].info.experiment_id)
