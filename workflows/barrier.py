@@ -13,7 +13,9 @@ import os
 import time
 from pathlib import Path
 
-VARIABLE = "CA_FLOW_TEST_BARRIER"
+from .settings import TEST_BARRIER
+
+VARIABLE = TEST_BARRIER.name
 
 
 def holds(point: str) -> bool:

@@ -13,7 +13,10 @@ from typing import Optional
 import typer
 
 from . import cli_results
-from .cli_common import ADDRESS, EXPERIMENT, JSON, TABLE_TITLE, URI, console, emit, open_store
+from clip_adapter.methods import NAMES as METHOD_NAMES
+
+from . import settings
+from .cli_common import ADDRESS, EXPERIMENT, JSON, TABLE_TITLE, URI, console, default, emit, open_store
 from .cli_errors import Group, fail
 from .names import check_sweep_id
 
@@ -39,38 +42,37 @@ def main(ctx: typer.Context,
 @app.command()
 def sweep(
     config: Optional[Path] = typer.Option(None, "--config", help="a sweep.toml; flags given here override it"),
-    datasets: Optional[str] = typer.Option(None, help="all, or NAME[,NAME...] (see `ca-flow datasets`)  \\[default: all]"),
+    datasets: Optional[str] = typer.Option(None, help="all, or NAME[,NAME...] (see `ca-flow datasets`)" + default("datasets")),
     data_root: Optional[str] = typer.Option(None, envvar="CA_FLOW_DATA_ROOT",
                                             help="folder or URI (file://, s3://) of the datasets"),
-    shots: Optional[str] = typer.Option(None, help="shots per class  \\[default: 1,2,4,8,16]"),
-    seeds: Optional[str] = typer.Option(None, help="few-shot sampling seeds  \\[default: 1,2,3]"),
-    methods: Optional[str] = typer.Option(None, help="clip-adapter,zero-shot,linear-probe,tip-adapter,tip-adapter-f,gda"
-                                                      "  \\[default: clip-adapter,zero-shot]"),
-    alphas: Optional[str] = typer.Option(None, help="visual residual ratios in [0, 1]  \\[default: 0.2,0.4,0.6,0.8]"),
-    betas: Optional[str] = typer.Option(None, help="text residual ratios in [0, 1]  \\[default: 0.2]"),
-    adapter: Optional[str] = typer.Option(None, help="CLIP-Adapter variants: visual,text,both  \\[default: visual]"),
-    backbone: Optional[str] = typer.Option(None, help="open_clip model name  \\[default: RN50-quickgelu]"),
-    pretrained: Optional[str] = typer.Option(None, help="pretrained tag, local weights file, or random  "
-                                                         "\\[default: openai]"),
+    shots: Optional[str] = typer.Option(None, help="shots per class" + default("shots")),
+    seeds: Optional[str] = typer.Option(None, help="few-shot sampling seeds" + default("seeds")),
+    methods: Optional[str] = typer.Option(None, help=",".join(METHOD_NAMES) + default("methods")),
+    alphas: Optional[str] = typer.Option(None, help="visual residual ratios in [0, 1]" + default("alphas")),
+    betas: Optional[str] = typer.Option(None, help="text residual ratios in [0, 1]" + default("betas")),
+    adapter: Optional[str] = typer.Option(None, help="CLIP-Adapter variants: visual,text,both" + default("adapter")),
+    backbone: Optional[str] = typer.Option(None, help="open_clip model name" + default("backbone")),
+    pretrained: Optional[str] = typer.Option(None, help="pretrained tag, local weights file, or random"
+                                                         + default("pretrained")),
     epochs: Optional[int] = typer.Option(None, help="default: CoOp's 50/100/200 by shots"),
-    augment_views: Optional[int] = typer.Option(None, help="augmented views per train image  \\[default: 10]"),
-    lr: Optional[float] = typer.Option(None, help="SGD learning rate  \\[default: 0.002]"),
-    batch_size: Optional[int] = typer.Option(None, help="training batch size  \\[default: 32]"),
+    augment_views: Optional[int] = typer.Option(None, help="augmented views per train image" + default("augment_views")),
+    lr: Optional[float] = typer.Option(None, help="SGD learning rate" + default("lr")),
+    batch_size: Optional[int] = typer.Option(None, help="training batch size" + default("batch_size")),
     allow_fewer_shots: Optional[bool] = typer.Option(None, "--allow-fewer-shots/--no-allow-fewer-shots",
                                                      help="train on what a class has when it has fewer than --shots"),
     experiment: Optional[str] = typer.Option(None, "--experiment", envvar="MLFLOW_EXPERIMENT_NAME",
-                                             help="MLflow experiment  \\[default: ca-flow]"),
-    cpus_per_trial: Optional[float] = typer.Option(None, help="CPUs per trial, fractions allowed  \\[default: 1]"),
-    gpus_per_trial: Optional[float] = typer.Option(None, help="GPUs per trial, fractions allowed  \\[default: 0]"),
-    max_retries: Optional[int] = typer.Option(None, help="retries of a trial whose worker or node dies  \\[default: 2]"),
-    cache_dir: Optional[str] = typer.Option(None, help="feature store  \\[default: ~/.cache/ca-flow/features]"),
-    results_dir: Optional[str] = typer.Option(None, help="per-trial Parquet  \\[default: ca-flow-results]"),
-    storage_path: Optional[str] = typer.Option(None, help="Tune's own state (shared storage on a cluster)  "
-                                                           "\\[default: ~/ray_results]"),
+                                             help="MLflow experiment" + default("experiment")),
+    cpus_per_trial: Optional[float] = typer.Option(None, help="CPUs per trial, fractions allowed" + default("cpus_per_trial")),
+    gpus_per_trial: Optional[float] = typer.Option(None, help="GPUs per trial, fractions allowed" + default("gpus_per_trial")),
+    max_retries: Optional[int] = typer.Option(None, help="retries of a trial whose worker or node dies" + default("max_retries")),
+    cache_dir: Optional[str] = typer.Option(None, help="feature store" + default("cache_dir", str(settings.FEATURES))),
+    results_dir: Optional[str] = typer.Option(None, help="per-trial Parquet" + default("results_dir")),
+    storage_path: Optional[str] = typer.Option(None, help="Tune's own state (shared storage on a cluster)"
+                                                           + default("storage_path")),
     protocol: Optional[str] = typer.Option(None, help="few-shot (choices on min(K,4) val per class), released "
-                                                      "(the released code's recipe), or both  \\[default: few-shot]"),
+                                                      "(the released code's recipe), or both" + default("protocol")),
     pack: Optional[bool] = typer.Option(None, "--pack/--no-pack", help="train the CLIP-Adapter points that differ only "
-                                        "in alpha/beta as one stacked model, one Tune trial  \\[default: no-pack]"),
+                                        "in alpha/beta as one stacked model, one Tune trial" + default("pack", "no-pack")),
     tracking_uri: Optional[str] = URI,
     address: Optional[str] = ADDRESS,
     dry_run: bool = typer.Option(False, "--dry-run", help="show the grid and what is to encode; start nothing"),

@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from .cli_errors import fail
+from .grid import SweepSpec
 
 URI = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="default: ./mlflow.db")
 EXPERIMENT = typer.Option(None, "--experiment", envvar="MLFLOW_EXPERIMENT_NAME",
@@ -53,3 +54,14 @@ def experiment_or_latest(client, experiment: Optional[str]) -> str:
 
 
 TABLE_TITLE = "test accuracy (%) at the point chosen on validation, mean +- std over seeds"
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return ",".join(_shown(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def default(name: str, shown: str | None = None) -> str:
+    """A help string's `[default: ...]`: SweepSpec's default of `name` (or `shown`, as the user writes it)."""
+    return f"  \\[default: {shown or _shown(getattr(SweepSpec(), name))}]"

@@ -17,7 +17,9 @@ from typer.core import TyperGroup
 
 from clip_adapter.errors import CaFlowError, last_line
 
-LOG_DIR = Path("~/.cache/ca-flow/logs")
+from .settings import LOGS
+
+LOG_DIR = LOGS
 
 
 # How the command line spells the fixes the library names by a hint (clip_adapter.errors.CaFlowError).

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 
+from . import settings
 from .cli_common import EXPERIMENT, JSON, TABLE_TITLE, URI, console, emit, experiment_or_latest, open_store
 from .cli_errors import fail
 from .names import check_sweep_id
@@ -152,7 +153,7 @@ def predict(
 
 
 def list_datasets(
-    data_root: Optional[str] = typer.Option(None, envvar="CA_FLOW_DATA_ROOT", help="default: ~/.cache/ca-flow/data"),
+    data_root: Optional[str] = typer.Option(None, envvar="CA_FLOW_DATA_ROOT", help=f"default: {settings.DATA_ROOT.default}"),
     as_json: bool = JSON,
 ):
     """The datasets found: name, layout, where, classes and image counts; and what is not usable, and why."""

@@ -1,7 +1,8 @@
 """The sweep's grid: its spec (flags, a sweep.toml, or both), checked before anything heavy loads, and
 one trial per grid point with a key that stays the same for the same point.
 
-Nothing here imports torch, Ray or MLflow: every argument error answers at once.
+Nothing here imports torch, Ray or MLflow (nor numpy, until a spec is checked): every argument error
+answers at once, and the command line reads its help's defaults from SweepSpec.
 """
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from clip_adapter.backbone import TINY, model_names, weights_identity
-from clip_adapter.datasets import default_data_root
+from clip_adapter.settings import data_root as default_data_root
 from clip_adapter.methods import NAMES as METHOD_NAMES
 from clip_adapter.methods import trains
 from clip_adapter.protocol import IMAGENET_EPOCHS, PROTOCOLS, selection
 from clip_adapter.protocol import hparams as released_hparams
 
+from . import settings
 from .errors import SweepError
 from .point import FEW_SHOT, Pack, TrialPoint
 
@@ -50,7 +51,7 @@ class SweepSpec:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_retries: int = 2
-    cache_dir: str = field(default_factory=lambda: str(Path("~/.cache/ca-flow/features").expanduser()))
+    cache_dir: str = field(default_factory=lambda: str(settings.FEATURES.expanduser()))
     results_dir: str = "ca-flow-results"
     storage_path: str = "~/ray_results"  # Tune's own state; MLflow is the record of what is done
     protocol: list[str] = field(default_factory=lambda: ["few-shot"])  # few-shot, released (README: Protocol)
@@ -77,6 +78,8 @@ class SweepSpec:
             raise SweepError(f"--lr must be > 0, got {self.lr:g}")
         if not self.cpus_per_trial > 0 or self.gpus_per_trial < 0:
             raise SweepError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+        from clip_adapter.backbone import TINY, model_names
+
         if self.backbone not in model_names():
             raise SweepError(f"unknown backbone {self.backbone!r}; see open_clip.list_models(), e.g. "
                              f"RN50-quickgelu, ViT-B-32-quickgelu, or {TINY} for tests")
@@ -221,6 +224,8 @@ def _points(spec: SweepSpec, method: str, protocol: str = "few-shot", dataset: s
 
 def grid(spec: SweepSpec, names: list[str], weights_id: str | None = None) -> list[TrialPoint]:
     """One point per trial, keyed by everything that changes the trial's result."""
+    from clip_adapter.backbone import weights_identity
+
     weights_id = weights_id or weights_identity(spec.pretrained)
     trials = []
     for dataset, method, seed, protocol in itertools.product(names, spec.methods, spec.seeds, spec.protocol):

@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import tracking
+from . import settings, tracking
 from .point import TrialPoint
 
 
@@ -30,6 +30,7 @@ class Recorder:
     def __init__(self, uri: str, exp_id: str, parent_id: str, sweep_id: str):
         import mlflow
 
+        settings.for_mlflow()  # in the recorder's own process: it writes the adapters' files
         self.client = mlflow.MlflowClient(uri)
         self.uri, self.sweep = uri, dict(exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id)
         self.runs: dict[str, str] = {}       # trial key -> run id

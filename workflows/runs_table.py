@@ -18,7 +18,7 @@ import pandas as pd
 
 from clip_adapter.protocol import selection_split
 
-from . import tracking
+from . import settings, tracking
 from .names import (ADAPTER, ALPHA, BETA, CHOSEN, DATASET, DRIVER, ERROR, HEARTBEAT, METHOD, PARENT, PROTOCOL,
                     RESULT_METRICS, SELECTION_SPLIT, SPEC, SWEEP_ID, TEST_ACC, TOTALS, TRIAL_KEY, VAL_ACC,
                     check_sweep_id)
@@ -30,7 +30,7 @@ RESULT_COLUMNS = ["sweep_id", "key", "run_id", "dataset", "method", "shots", "se
 
 
 def heartbeat_seconds() -> float:
-    return float(os.environ.get("CA_FLOW_HEARTBEAT_S", "30"))
+    return settings.HEARTBEAT_S.get()
 
 
 def driver_alive(parent) -> bool:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .errors import SweepError, first_line
 from .grid import SweepSpec
+from .names import SWEEP_ID
+from .settings import JOB_STOP_WAIT_S
 
 # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds: time to close the runs.
 STOP_GRACE_S = 60
@@ -43,7 +45,7 @@ def submit(spec: SweepSpec, uri: str, address: str, sweep_id: str) -> str:
         raise SweepError(f"--submit needs the cluster's job API address, e.g. --address http://HEAD:8265; "
                          f"got {address!r}")
     args = ["sweep", *as_flags(spec), "--tracking-uri", uri, "--sweep-id", sweep_id]
-    runtime_env = {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S), "PYTHONUNBUFFERED": "1"}}
+    runtime_env = {"env_vars": {JOB_STOP_WAIT_S.name: str(STOP_GRACE_S), "PYTHONUNBUFFERED": "1"}}
     checkout = source_checkout()
     if checkout:
         runtime_env.update(working_dir=str(checkout), excludes=EXCLUDES)
@@ -53,7 +55,7 @@ def submit(spec: SweepSpec, uri: str, address: str, sweep_id: str) -> str:
     try:
         client = JobSubmissionClient(address)
         return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                 submission_id=f"ca-flow-{sweep_id}", metadata={"ca_flow.sweep_id": sweep_id})
+                                 submission_id=f"ca-flow-{sweep_id}", metadata={SWEEP_ID: sweep_id})
     except Exception as exc:
         raise SweepError(f"cannot submit to the Ray job API at {address}: {first_line(exc)}; is the head "
                          f"running (ray start --head)? A token cluster needs its token and token mode here too, see "

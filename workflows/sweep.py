@@ -9,25 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-# Per-trial JSON/CSV/TensorBoard files cost seconds per trial; ca-flow logs to MLflow instead.
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-# ca-flow handles SIGINT itself (stop launching, close the runs, say how to resume).
-os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-# A failed trial attempt is its run's error tag and one line at the end, not a traceback from Tune.
-os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
 
 import pandas as pd  # noqa: E402
 
 from clip_adapter import datasets  # noqa: E402
 from clip_adapter.backbone import RANDOM, weights_identity  # noqa: E402
 
-from . import parent_run, runs_table, tracking  # noqa: E402
+from . import parent_run, runs_table, settings, tracking
 from .grid import SweepSpec, check_shots, counts, grid, packs  # noqa: E402
 from .lifecycle import Heartbeat, Interrupted, Signals  # noqa: E402
 from .names import TRIAL_KEY, new_sweep_id  # noqa: E402, F401  (new_sweep_id: the sweep's own, for tests)
@@ -111,6 +102,7 @@ def run(spec: SweepSpec, uri: str, address: str | None, console, parent=None,
         sweep_id: str | None = None) -> Outcome:
     """Run (or, with `parent`, resume) a sweep to its end or to an interruption."""
     started = time.perf_counter()
+    settings.for_tune()
     planned = plan(spec)
     _announce(planned, console)
     tracking.check(uri)

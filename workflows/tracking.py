@@ -17,12 +17,10 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # ca-flow prints its own link
-
 # The tag names, here too: the modules that read runs find them beside the functions that write them.
 from .names import (ATTEMPT, DATASET, DONE_METRICS, DRIVER, ERROR, HEARTBEAT, KIND, METHOD, NOTE,  # noqa: F401
                     PARENT, RANDOM_WEIGHTS, SPEC, SWEEP_ID, TOTALS, TRAIN_LOSS, TRIAL_KEY)
+from . import settings
 from .errors import TrackingError, first_line, last_line
 from .point import TrialPoint
 
@@ -115,6 +113,7 @@ def connect(uri: str, must_exist: bool = False):
     from mlflow import MlflowClient
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables..." is no news
+    settings.for_mlflow()
     check(uri, must_exist)
     try:
         with _schema_lock(uri):

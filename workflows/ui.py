@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from . import runs_table, tracking
+from .settings import UI_JOB_EXECUTION
 from .cli_errors import fail
 
 START_S = 120   # a cold `mlflow ui` imports for tens of seconds on a busy machine
@@ -72,7 +73,7 @@ def serve(client, uri: str, port: int, echo) -> int:
     log = tempfile.TemporaryFile()  # its log, read only to say why it stopped (a pipe could fill and block it)
     # MLflow's job runner (GenAI judges; ca-flow has none) would start nine more processes that restart
     # when signalled: they doubled the start time here and kept the group alive past 10 s.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    env = {UI_JOB_EXECUTION.name: UI_JOB_EXECUTION.default, **os.environ}
     interrupted = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _: interrupted.append(signum))

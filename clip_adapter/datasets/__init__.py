@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import CaFlowError
+from ..settings import data_root as default_data_root  # noqa: F401  (the datasets' API)
 from .fs import Location
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -55,10 +56,6 @@ REGISTRY: dict[str, DatasetKind] = {}
 def register(kind: DatasetKind) -> DatasetKind:
     REGISTRY[kind.name] = kind
     return kind
-
-
-def default_data_root() -> str:
-    return os.environ.get("CA_FLOW_DATA_ROOT") or str(Path("~/.cache/ca-flow/data").expanduser())
 
 
 @dataclass(frozen=True)
