@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from clip_adapter import CLIPAdapter, TrainConfig, fit
-from clip_adapter.adapter import StackedCLIPAdapter
 from clip_adapter import datasets as ds
+from clip_adapter.adapter import StackedCLIPAdapter
 from clip_adapter.backbone import load_backbone
 from clip_adapter.features import Request, encode_in_process
 from workflows.encode import ENCODE_BATCH, Encoder, crop_batch

@@ -69,10 +69,10 @@ def profile(work: Path, args, env) -> None:
 def recorder_ops(work: Path, n: int = 40) -> None:
     """The recorder's writes for n trials, in this process, each MLflow call timed: what one trial costs
     the sweep's single writer."""
-    import mlflow
     import numpy as np
     import torch
 
+    import mlflow
     from clip_adapter.methods import make
     from workflows.recorder import Recorder
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import CaFlowError, first_line
+
+if TYPE_CHECKING:
+    import torch
 
 RANDOM = "random"
 RANDOM_SEED = 0
@@ -102,7 +106,7 @@ class Backbone:
     name: str
     weights: str          # what the user asked for: a tag, a file path, or "random"
     weights_id: str       # identity of the weights actually loaded (tag, file sha256, random seed)
-    model: "torch.nn.Module"
+    model: torch.nn.Module
     preprocess: Preprocess
     tokenizer: Callable
     device: str

@@ -19,9 +19,9 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -227,17 +227,17 @@ class FeatureStore:
         return out, ok
 
     # -- writing -------------------------------------------------------------------------------
-    def writer(self) -> "ShardWriter":
+    def writer(self) -> ShardWriter:
         return ShardWriter(self)
 
     def images(self, dataset: str, root: Location, items: list[Item], views: int, augment: bool,
                encode: Callable[[list[Request]], Iterable[dict]],
-               on_bad: Callable[[str, str], None] | None = None, scale: float = CROP_SCALE) -> "Features":
+               on_bad: Callable[[str, str], None] | None = None, scale: float = CROP_SCALE) -> Features:
         """Features for `items`, encoding (with `encode`) only the images and views the store lacks."""
         return self.images_of([Group(dataset, Location(root), items, views, augment, scale)], encode, on_bad)[0]
 
-    def images_of(self, groups: list["Group"], encode: Callable[[list[Request]], Iterable[dict]],
-                  on_bad: Callable[[str, str], None] | None = None) -> list["Features"]:
+    def images_of(self, groups: list[Group], encode: Callable[[list[Request]], Iterable[dict]],
+                  on_bad: Callable[[str, str], None] | None = None) -> list[Features]:
         """Features per group; whatever any group lacks goes to `encode` in one call.
 
         A shard found damaged only when its features are read is removed; one more pass then
@@ -319,7 +319,7 @@ class ShardWriter:
         self.rows: dict[tuple[str, str], list] = {}
         self.encoded: set[tuple[str, str]] = set()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

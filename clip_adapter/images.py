@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image

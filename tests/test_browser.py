@@ -16,8 +16,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from procs import (ca_flow, clean_env, free_port, healthy, last_line, mlflow_server, pids_matching, run_cli, tail,
-                   wait_for)
+from procs import (
+    ca_flow,
+    clean_env,
+    free_port,
+    healthy,
+    last_line,
+    mlflow_server,
+    pids_matching,
+    run_cli,
+    tail,
+    wait_for,
+)
 
 from clip_adapter.backbone import TINY
 

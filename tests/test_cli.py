@@ -10,13 +10,13 @@ import urllib.request
 
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 from conftest import copy_features
 from procs import model_server
 from typer.testing import CliRunner
 
 from clip_adapter.backbone import TINY
 from clip_adapter.datasets import few_shot, load, resolve
+from mlflow import MlflowClient
 from workflows.cli import app
 
 runner = CliRunner()

@@ -15,8 +15,19 @@ import sys
 import textwrap
 
 import pytest
-from procs import (RAY, TINY_SWEEP, clean_env, free_port, group_pids, mlflow_server, ray_head, ray_temp_dir, ray_worker,
-                   run_cli, runs_of)
+from procs import (
+    RAY,
+    TINY_SWEEP,
+    clean_env,
+    free_port,
+    group_pids,
+    mlflow_server,
+    ray_head,
+    ray_temp_dir,
+    ray_worker,
+    run_cli,
+    runs_of,
+)
 
 # Run in a subprocess so this test process never joins (or initialises) a Ray cluster.
 CLUSTER_PROBE = textwrap.dedent("""

@@ -21,8 +21,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import faults  # noqa: E402
-from conftest import copy_features  # noqa: E402
 import procs  # noqa: E402
+from conftest import copy_features  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory, textile_features) -> Path:
@@ -189,9 +190,8 @@ def test_trial_that_failed_before_its_run_counts_as_failed(tmp_path):
     trial whose every attempt failed before it could make its run (the store did not answer as it
     began) is a failed grid point, not one silently left out of the count; checked here on a real
     store, with the sweep's own close."""
-    from workflows import parent_run
+    from workflows import parent_run, tracking
     from workflows import sweep as s
-    from workflows import tracking
     from workflows.grid import SweepSpec
 
     spec = SweepSpec(datasets="textile", backbone="ca-flow-tiny", pretrained="random", shots=[1], seeds=[1],

@@ -466,8 +466,9 @@ def test_shots_a_class_cannot_give(store):
 def test_registered_model_pins_what_it_needs_and_ships_its_code(store):
     from importlib.metadata import version
 
-    import mlflow
     import yaml
+
+    import mlflow
 
     store["promoted"]()
     mlflow.set_tracking_uri(store["uri"])
@@ -493,10 +494,10 @@ def test_registered_model_pins_what_it_needs_and_ships_its_code(store):
 
 @pytest.mark.slow
 def test_the_pyfunc_reads_paths_only_under_an_allow_listed_root(store, tmp_path):
-    import mlflow
+    import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    import pandas as pd
+    import mlflow
 
     store["promoted"]()
     mlflow.set_tracking_uri(store["uri"])

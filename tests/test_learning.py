@@ -3,7 +3,16 @@ import numpy as np
 import pytest
 import torch
 
-from clip_adapter import CLIPAdapter, FeatureStore, LocalEncoder, TrainConfig, evaluate, few_shot, fit, zero_shot_accuracy
+from clip_adapter import (
+    CLIPAdapter,
+    FeatureStore,
+    LocalEncoder,
+    TrainConfig,
+    evaluate,
+    few_shot,
+    fit,
+    zero_shot_accuracy,
+)
 from clip_adapter.backbone import TINY
 from clip_adapter.datasets import load, resolve
 from clip_adapter.methods import FewShot, make

@@ -3,19 +3,16 @@ recorder's own hand-back (`drain`) and the sweep's close leave every grid point 
 unfinished, counted failed, and resumable (the points `resume` would run are exactly those)."""
 from __future__ import annotations
 
-import pytest
-
 import procs
+import pytest
 
 pytestmark = pytest.mark.slow
 
 
 def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, colour_root, monkeypatch):
     import mlflow
-
-    from workflows import parent_run
+    from workflows import parent_run, tracking
     from workflows import sweep as s
-    from workflows import tracking
     from workflows.grid import SweepSpec
     from workflows.recorder import Recorder
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mlflow import MlflowClient
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -19,6 +18,7 @@ from clip_adapter import evaluate
 from clip_adapter.backbone import TINY
 from clip_adapter.methods import FewShot, make
 from clip_adapter.methods.clip_adapter import fit_packed
+from mlflow import MlflowClient
 from workflows.cli import app
 from workflows.grid import SweepSpec, grid, packs
 from workflows.point import TrialPoint
@@ -252,7 +252,6 @@ def test_resumed_packed_sweep_reruns_only_the_unfinished_points(sweeps):
 def test_recorder_says_which_points_of_a_pack_are_written(tmp_path):
     """A retried pack asks the recorder which of its points are done, and trains only the others."""
     import mlflow
-
     from workflows.recorder import Recorder
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -4,10 +4,10 @@ import re
 
 import pytest
 import test_coop_datasets as layouts
-from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from clip_adapter.backbone import TINY
+from mlflow import MlflowClient
 from workflows.cli import app
 
 runner = CliRunner()

@@ -249,7 +249,6 @@ def test_side_by_side_paper_released_few_shot_and_gaps():
 
 def test_choose_skips_runs_chosen_on_test(tmp_path):
     from mlflow import MlflowClient
-
     from workflows import promote, tracking
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import test_coop_datasets as layouts
-from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from clip_adapter.backbone import TINY
+from mlflow import MlflowClient
 from workflows.cli import app
 
 pytestmark = pytest.mark.slow

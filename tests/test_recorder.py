@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from mlflow import MlflowClient
 from workflows.point import TrialPoint
 from workflows.recorder import Recorder
 from workflows.trial import hand_over

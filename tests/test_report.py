@@ -7,8 +7,21 @@ import math
 import pandas as pd
 import pytest
 
-from workflows.report import (ALL_11, PAPER_16_SHOT, PAPER_AVERAGE, PAPER_ZERO_SHOT, cells, comparable_to_paper,
-                              draw, numbers, paper_average, paper_table, select_on_val, summary, write_report)
+from workflows.report import (
+    ALL_11,
+    PAPER_16_SHOT,
+    PAPER_AVERAGE,
+    PAPER_ZERO_SHOT,
+    cells,
+    comparable_to_paper,
+    draw,
+    numbers,
+    paper_average,
+    paper_table,
+    select_on_val,
+    summary,
+    write_report,
+)
 
 
 def frame(rows):

@@ -134,7 +134,6 @@ def test_few_shot_subsets_equal_dassls_when_labels_are_not_in_listing_order(tmp_
 
 def test_champion_never_moves_to_a_better_run_on_other_weights_or_backbone(tmp_path):
     import mlflow
-
     from workflows.promote import model_name, promote
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")

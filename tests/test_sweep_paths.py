@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_colour_tree
-from mlflow import MlflowClient
 from procs import model_server
 from typer.testing import CliRunner
 
@@ -22,6 +21,7 @@ from clip_adapter.backbone import TINY
 from clip_adapter.datasets import few_shot, load, resolve
 from clip_adapter.features import FeatureStore
 from clip_adapter.methods import FewShot, make
+from mlflow import MlflowClient
 from workflows.cli import app
 
 runner = CliRunner()

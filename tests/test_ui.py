@@ -7,10 +7,10 @@ import json
 import socket
 from pathlib import Path
 
-import mlflow
 import pytest
 from procs import clean_env, run_cli
 
+import mlflow
 from workflows import tracking
 
 

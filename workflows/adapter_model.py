@@ -9,11 +9,12 @@ import base64
 import binascii
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+
+import mlflow
 
 
 def bad_input(message):

@@ -12,10 +12,9 @@ from typing import Optional
 
 import typer
 
-from . import cli_results
 from clip_adapter.methods import NAMES as METHOD_NAMES
 
-from . import settings
+from . import cli_results, settings
 from .cli_common import ADDRESS, EXPERIMENT, JSON, TABLE_TITLE, URI, console, default, emit, open_store
 from .cli_errors import Group, fail
 from .names import check_sweep_id

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import typer
 from typer._click.exceptions import UsageError  # Typer vendors its own Click

@@ -9,7 +9,7 @@ import json
 import re
 import shlex
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -29,8 +29,16 @@ def report(
 ):
     """The paper's table and figure for a sweep: printed, written to --out, logged on its parent run."""
     from . import runs_table, tracking
-    from .report import (cells, comparable_to_paper, numbers, paper_table, rich_tables, side_by_side,
-                         side_by_side_markdown, write_report)
+    from .report import (
+        cells,
+        comparable_to_paper,
+        numbers,
+        paper_table,
+        rich_tables,
+        side_by_side,
+        side_by_side_markdown,
+        write_report,
+    )
 
     check_sweep_id(sweep)
     _, client = open_store(tracking_uri)
@@ -111,7 +119,7 @@ def promote(
 
 
 def predict(
-    images: List[Path] = typer.Argument(..., help="image files to classify"),
+    images: list[Path] = typer.Argument(..., help="image files to classify"),
     dataset: str = typer.Option(..., help="dataset whose promoted adapter to use"),
     alias: str = typer.Option("champion", help="registry alias"),
     tracking_uri: Optional[str] = URI,
@@ -129,8 +137,9 @@ def predict(
         except (OSError, ImageError) as exc:
             fail(f"cannot read image {path}: {getattr(exc, 'strerror', None) or exc}")
         blobs.append(blob)
-    import mlflow
     import pandas as pd
+
+    import mlflow
 
     from .promote import model_name
 

@@ -36,7 +36,6 @@ def check_address(address: str) -> None:
 
 def connect_ray(address: str | None) -> None:
     import ray
-
     from ray.data import DataContext
 
     # Tune's and Ray Data's own chatter (experiment-state saves, execution plans) would bury the

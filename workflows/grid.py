@@ -13,11 +13,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from clip_adapter.settings import data_root as default_data_root
 from clip_adapter.methods import NAMES as METHOD_NAMES
 from clip_adapter.methods import trains
 from clip_adapter.protocol import IMAGENET_EPOCHS, PROTOCOLS, selection
 from clip_adapter.protocol import hparams as released_hparams
+from clip_adapter.settings import data_root as default_data_root
 
 from . import settings
 from .errors import SweepError
@@ -57,7 +57,7 @@ class SweepSpec:
     protocol: list[str] = field(default_factory=lambda: ["few-shot"])  # few-shot, released (README: Protocol)
     pack: bool = False              # CLIP-Adapter points that differ only in alpha/beta: one Tune trial
 
-    def validate(self) -> "SweepSpec":
+    def validate(self) -> SweepSpec:
         for name, values in (("alpha", self.alphas), ("beta", self.betas)):
             bad = [v for v in values if not 0.0 <= v <= 1.0]
             if bad:
@@ -112,7 +112,7 @@ class SweepSpec:
         return asdict(self)
 
     @classmethod
-    def from_record(cls, record: dict) -> "SweepSpec":
+    def from_record(cls, record: dict) -> SweepSpec:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in record.items() if k in known})
 

@@ -33,7 +33,7 @@ class TrialPoint:
     name: str = ""
 
     @classmethod
-    def keyed(cls, **fields) -> "TrialPoint":
+    def keyed(cls, **fields) -> TrialPoint:
         """The point with its key and its run's name."""
         point = cls(**fields)
         key = hashlib.sha1(json.dumps(point.identity(), sort_keys=True).encode()).hexdigest()[:16]

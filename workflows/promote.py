@@ -14,7 +14,6 @@ from . import tracking
 from .errors import PromoteError
 from .tracking import DATASET, METHOD, SWEEP_ID
 
-
 ADAPTER_MODEL_CODE = str(Path(__file__).with_name("adapter_model.py"))
 LIBRARY = str(Path(__file__).resolve().parents[1] / "clip_adapter")
 # What the served model imports; pinned to the versions it was promoted with.

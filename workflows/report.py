@@ -183,12 +183,7 @@ def side_by_side(frame: pd.DataFrame, comparable: bool) -> pd.DataFrame:
             both = [d for d in datasets if all((d, shots) in b.index for b in by.values())]
             for dataset in datasets + (["average"] if both else []):
                 over = both if dataset == "average" else [dataset]
-
-                def fig(p):
-                    have = [d for d in over if (d, shots) in by[p].index]
-                    return by[p].loc[[(d, shots) for d in have], "mean"].mean() if have else float("nan")
-
-                released, few = fig("released"), fig("few-shot")
+                released, few = (_mean_over(by[p], over, shots) for p in ("released", "few-shot"))
                 marked = any(bool(by["released"].loc[(d, shots), "test_selected"]) for d in over
                              if (d, shots) in by["released"].index)
                 ref = None
@@ -202,6 +197,12 @@ def side_by_side(frame: pd.DataFrame, comparable: bool) -> pd.DataFrame:
                                  protocol_gap=few - released, test_selected=marked))
     return pd.DataFrame(rows, columns=["method", "dataset", "shots", "paper", "released", "few_shot",
                                        "released_gap", "protocol_gap", "test_selected"])
+
+
+def _mean_over(by_dataset: pd.DataFrame, datasets: list[str], shots: int) -> float:
+    """The mean figure of `datasets` at `shots` (those of them the frame has); nan if none."""
+    have = [d for d in datasets if (d, shots) in by_dataset.index]
+    return by_dataset.loc[[(d, shots) for d in have], "mean"].mean() if have else float("nan")
 
 
 def side_by_side_markdown(table: pd.DataFrame) -> str:

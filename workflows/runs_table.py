@@ -19,9 +19,28 @@ import pandas as pd
 from clip_adapter.protocol import selection_split
 
 from . import settings, tracking
-from .names import (ADAPTER, ALPHA, BETA, CHOSEN, DATASET, DRIVER, ERROR, HEARTBEAT, METHOD, PARENT, PROTOCOL,
-                    RESULT_METRICS, SELECTION_SPLIT, SPEC, SWEEP_ID, TEST_ACC, TOTALS, TRIAL_KEY, VAL_ACC,
-                    check_sweep_id)
+from .names import (
+    ADAPTER,
+    ALPHA,
+    BETA,
+    CHOSEN,
+    DATASET,
+    DRIVER,
+    ERROR,
+    HEARTBEAT,
+    METHOD,
+    PARENT,
+    PROTOCOL,
+    RESULT_METRICS,
+    SELECTION_SPLIT,
+    SPEC,
+    SWEEP_ID,
+    TEST_ACC,
+    TOTALS,
+    TRIAL_KEY,
+    VAL_ACC,
+    check_sweep_id,
+)
 from .point import FEW_SHOT, TrialPoint
 from .tracking import TrackingError
 

@@ -17,11 +17,28 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-# The tag names, here too: the modules that read runs find them beside the functions that write them.
-from .names import (ATTEMPT, DATASET, DONE_METRICS, DRIVER, ERROR, HEARTBEAT, KIND, METHOD, NOTE,  # noqa: F401
-                    PARENT, RANDOM_WEIGHTS, SPEC, SWEEP_ID, TOTALS, TRAIN_LOSS, TRIAL_KEY)
 from . import settings
 from .errors import TrackingError, first_line, last_line
+
+# The tag names, here too: the modules that read runs find them beside the functions that write them.
+from .names import (  # noqa: F401
+    ATTEMPT,
+    DATASET,
+    DONE_METRICS,
+    DRIVER,
+    ERROR,
+    HEARTBEAT,
+    KIND,
+    METHOD,
+    NOTE,
+    PARENT,
+    RANDOM_WEIGHTS,
+    SPEC,
+    SWEEP_ID,
+    TOTALS,
+    TRAIN_LOSS,
+    TRIAL_KEY,
+)
 from .point import TrialPoint
 
 ADAPTER_DIR = "adapter"  # the artifact folder of a trial's adapter (safetensors + JSON)

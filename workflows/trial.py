@@ -16,8 +16,18 @@ from clip_adapter.protocol import selection_split
 
 from . import barrier, tracking
 from .errors import FinalError, NodeError, TrialError
-from .names import ADAPTER, CHOSEN, N_SELECT, PROTOCOL, SELECTION_SPLIT, TEST_ACC, TRAIN_LOSS_FINAL, \
-    TRIAL_SECONDS, VAL_ACC, ZS_TEST_ACC
+from .names import (
+    ADAPTER,
+    CHOSEN,
+    N_SELECT,
+    PROTOCOL,
+    SELECTION_SPLIT,
+    TEST_ACC,
+    TRAIN_LOSS_FINAL,
+    TRIAL_SECONDS,
+    VAL_ACC,
+    ZS_TEST_ACC,
+)
 from .point import Pack, TrialPoint
 
 

@@ -19,8 +19,8 @@ import urllib.request
 from pathlib import Path
 
 from . import runs_table, tracking
-from .settings import UI_JOB_EXECUTION
 from .cli_errors import fail
+from .settings import UI_JOB_EXECUTION
 
 START_S = 120   # a cold `mlflow ui` imports for tens of seconds on a busy machine
 STOP_S = 10     # how long Ctrl-C may take before the group is killed

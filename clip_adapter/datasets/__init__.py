@@ -1,10 +1,9 @@
 """Datasets by name: where each lives under the data root, how its split is read, its prompt."""
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import CaFlowError
 from ..settings import data_root as default_data_root  # noqa: F401  (the datasets' API)

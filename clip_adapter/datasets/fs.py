@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import fnmatch
 import posixpath
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-
 _LOCAL = pafs.LocalFileSystem()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _filesystem(uri_root: str) -> pafs.FileSystem:
     return pafs.FileSystem.from_uri(uri_root)[0]
 
