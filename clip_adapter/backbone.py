@@ -120,10 +120,6 @@ class Backbone:
         return float(self.model.logit_scale.detach().exp().item())
 
     @property
-    def is_random(self) -> bool:
-        return self.weights == RANDOM
-
-    @property
     def preprocess_cfg(self) -> dict:
         """Plain data (size, mean, std, interpolation, ...): workers rebuild `Preprocess` from it."""
         cfg = dict(self.model.visual.preprocess_cfg)

@@ -61,3 +61,8 @@ def selection(protocol: str, method: str, dataset: str) -> dict:
 def selection_split(where: dict) -> str:
     """'test' where any choice of a trial is made on test (`where` as `selection` gives it), else 'val'."""
     return "test" if "test" in (where.get("val"), where.get("epoch")) else "val"
+
+
+def epochs_for_shots(shots: int) -> int:
+    """CoOp's schedule: 50 epochs at 1 shot, 100 at 2-4, 200 at 8 and more."""
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200

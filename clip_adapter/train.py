@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .adapter import CLIPAdapter, StackedCLIPAdapter, zero_shot_logits
-
-
-def epochs_for_shots(shots: int) -> int:
-    """CoOp's schedule: 50 epochs at 1 shot, 100 at 2-4, 200 at 8 and more."""
-    return 50 if shots <= 1 else 100 if shots <= 4 else 200
+from .protocol import epochs_for_shots  # noqa: F401  (the library's API: clip_adapter.epochs_for_shots)
 
 
 @dataclass
@@ -27,8 +23,6 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
 
-    def as_params(self) -> dict:
-        return asdict(self)
 
 
 def lr_at(epoch: int, cfg: TrainConfig) -> float:

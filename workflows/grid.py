@@ -15,18 +15,13 @@ from pathlib import Path
 
 from clip_adapter.methods import NAMES as METHOD_NAMES
 from clip_adapter.methods import trains
-from clip_adapter.protocol import IMAGENET_EPOCHS, PROTOCOLS, selection
+from clip_adapter.protocol import IMAGENET_EPOCHS, PROTOCOLS, epochs_for_shots, selection
 from clip_adapter.protocol import hparams as released_hparams
 from clip_adapter.settings import data_root as default_data_root
 
 from . import settings
 from .errors import SweepError
 from .point import FEW_SHOT, Pack, TrialPoint
-
-
-# CoOp's schedule by shots (clip_adapter.train.epochs_for_shots, without importing torch here).
-def epochs_for_shots(shots: int) -> int:
-    return 50 if shots <= 1 else 100 if shots <= 4 else 200
 
 
 @dataclass

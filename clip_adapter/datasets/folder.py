@@ -25,10 +25,6 @@ def class_tree_problem(folder: Location) -> str | None:
     return None
 
 
-def is_class_tree(folder: Location) -> bool:
-    return class_tree_problem(Location(folder)) is None
-
-
 def seeded_split(by_class: list[list[Location]], fractions=(0.5, 0.2)) -> tuple[list[Item], list[Item], list[Item]]:
     rng = random.Random(SPLIT_SEED)
     train, val, test = [], [], []

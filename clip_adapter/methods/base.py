@@ -51,10 +51,6 @@ class Method(torch.nn.Module, abc.ABC):
     def config(self) -> dict:
         """The hparams that rebuild this method (tensor shapes included) before its state loads."""
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.buffers()).device
-
 
 METHODS: dict[str, type[Method]] = {}
 
