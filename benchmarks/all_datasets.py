@@ -7,6 +7,7 @@ with small noise images, runs `ca-flow sweep --datasets all` with every method o
 backbone, then `ca-flow report --paper`, and prints per method the trial count and trial seconds.
 The accuracies mean nothing (random weights, noise images); the run shows the whole path works.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,19 +49,47 @@ def main() -> None:
         layouts.make(root, name)
 
     started = time.perf_counter()
-    subprocess.run(["ca-flow", "sweep", "--datasets", "all", "--data-root", str(root), "--methods", METHODS,
-                    "--backbone", "ca-flow-tiny", "--pretrained", "random", "--shots", args.shots,
-                    "--seeds", args.seeds, "--alphas", "0.2,0.6", "--cache-dir", str(work / "cache")],
-                   cwd=work, check=True)
+    subprocess.run(
+        [
+            "ca-flow",
+            "sweep",
+            "--datasets",
+            "all",
+            "--data-root",
+            str(root),
+            "--methods",
+            METHODS,
+            "--backbone",
+            "ca-flow-tiny",
+            "--pretrained",
+            "random",
+            "--shots",
+            args.shots,
+            "--seeds",
+            args.seeds,
+            "--alphas",
+            "0.2,0.6",
+            "--cache-dir",
+            str(work / "cache"),
+        ],
+        cwd=work,
+        check=True,
+    )
     sweep_s = time.perf_counter() - started
     subprocess.run(["ca-flow", "report", "--paper"], cwd=work, check=True)
 
     (results,) = (work / "ca-flow-results").glob("*.parquet")
     frame = pd.read_parquet(results)
-    per = frame.groupby("method").agg(trials=("key", "size"), failed=("status", lambda s: (s != "FINISHED").sum()),
-                                      trial_s_total=("trial_seconds", "sum"), trial_s_median=("trial_seconds", "median"))
-    print(f"\n{len(frame)} trials over {frame['dataset'].nunique()} datasets in {sweep_s:.1f} s "
-          f"(sweep command, 2 CPUs); work folder {work}")
+    per = frame.groupby("method").agg(
+        trials=("key", "size"),
+        failed=("status", lambda s: (s != "FINISHED").sum()),
+        trial_s_total=("trial_seconds", "sum"),
+        trial_s_median=("trial_seconds", "median"),
+    )
+    print(
+        f"\n{len(frame)} trials over {frame['dataset'].nunique()} datasets in {sweep_s:.1f} s "
+        f"(sweep command, 2 CPUs); work folder {work}"
+    )
     print(per.round(3).to_string())
 
 

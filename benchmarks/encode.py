@@ -7,6 +7,7 @@ workflows/encode.py's Ray Data pipeline on a local 2-CPU Ray: CPU crop tasks fee
 Printed: time to the first feature (Ray workers start, the encoder loads its model), steady
 throughput (images 25% -> 100%), and the whole run. Uses benchmarks/scale.py's generated noise JPEGs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,7 @@ def main() -> None:
     data = Path(args.data or tempfile.mkdtemp(prefix="ca-flow-encode-"))
     folder = make_images(data, 20000)  # its test split (30 %) holds 6,000 images
     split = ds.load(ds.resolve(folder.name, data)[0])
-    reqs = [Request(folder.name, i.path, "", 0, 0, [0], False) for i in split.test[:args.images]]
+    reqs = [Request(folder.name, i.path, "", 0, 0, [0], False) for i in split.test[: args.images]]
     n = len(reqs)
 
     torch.set_num_threads(2)
@@ -71,8 +72,10 @@ def main() -> None:
     print(f"{'':22} {'first feature s':>15} {'steady img/s':>12} {'whole s':>8} {'steady vs loop':>14}")
     for label, r in (("plain loop", loop), ("Ray Data pipeline", ray_data)):
         assert r["n"] == n, (label, r["n"], n)
-        print(f"{label:22} {r['first']:15.2f} {r['steady']:12.0f} {r['whole']:8.1f} "
-              f"{r['steady'] / loop['steady']:13.2f}x")
+        print(
+            f"{label:22} {r['first']:15.2f} {r['steady']:12.0f} {r['whole']:8.1f} "
+            f"{r['steady'] / loop['steady']:13.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ samples the same images) and returns a dict: those figures plus what tests/test_
 The two-node and job scenarios run Ray with token authentication, as a user's cluster has it.
 Processes a scenario starts are stopped when it returns or fails, by their own session, never by name.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,12 +111,13 @@ class Bench:
         self.ray_tmp = procs.ray_temp_dir()  # short: Ray's unix sockets live under it
         # RAY_TMPDIR: a Ray that `ca-flow` starts itself keeps its files here, not in a shared /tmp/ray.
         # PATH: a Ray job's entrypoint (`python -m workflows.cli`) must find this interpreter.
-        self.env = procs.clean_env(self.home, RAY_TMPDIR=self.ray_tmp,
-                                   PATH=f"{procs.BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.env = procs.clean_env(
+            self.home, RAY_TMPDIR=self.ray_tmp, PATH=f"{procs.BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        )
         self.cache = Path(cache) if cache else self.work / "cache"
         self.db = self.work / "mlflow.db"
-        self.uri = f"sqlite:///{self.db}"   # the store as the CLI sees it (a server URI where one runs)
-        self.store = self.uri               # the same store read directly (the server's own database)
+        self.uri = f"sqlite:///{self.db}"  # the store as the CLI sees it (a server URI where one runs)
+        self.store = self.uri  # the same store read directly (the server's own database)
         self.experiment = f"faults-{name}"
         self.started: list[procs.Proc] = []
         self.t0, self.marks = time.monotonic(), {}  # seconds since the scenario began, per step
@@ -138,7 +140,7 @@ class Bench:
         """key -> {pid, trial, dataset} of the trial attempts at the barrier and not released."""
         out = {}
         for path in self.barrier.glob("*.started"):
-            key = path.name[:-len(".started")]
+            key = path.name[: -len(".started")]
             if not (self.barrier / f"{key}.release").exists():
                 with contextlib.suppress(OSError, ValueError):
                     out[key] = json.loads(path.read_text())
@@ -163,8 +165,10 @@ class Bench:
                     released.add(key)
             held, snap = self.waiting(), self.snapshot()
             return snap["done"] >= n and held and (held, snap)
-        return procs.wait_for(f"{n} trials finished and the next held at the barrier", step, timeout, watch,
-                              interval=0.2)
+
+        return procs.wait_for(
+            f"{n} trials finished and the next held at the barrier", step, timeout, watch, interval=0.2
+        )
 
     def __exit__(self, *exc):
         for p in reversed(self.started):
@@ -178,8 +182,14 @@ class Bench:
         CLI share it) and RAY_AUTH_MODE=token. Ray 2.60's `ray start --head` would start open without
         a token, and a joining node, `ray.init(address=...)` and the job client look for one only in
         token mode (InvalidAuthToken / 401 Missing authentication token otherwise)."""
-        subprocess.run([procs.RAY, "get-auth-token", "--generate"], env=self.env, cwd=self.work, check=True,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [procs.RAY, "get-auth-token", "--generate"],
+            env=self.env,
+            cwd=self.work,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         return dict(self.env, RAY_AUTH_MODE="token")
 
     def mark(self, what: str) -> float:
@@ -189,12 +199,35 @@ class Bench:
     # -- the CLI ---------------------------------------------------------------------------------
     def sweep_args(self, n_alphas: int, epochs: int, *extra: str) -> list[str]:
         """`ca-flow sweep` of 4 x n_alphas trials on textile (tiny random backbone), here."""
-        return ["sweep", "--datasets", "textile", *procs.TINY_SWEEP, "--methods", "clip-adapter",
-                "--shots", ",".join(map(str, SHOTS)), "--seeds", ",".join(map(str, SEEDS)),
-                "--alphas", ",".join(map(str, alphas(n_alphas))), "--epochs", str(epochs),
-                "--augment-views", str(VIEWS), "--experiment", self.experiment, "--tracking-uri", self.uri,
-                "--cache-dir", str(self.cache), "--results-dir", str(self.work / "results"),
-                "--storage-path", str(self.work / "tune"), *extra]
+        return [
+            "sweep",
+            "--datasets",
+            "textile",
+            *procs.TINY_SWEEP,
+            "--methods",
+            "clip-adapter",
+            "--shots",
+            ",".join(map(str, SHOTS)),
+            "--seeds",
+            ",".join(map(str, SEEDS)),
+            "--alphas",
+            ",".join(map(str, alphas(n_alphas))),
+            "--epochs",
+            str(epochs),
+            "--augment-views",
+            str(VIEWS),
+            "--experiment",
+            self.experiment,
+            "--tracking-uri",
+            self.uri,
+            "--cache-dir",
+            str(self.cache),
+            "--results-dir",
+            str(self.work / "results"),
+            "--storage-path",
+            str(self.work / "tune"),
+            *extra,
+        ]
 
     def start(self, name: str, args: list[str], env: dict | None = None) -> procs.Proc:
         p = procs.ca_flow(args, self.logs / f"{name}.log", env or self.env, self.work)
@@ -202,17 +235,22 @@ class Bench:
         self.mark(f"{name} started")
         return p
 
-    def run(self, name: str, args: list[str], timeout: float = 300, env: dict | None = None) -> tuple[int, str]:
+    def run(
+        self, name: str, args: list[str], timeout: float = 300, env: dict | None = None
+    ) -> tuple[int, str]:
         p = self.start(name, args, env)
         rc = p.wait(timeout)
         self.mark(f"{name} ended")
         return rc, p.output()
 
     def status(self, sweep_id: str) -> dict:
-        rc, out = self.run(f"status-{len(self.started)}", ["status", sweep_id, "--tracking-uri", self.uri, "--json"],
-                           timeout=120)
+        rc, out = self.run(
+            f"status-{len(self.started)}",
+            ["status", sweep_id, "--tracking-uri", self.uri, "--json"],
+            timeout=120,
+        )
         assert rc == 0, out
-        return json.loads(out[out.index("{"):])
+        return json.loads(out[out.index("{") :])
 
     # -- the store ---------------------------------------------------------------------------------
     def client(self):
@@ -232,8 +270,13 @@ class Bench:
         return sum(is_done(r) for r in self.runs()[1])
 
     def wait_done(self, at_least: int, watch: list[procs.Proc], timeout: float = 240) -> None:
-        procs.wait_for(f"{at_least} finished trial runs in {self.experiment}", lambda: self.done() >= at_least,
-                       timeout, watch, interval=0.3)
+        procs.wait_for(
+            f"{at_least} finished trial runs in {self.experiment}",
+            lambda: self.done() >= at_least,
+            timeout,
+            watch,
+            interval=0.3,
+        )
 
     def sweep_id(self) -> str:
         parents, _ = self.runs()
@@ -244,26 +287,38 @@ class Bench:
         """The store as it is now: parent(s), child runs by status, what would break a table."""
         parents, children = self.runs()
         keys = [c.data.tags.get(KEY) for c in children]
-        return dict(parents=[p.info.status for p in parents],
-                    statuses=dict(Counter(c.info.status for c in children)),
-                    done=sum(is_done(c) for c in children),
-                    finished_without_metrics=sum(c.info.status == "FINISHED" and not is_done(c) for c in children),
-                    stuck=sum(c.info.status in ("SCHEDULED", "RUNNING") for c in children),
-                    duplicates=len(keys) - len(set(keys)),
-                    runs={c.data.tags.get(KEY): (c.info.run_id, c.info.status, c.data.tags.get(ATTEMPT))
-                          for c in children})
+        return dict(
+            parents=[p.info.status for p in parents],
+            statuses=dict(Counter(c.info.status for c in children)),
+            done=sum(is_done(c) for c in children),
+            finished_without_metrics=sum(c.info.status == "FINISHED" and not is_done(c) for c in children),
+            stuck=sum(c.info.status in ("SCHEDULED", "RUNNING") for c in children),
+            duplicates=len(keys) - len(set(keys)),
+            runs={
+                c.data.tags.get(KEY): (c.info.run_id, c.info.status, c.data.tags.get(ATTEMPT))
+                for c in children
+            },
+        )
 
     def measure(self, total: int) -> dict:
         """The table's figures, from the store after recovery."""
         parents, children = self.runs()
         done_keys = {c.data.tags.get(KEY) for c in children if is_done(c)}
         keys = [c.data.tags.get(KEY) for c in children]
-        return dict(trials=total, finished=len(done_keys), lost=total - len(done_keys),
-                    duplicate_runs=len(keys) - len(set(keys)),
-                    stuck_runs=sum(c.info.status in ("SCHEDULED", "RUNNING") for c in children),
-                    parents=len(parents), parent_status=[p.info.status for p in parents],
-                    attempts={c.data.tags.get(KEY): int(c.data.tags.get(ATTEMPT, "0")) for c in children},
-                    store=self.store, experiment=self.experiment, work=str(self.work), marks=self.marks)
+        return dict(
+            trials=total,
+            finished=len(done_keys),
+            lost=total - len(done_keys),
+            duplicate_runs=len(keys) - len(set(keys)),
+            stuck_runs=sum(c.info.status in ("SCHEDULED", "RUNNING") for c in children),
+            parents=len(parents),
+            parent_status=[p.info.status for p in parents],
+            attempts={c.data.tags.get(KEY): int(c.data.tags.get(ATTEMPT, "0")) for c in children},
+            store=self.store,
+            experiment=self.experiment,
+            work=str(self.work),
+            marks=self.marks,
+        )
 
     def logs_text(self) -> str:
         return "\n".join(p.output() for p in self.started)
@@ -304,6 +359,7 @@ def _reused(before: dict, after_runs: dict, keys) -> dict:
 
 # -- the scenarios -------------------------------------------------------------------------------------
 
+
 def sigint(work: Path, cache: Path | None = None) -> dict:
     """SIGINT mid-sweep, trials in flight: exit 130 with one line, unfinished runs KILLED, the Parquet
     from MLflow; then resume reuses the KILLED runs and runs only what is not done."""
@@ -321,18 +377,33 @@ def sigint(work: Path, cache: Path | None = None) -> dict:
         import pandas as pd
 
         table = pd.read_parquet(b.work / "results" / f"{sid}.parquet")
-        parquet = dict(rows=len(table), finished=int((table["status"] == "FINISHED").sum()),
-                       finished_without_metrics=int(((table["status"] == "FINISHED") & table["val_acc"].isna()).sum()))
+        parquet = dict(
+            rows=len(table),
+            finished=int((table["status"] == "FINISHED").sum()),
+            finished_without_metrics=int(((table["status"] == "FINISHED") & table["val_acc"].isna()).sum()),
+        )
         resume_rc, resume_out = _resume(b, sid)
         recover = time.monotonic() - fault
         end = b.snapshot()
-        return dict(b.measure(trials(n)), scenario="SIGINT, then resume", sweep_id=sid, rc=rc, out=out,
-                    **said(out), stopped_s=stopped_s, running_at_fault=sorted(held),
-                    finished_at_fault=running(before, "FINISHED"),
-                    after_fault=after, parquet=parquet, resume_rc=resume_rc,
-                    resume_out=resume_out, resume_last_line=own_last_line(resume_out)[0],
-                    reused=_reused(after, end["runs"], after["runs"]), seconds_to_recover=recover,
-                    no_traceback=no_traceback(b))
+        return dict(
+            b.measure(trials(n)),
+            scenario="SIGINT, then resume",
+            sweep_id=sid,
+            rc=rc,
+            out=out,
+            **said(out),
+            stopped_s=stopped_s,
+            running_at_fault=sorted(held),
+            finished_at_fault=running(before, "FINISHED"),
+            after_fault=after,
+            parquet=parquet,
+            resume_rc=resume_rc,
+            resume_out=resume_out,
+            resume_last_line=own_last_line(resume_out)[0],
+            reused=_reused(after, end["runs"], after["runs"]),
+            seconds_to_recover=recover,
+            no_traceback=no_traceback(b),
+        )
 
 
 def driver_kill(work: Path, cache: Path | None = None) -> dict:
@@ -352,17 +423,30 @@ def driver_kill(work: Path, cache: Path | None = None) -> dict:
         b.mark("sweep ended")
         sid, after = b.sweep_id(), b.snapshot()
         rc_list, listed = b.run("sweeps", ["sweeps", "--tracking-uri", b.uri, "--json"], timeout=120)
-        state = next((s["status"] for s in json.loads(listed[listed.index("["):]) if s["sweep_id"] == sid), None) \
-            if rc_list == 0 else f"sweeps failed: {procs.last_line(listed)}"
+        state = (
+            next((s["status"] for s in json.loads(listed[listed.index("[") :]) if s["sweep_id"] == sid), None)
+            if rc_list == 0
+            else f"sweeps failed: {procs.last_line(listed)}"
+        )
         resume_rc, resume_out = _resume(b, sid)
         recover = time.monotonic() - fault
         end = b.snapshot()
-        return dict(b.measure(trials(n)), scenario="kill -9 driver, then resume", sweep_id=sid, rc=rc,
-                    after_fault=after, running_at_fault=sorted(held), left_behind=len(left), state_after_fault=state,
-                    resume_rc=resume_rc,
-                    resume_out=resume_out, resume_last_line=own_last_line(resume_out)[0],
-                    reused=_reused(after, end["runs"], after["runs"]), seconds_to_recover=recover,
-                    no_traceback=no_traceback(b))
+        return dict(
+            b.measure(trials(n)),
+            scenario="kill -9 driver, then resume",
+            sweep_id=sid,
+            rc=rc,
+            after_fault=after,
+            running_at_fault=sorted(held),
+            left_behind=len(left),
+            state_after_fault=state,
+            resume_rc=resume_rc,
+            resume_out=resume_out,
+            resume_last_line=own_last_line(resume_out)[0],
+            reused=_reused(after, end["runs"], after["runs"]),
+            seconds_to_recover=recover,
+            no_traceback=no_traceback(b),
+        )
 
 
 def worker_kill(work: Path, cache: Path | None = None) -> dict:
@@ -382,11 +466,21 @@ def worker_kill(work: Path, cache: Path | None = None) -> dict:
         recover = time.monotonic() - fault
         out = sweep.output()
         m = b.measure(trials(n))
-        return dict(m, scenario="kill -9 trial worker (retried)", sweep_id=b.sweep_id(), rc=rc, out=out,
-                    **said(out), killed=killed, victim=victim, running_at_fault=sorted(held),
-                    finished_at_fault=running(before, "FINISHED"),
-                    retried=sorted(k for k, a in m["attempts"].items() if a > 1), seconds_to_recover=recover,
-                    no_traceback=no_traceback(b))
+        return dict(
+            m,
+            scenario="kill -9 trial worker (retried)",
+            sweep_id=b.sweep_id(),
+            rc=rc,
+            out=out,
+            **said(out),
+            killed=killed,
+            victim=victim,
+            running_at_fault=sorted(held),
+            finished_at_fault=running(before, "FINISHED"),
+            retried=sorted(k for k, a in m["attempts"].items() if a > 1),
+            seconds_to_recover=recover,
+            no_traceback=no_traceback(b),
+        )
 
 
 def node_loss(work: Path, cache: Path | None = None) -> dict:
@@ -396,14 +490,23 @@ def node_loss(work: Path, cache: Path | None = None) -> dict:
     with Bench(work, "node-loss", cache) as b:
         # The GCS notices a dead node by missed health checks (default: 5 misses of a 3 s probe); a
         # shorter probe only makes the test wait less, the path is the same.
-        env = dict(b.barrier_env(b.cluster_env()), RAY_health_check_period_ms="1000",
-                   RAY_health_check_failure_threshold="3")
-        with procs.ray_head(b.logs, env, b.work, b.ray_tmp, num_cpus=1) as (gcs, _, head), \
-                procs.ray_worker(gcs, b.logs, env, b.work, b.ray_tmp, num_cpus=1) as worker:
+        env = dict(
+            b.barrier_env(b.cluster_env()),
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_failure_threshold="3",
+        )
+        with (
+            procs.ray_head(b.logs, env, b.work, b.ray_tmp, num_cpus=1) as (gcs, _, head),
+            procs.ray_worker(gcs, b.logs, env, b.work, b.ray_tmp, num_cpus=1) as worker,
+        ):
             b.started += [worker, head]  # stopped by the context managers; what is left of them by the Bench
             # The sweep counts trial slots over the nodes alive when it starts: the worker must be in.
-            procs.wait_for("the worker node to join", lambda: "Ray runtime started" in worker.output(), 90,
-                           [head, worker])
+            procs.wait_for(
+                "the worker node to join",
+                lambda: "Ray runtime started" in worker.output(),
+                90,
+                [head, worker],
+            )
             b.mark("cluster up")
             # The barrier's env reaches the trials through the nodes: their raylets start the workers.
             sweep = b.start("sweep", b.sweep_args(n, EPOCHS, "--address", gcs, "--cpus-per-trial", "1"), env)
@@ -413,8 +516,13 @@ def node_loss(work: Path, cache: Path | None = None) -> dict:
                 mine = set(procs.session_pids(worker.pid))
                 return held and any(t["pid"] in mine for t in held.values()) and held
 
-            held = procs.wait_for("a trial held inside its run on the worker node", on_worker, 240,
-                                  [sweep, head, worker], interval=0.2)
+            held = procs.wait_for(
+                "a trial held inside its run on the worker node",
+                on_worker,
+                240,
+                [sweep, head, worker],
+                interval=0.2,
+            )
             before = b.snapshot()
             mine = set(procs.session_pids(worker.pid))
             victims = {t["pid"]: procs.cmdline(t["pid"]) for t in held.values() if t["pid"] in mine}
@@ -426,11 +534,20 @@ def node_loss(work: Path, cache: Path | None = None) -> dict:
             recover = time.monotonic() - fault
             out = sweep.output()
             m = b.measure(trials(n))
-            return dict(m, scenario="worker node lost", sweep_id=b.sweep_id(), rc=rc, out=out,
-                        **said(out), killed=sorted(victims.values()),
-                        running_at_fault=sorted(held), finished_at_fault=running(before, "FINISHED"),
-                        retried=sorted(k for k, a in m["attempts"].items() if a > 1), seconds_to_recover=recover,
-                        no_traceback=no_traceback(b))
+            return dict(
+                m,
+                scenario="worker node lost",
+                sweep_id=b.sweep_id(),
+                rc=rc,
+                out=out,
+                **said(out),
+                killed=sorted(victims.values()),
+                running_at_fault=sorted(held),
+                finished_at_fault=running(before, "FINISHED"),
+                retried=sorted(k for k, a in m["attempts"].items() if a > 1),
+                seconds_to_recover=recover,
+                no_traceback=no_traceback(b),
+            )
 
 
 def mlflow_outage(work: Path, cache: Path | None = None) -> dict:
@@ -461,11 +578,22 @@ def mlflow_outage(work: Path, cache: Path | None = None) -> dict:
             resume_rc, resume_out = _resume(b, sid)
             recover = time.monotonic() - fault
         end = b.snapshot()
-        return dict(b.measure(trials(n)), scenario="MLflow server down > retry budget, then resume",
-                    sweep_id=sid, rc=rc, out=out, **said(out), down_s=down_s, after_fault=after,
-                    resume_rc=resume_rc, resume_out=resume_out,
-                    resume_last_line=own_last_line(resume_out)[0], reused=_reused(after, end["runs"], after["runs"]),
-                    seconds_to_recover=recover, no_traceback=no_traceback(b))
+        return dict(
+            b.measure(trials(n)),
+            scenario="MLflow server down > retry budget, then resume",
+            sweep_id=sid,
+            rc=rc,
+            out=out,
+            **said(out),
+            down_s=down_s,
+            after_fault=after,
+            resume_rc=resume_rc,
+            resume_out=resume_out,
+            resume_last_line=own_last_line(resume_out)[0],
+            reused=_reused(after, end["runs"], after["runs"]),
+            seconds_to_recover=recover,
+            no_traceback=no_traceback(b),
+        )
 
 
 FAILED_LINE = re.compile(r"^error: (\d+) of (\d+) trials failed; resume with: ca-flow resume (\S+)$", re.M)
@@ -502,12 +630,23 @@ def mlflow_blip(work: Path, cache: Path | None = None) -> dict:
             claimed = FAILED_LINE.search(out)
             resume_rc, resume_out = _resume(b, sid)
             recover = time.monotonic() - fault
-        return dict(b.measure(trials(n)), scenario="MLflow server hangs, back mid-sweep, then resume",
-                    sweep_id=sid, rc=rc, out=out, **said(out), after_fault=after,
-                    claimed_failed=claimed.groups() if claimed else None,
-                    not_done=trials(n) - after["done"], without_run=trials(n) - len(after["runs"]),
-                    resume_rc=resume_rc, resume_out=resume_out, resume_last_line=own_last_line(resume_out)[0],
-                    seconds_to_recover=recover, no_traceback=no_traceback(b))
+        return dict(
+            b.measure(trials(n)),
+            scenario="MLflow server hangs, back mid-sweep, then resume",
+            sweep_id=sid,
+            rc=rc,
+            out=out,
+            **said(out),
+            after_fault=after,
+            claimed_failed=claimed.groups() if claimed else None,
+            not_done=trials(n) - after["done"],
+            without_run=trials(n) - len(after["runs"]),
+            resume_rc=resume_rc,
+            resume_out=resume_out,
+            resume_last_line=own_last_line(resume_out)[0],
+            seconds_to_recover=recover,
+            no_traceback=no_traceback(b),
+        )
 
 
 def submit_stop(work: Path, cache: Path | None = None) -> dict:
@@ -523,7 +662,9 @@ def submit_stop(work: Path, cache: Path | None = None) -> dict:
             b.mark("head up")
             anonymous = anonymous_answer(api)
             t0 = time.monotonic()
-            rc, out = b.run("submit", b.sweep_args(n, EPOCHS) + ["--submit", "--address", api], timeout=120, env=env)
+            rc, out = b.run(
+                "submit", b.sweep_args(n, EPOCHS) + ["--submit", "--address", api], timeout=120, env=env
+            )
             submit_s = time.monotonic() - t0
             found = re.search(r"submitted job (\S+): sweep (\S+)", out)
             assert rc == 0 and found, out
@@ -531,17 +672,30 @@ def submit_stop(work: Path, cache: Path | None = None) -> dict:
 
             def ray_job(*verbs: str, timeout: float = 60) -> list[tuple[int, str]]:
                 """`ray job VERB JOB` for each verb, at once: (exit code, stdout + stderr) each."""
-                calls = [subprocess.Popen([procs.RAY, "job", verb, job, "--address", api], env=env, cwd=b.work,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for verb in verbs]
+                calls = [
+                    subprocess.Popen(
+                        [procs.RAY, "job", verb, job, "--address", api],
+                        env=env,
+                        cwd=b.work,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                    for verb in verbs
+                ]
                 return [(c.returncode, e + o) for c in calls for o, e in [c.communicate(timeout=timeout)]]
 
             try:
                 b.hold_after(1, [head])  # one trial finished, the next held: the sweep is running
                 running_state = b.status(sid)
                 fault = b.mark("fault")
-                (stop_rc, stop_out), = ray_job("stop", timeout=150)
-                procs.wait_for("the stopped job's sweep to close its runs",
-                               lambda: b.snapshot()["parents"] != ["RUNNING"], 120, [head])
+                ((stop_rc, stop_out),) = ray_job("stop", timeout=150)
+                procs.wait_for(
+                    "the stopped job's sweep to close its runs",
+                    lambda: b.snapshot()["parents"] != ["RUNNING"],
+                    120,
+                    [head],
+                )
                 after = b.snapshot()
                 state = b.status(sid)["status"]
                 (_, logs), (_, job_status) = ray_job("logs", "status")
@@ -558,18 +712,50 @@ def submit_stop(work: Path, cache: Path | None = None) -> dict:
                         continue
                     if job_sid != os.getsid(0):
                         procs.kill_session(job_sid)
-        return dict(b.measure(trials(n)), scenario="submit, ray job stop, then resume", sweep_id=sid, job_id=job,
-                    anonymous_answer=anonymous, submit_out=out, submit_s=submit_s, status_running=running_state, stop_rc=stop_rc,
-                    stop_out=stop_out, after_fault=after, state_after_fault=state,
-                    job_last_line=own_last_line(logs)[0], job_logs=logs, job_status=job_status, resume_rc=resume_rc,
-                    resume_out=resume_out, resume_last_line=own_last_line(resume_out)[0],
-                    reused=_reused(after, end["runs"], after["runs"]), seconds_to_recover=recover,
-                    no_traceback=no_traceback(b, logs))
+        return dict(
+            b.measure(trials(n)),
+            scenario="submit, ray job stop, then resume",
+            sweep_id=sid,
+            job_id=job,
+            anonymous_answer=anonymous,
+            submit_out=out,
+            submit_s=submit_s,
+            status_running=running_state,
+            stop_rc=stop_rc,
+            stop_out=stop_out,
+            after_fault=after,
+            state_after_fault=state,
+            job_last_line=own_last_line(logs)[0],
+            job_logs=logs,
+            job_status=job_status,
+            resume_rc=resume_rc,
+            resume_out=resume_out,
+            resume_last_line=own_last_line(resume_out)[0],
+            reused=_reused(after, end["runs"], after["runs"]),
+            seconds_to_recover=recover,
+            no_traceback=no_traceback(b, logs),
+        )
 
 
-SCENARIOS = dict(sigint=sigint, driver_kill=driver_kill, worker_kill=worker_kill, node_loss=node_loss,
-                 mlflow_outage=mlflow_outage, mlflow_blip=mlflow_blip, submit_stop=submit_stop)
-COLUMNS = ["scenario", "trials", "finished", "lost", "duplicate runs", "stuck runs", "seconds to recover", "exit codes"]
+SCENARIOS = dict(
+    sigint=sigint,
+    driver_kill=driver_kill,
+    worker_kill=worker_kill,
+    node_loss=node_loss,
+    mlflow_outage=mlflow_outage,
+    mlflow_blip=mlflow_blip,
+    submit_stop=submit_stop,
+)
+COLUMNS = [
+    "scenario",
+    "trials",
+    "finished",
+    "lost",
+    "duplicate runs",
+    "stuck runs",
+    "seconds to recover",
+    "exit codes",
+]
 
 
 def exit_codes(r: dict) -> str:
@@ -592,8 +778,18 @@ def main() -> None:
         t0 = time.monotonic()
         try:
             r = results[name] = SCENARIOS[name](work / name, cache)
-            rows.append([r["scenario"], r["trials"], r["finished"], r["lost"], r["duplicate_runs"], r["stuck_runs"],
-                         f"{r['seconds_to_recover']:.1f}", exit_codes(r)])
+            rows.append(
+                [
+                    r["scenario"],
+                    r["trials"],
+                    r["finished"],
+                    r["lost"],
+                    r["duplicate_runs"],
+                    r["stuck_runs"],
+                    f"{r['seconds_to_recover']:.1f}",
+                    exit_codes(r),
+                ]
+            )
         except BaseException as exc:  # pytest.fail raises a BaseException; one scenario must not end the rest
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -605,8 +801,10 @@ def main() -> None:
         print(" | ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
         if i == 0:
             print("-|-".join("-" * w for w in widths))
-    print(f"(textile, {procs.TINY_SWEEP[1]} {procs.TINY_SWEEP[3]} weights, shots {SHOTS}, seeds {SEEDS}; "
-          f"work dir {work})")
+    print(
+        f"(textile, {procs.TINY_SWEEP[1]} {procs.TINY_SWEEP[3]} weights, shots {SHOTS}, seeds {SEEDS}; "
+        f"work dir {work})"
+    )
     if args.work:  # everything each scenario saw, the steps' times (marks) included
         (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
     else:

@@ -14,6 +14,7 @@
    batch 32: steps/s and GPU seconds per adapter-epoch, against one unpacked adapter at a time.
    `--only-pack` runs just this part (no backbone, no images).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,12 @@ def encoder_stage(backbone_name, items):
     """The sweep's two stages as Ray Data calls them: CPU crops, then the encoder class on CUDA."""
     enc = Encoder(backbone_name, "random", "cuda", threads=1)
     cfg = enc.backbone.preprocess_cfg
-    batch = {"request": np.arange(len(items)), "path": np.array([i.path for i in items], dtype=object),
-             "views": np.array([[0]] * len(items)), "augment": np.zeros(len(items), dtype=bool)}
+    batch = {
+        "request": np.arange(len(items)),
+        "path": np.array([i.path for i in items], dtype=object),
+        "views": np.array([[0]] * len(items)),
+        "augment": np.zeros(len(items), dtype=bool),
+    }
     crops = crop_batch(batch, cfg)  # CPU work, done before the clock starts: the GPU stage is timed
     enc(dict({k: v[:ENCODE_BATCH] for k, v in crops.items()}))  # warm-up
     samples, done = [], threading.Event()
@@ -54,10 +59,11 @@ def encoder_stage(backbone_name, items):
                 samples.append(torch.cuda.utilization())
             except Exception:
                 return
+
     threading.Thread(target=sample, daemon=True).start()
     started = time.perf_counter()
     for start in range(0, len(items), ENCODE_BATCH):
-        enc({k: v[start:start + ENCODE_BATCH] for k, v in crops.items()})
+        enc({k: v[start : start + ENCODE_BATCH] for k, v in crops.items()})
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
     done.set()
@@ -65,11 +71,18 @@ def encoder_stage(backbone_name, items):
     pixels = enc.backbone.preprocess.normalize(crops["pixels"], "cuda")
     with torch.no_grad():
         enc.backbone.model.encode_image(pixels[:ENCODE_BATCH])
-        (_, raw) = timed(lambda: [enc.backbone.model.encode_image(pixels[s:s + ENCODE_BATCH])
-                                  for s in range(0, len(items), ENCODE_BATCH)])
-    return {"images_per_s": len(items) / wall, "raw_forward_images_per_s": len(items) / raw,
-            "vs_raw_forward": raw / wall,
-            "gpu_busy_fraction": (sum(samples) / len(samples) / 100) if samples else None}
+        (_, raw) = timed(
+            lambda: [
+                enc.backbone.model.encode_image(pixels[s : s + ENCODE_BATCH])
+                for s in range(0, len(items), ENCODE_BATCH)
+            ]
+        )
+    return {
+        "images_per_s": len(items) / wall,
+        "raw_forward_images_per_s": len(items) / raw,
+        "vs_raw_forward": raw / wall,
+        "gpu_busy_fraction": (sum(samples) / len(samples) / 100) if samples else None,
+    }
 
 
 def timed(fn):
@@ -130,15 +143,21 @@ def main() -> None:
     n_cpu = min(len(items), 128)
     f_cpu, t_cpu = timed(lambda: encode(cpu, items[:n_cpu]))
     rel = np.abs(f_gpu[:n_cpu] - f_cpu).max() / np.abs(f_cpu).max()
-    report["encode"] = {"gpu_images_per_s": len(items) / t_gpu, "cpu_images_per_s": n_cpu / t_cpu,
-                        "speedup": (len(items) / t_gpu) / (n_cpu / t_cpu), "max_rel_diff_gpu_vs_cpu": float(rel)}
+    report["encode"] = {
+        "gpu_images_per_s": len(items) / t_gpu,
+        "cpu_images_per_s": n_cpu / t_cpu,
+        "speedup": (len(items) / t_gpu) / (n_cpu / t_cpu),
+        "max_rel_diff_gpu_vs_cpu": float(rel),
+    }
     report["encoder_stage"] = encoder_stage(args.backbone, items)
 
     rng = np.random.default_rng(0)
     classes, shots, views, dim = 1000, 16, 10, gpu.width
     centers = rng.normal(size=(classes, dim)).astype(np.float32)
     labels = np.repeat(np.arange(classes), shots)
-    feats = (centers[labels][:, None, :] + 4.0 * rng.normal(size=(len(labels), views, dim))).astype(np.float32)
+    feats = (centers[labels][:, None, :] + 4.0 * rng.normal(size=(len(labels), views, dim))).astype(
+        np.float32
+    )
     text = torch.from_numpy(centers + 0.8 * rng.normal(size=centers.shape).astype(np.float32))
     cfg = TrainConfig(epochs=3)
     results = {}
@@ -147,10 +166,14 @@ def main() -> None:
         adapter = CLIPAdapter(text, 100.0, alpha=0.2).to(device)
         losses, secs = timed(lambda: fit(adapter, feats, labels, cfg, seed=1))
         results[device] = (losses, secs / cfg.epochs)
-    report["train"] = {"samples": len(labels), "cuda_s_per_epoch": results["cuda"][1],
-                       "cpu_s_per_epoch": results["cpu"][1],
-                       "speedup": results["cpu"][1] / results["cuda"][1],
-                       "losses_cuda": results["cuda"][0], "losses_cpu": results["cpu"][0]}
+    report["train"] = {
+        "samples": len(labels),
+        "cuda_s_per_epoch": results["cuda"][1],
+        "cpu_s_per_epoch": results["cpu"][1],
+        "speedup": results["cpu"][1] / results["cuda"][1],
+        "losses_cuda": results["cuda"][0],
+        "losses_cpu": results["cpu"][0],
+    }
     report["packed"] = packed()
     _emit(report, args.out)
 

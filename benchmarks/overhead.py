@@ -7,6 +7,7 @@ MLflow), the sweep with one trial at a time (--cpus-per-trial 2), and the sweep 
 (--cpus-per-trial 1), each with its per-trial overhead and ratio to the loop, and where the time
 outside training goes (MLflow logging inside trials, Ray Tune outside them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,18 @@ def main() -> None:
     ap.add_argument("--alphas", default="0.2,0.4,0.6,0.8")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ca-flow-bench-"))
-    spec = SweepSpec(datasets="textile", backbone=TINY, pretrained="random", epochs=args.epochs,
-                     shots=[int(x) for x in args.shots.split(",")], seeds=[int(x) for x in args.seeds.split(",")],
-                     alphas=[float(x) for x in args.alphas.split(",")], cache_dir=str(work / "cache"),
-                     results_dir=str(work / "results"), storage_path=str(work / "ray_results")).validate()
+    spec = SweepSpec(
+        datasets="textile",
+        backbone=TINY,
+        pretrained="random",
+        epochs=args.epochs,
+        shots=[int(x) for x in args.shots.split(",")],
+        seeds=[int(x) for x in args.seeds.split(",")],
+        alphas=[float(x) for x in args.alphas.split(",")],
+        cache_dir=str(work / "cache"),
+        results_dir=str(work / "results"),
+        storage_path=str(work / "ray_results"),
+    ).validate()
     uri = f"sqlite:///{work / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     split = ds.load(ds.resolve("textile", spec.data_root)[0])
@@ -67,13 +76,17 @@ def main() -> None:
         runs = tracking.children(tracking.connect(uri), *_ids(uri, out.parent_run_id))
         inside = [r.data.metrics["trial_seconds"] for r in runs]
         rows.append((label, out.tune_seconds, out.seconds, int(2 // cpus)))
-        print(f"{label}: inside trials {sum(inside):.2f} s (median {sorted(inside)[len(inside) // 2]:.3f} s); "
-              f"Ray Tune + MLflow outside training {out.tune_seconds * int(2 // cpus) - sum(inside):.2f} s; "
-              f"whole command {out.seconds:.1f} s")
+        print(
+            f"{label}: inside trials {sum(inside):.2f} s (median {sorted(inside)[len(inside) // 2]:.3f} s); "
+            f"Ray Tune + MLflow outside training {out.tune_seconds * int(2 // cpus) - sum(inside):.2f} s; "
+            f"whole command {out.seconds:.1f} s"
+        )
 
     n = len(trials)
-    print(f"{n} trials (textile, {TINY} random, epochs {'by shots' if args.epochs is None else args.epochs}), "
-          f"2 CPUs, {sys.platform}")
+    print(
+        f"{n} trials (textile, {TINY} random, epochs {'by shots' if args.epochs is None else args.epochs}), "
+        f"2 CPUs, {sys.platform}"
+    )
     print(f"{'':28} {'trials s':>9} {'whole s':>8} {'vs loop':>8} {'overhead s/trial':>17}")
     for label, trial_s, whole_s, slots in rows:
         # Overhead per trial against the loop's work spread over the same number of slots.

@@ -8,6 +8,7 @@ its Tune phase, seconds per grid point, and the ratio. Then the training loop al
 K adapters fitted one after another against one stacked fit of K, on the same features, to tell
 training from orchestration. With --repeat N each figure is the median of N, with its spread.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,15 +53,25 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ca-flow-pack-"))
-    base = dict(datasets="textile", backbone=TINY, pretrained="random", methods=["clip-adapter"],
-                shots=[int(x) for x in args.shots.split(",")], seeds=[int(x) for x in args.seeds.split(",")],
-                epochs=args.epochs, cache_dir=str(work / "cache"), results_dir=str(work / "results"),
-                storage_path=str(work / "ray_results"))
+    base = dict(
+        datasets="textile",
+        backbone=TINY,
+        pretrained="random",
+        methods=["clip-adapter"],
+        shots=[int(x) for x in args.shots.split(",")],
+        seeds=[int(x) for x in args.seeds.split(",")],
+        epochs=args.epochs,
+        cache_dir=str(work / "cache"),
+        results_dir=str(work / "results"),
+        storage_path=str(work / "ray_results"),
+    )
     uri = f"sqlite:///{work / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     quiet = Console(file=open(os.devnull, "w"))
     warm = SweepSpec(**dict(base, alphas=[0.2], seeds=base["seeds"][:1])).validate()
-    assert s.run(warm, uri, None, quiet).done == len(base["shots"])  # encodes the features; warms Ray's workers
+    assert s.run(warm, uri, None, quiet).done == len(
+        base["shots"]
+    )  # encodes the features; warms Ray's workers
 
     sweeps = []
     for alphas in args.alphas:
@@ -73,21 +84,40 @@ def main() -> None:
                 assert out.done == points, out.results[["status", "error"]]
                 whole.append(out.seconds)
                 tune.append(out.tune_seconds)
-            sweeps.append((len(spec.alphas), pack, points, len(packs(grid(spec, ["textile"]), pack)), whole, tune))
+            sweeps.append(
+                (len(spec.alphas), pack, points, len(packs(grid(spec, ["textile"]), pack)), whole, tune)
+            )
 
     # The training loop alone: one dataset split, K fits one after another vs one stacked fit of K.
     split = ds.load(ds.resolve("textile", ds.default_data_root())[0])
     spec = SweepSpec(**base, alphas=[0.2]).validate()
-    data = dataset_features([split], spec, FeatureStore(spec.cache_dir, spec.backbone, spec.pretrained), 0.0, 1, 1,
-                            lambda p, r: None)["textile"]
+    data = dataset_features(
+        [split],
+        spec,
+        FeatureStore(spec.cache_dir, spec.backbone, spec.pretrained),
+        0.0,
+        1,
+        1,
+        lambda p, r: None,
+    )["textile"]
     t = grid(spec, ["textile"])[0]
     few, _ = _few_shot(t, data)
     torch.set_num_threads(1)  # what each trial gets in the sweep
     loops = []
     for alphas in args.alphas:
         ratios = [float(a) for a in alphas.split(",")]
-        methods = lambda: [make("clip-adapter", data.text, data.logit_scale, alpha=a, **{  # noqa: E731
-            k: v for k, v in t["hparams"].items() if k != "alpha"}) for a in ratios]
+        methods = lambda: [
+            make(
+                "clip-adapter",
+                data.text,
+                data.logit_scale,
+                alpha=a,
+                **{  # noqa: E731
+                    k: v for k, v in t["hparams"].items() if k != "alpha"
+                },
+            )
+            for a in ratios
+        ]
         separate, stacked = [], []
         for _ in range(args.repeat):
             started = time.perf_counter()
@@ -99,24 +129,34 @@ def main() -> None:
             stacked.append(time.perf_counter() - started)
         loops.append((len(ratios), separate, stacked))
 
-    print(f"textile, {TINY} random, shots {args.shots}, seeds {args.seeds}, epochs "
-          f"{'by shots' if args.epochs is None else args.epochs}, 2 trials at once on 2 CPUs, {sys.platform}, "
-          f"median of {args.repeat} (min-max)")
-    print(f"{'alphas':>6} {'mode':>9} {'points':>6} {'Tune trials':>11} {'whole s':>20} {'Tune phase s':>20} "
-          f"{'s/point (whole)':>20} {'s/point (Tune)':>20}")
+    print(
+        f"textile, {TINY} random, shots {args.shots}, seeds {args.seeds}, epochs "
+        f"{'by shots' if args.epochs is None else args.epochs}, 2 trials at once on 2 CPUs, {sys.platform}, "
+        f"median of {args.repeat} (min-max)"
+    )
+    print(
+        f"{'alphas':>6} {'mode':>9} {'points':>6} {'Tune trials':>11} {'whole s':>20} {'Tune phase s':>20} "
+        f"{'s/point (whole)':>20} {'s/point (Tune)':>20}"
+    )
     per = {}
     for n_alpha, pack, points, trials, whole, tune in sweeps:
         per[(n_alpha, pack)] = (statistics.median(whole) / points, statistics.median(tune) / points)
-        print(f"{n_alpha:>6} {'packed' if pack else 'unpacked':>9} {points:>6} {trials:>11} {spread(whole):>20} "
-              f"{spread(tune):>20} {spread([w / points for w in whole]):>20} {spread([x / points for x in tune]):>20}")
+        print(
+            f"{n_alpha:>6} {'packed' if pack else 'unpacked':>9} {points:>6} {trials:>11} {spread(whole):>20} "
+            f"{spread(tune):>20} {spread([w / points for w in whole]):>20} {spread([x / points for x in tune]):>20}"
+        )
     for n_alpha in sorted({k[0] for k in per}, reverse=True):
         (w0, t0), (w1, t1) = per[(n_alpha, False)], per[(n_alpha, True)]
-        print(f"{n_alpha} alphas: packed is {w0 / w1:.2f}x faster per grid point (whole sweep), "
-              f"{t0 / t1:.2f}x (Tune phase)")
+        print(
+            f"{n_alpha} alphas: packed is {w0 / w1:.2f}x faster per grid point (whole sweep), "
+            f"{t0 / t1:.2f}x (Tune phase)"
+        )
     print(f"training loop alone ({t['hparams']['epochs']} epochs, {len(few.train)} images, 1 thread):")
     for k, separate, stacked in loops:
-        print(f"  K={k}: {k} separate fits {spread(separate)} s, one stacked fit {spread(stacked)} s, "
-              f"{statistics.median(separate) / statistics.median(stacked):.2f}x")
+        print(
+            f"  K={k}: {k} separate fits {spread(separate)} s, one stacked fit {spread(stacked)} s, "
+            f"{statistics.median(separate) / statistics.median(stacked):.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ first trial's run, and the same with the data root given as a file:// URI. It al
 in-process loop of the same read + decode + crop + forward, the bound the Ray Data pipeline is held to.
 With --before, the same sweeps run with an older checkout's code (PYTHONPATH) for a before/after table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,24 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = ["--backbone", "ca-flow-tiny", "--pretrained", "random", "--methods", "clip-adapter", "--shots", "1",
-        "--seeds", "1", "--alphas", "0.2", "--epochs", "1", "--augment-views", "1"]
+GRID = [
+    "--backbone",
+    "ca-flow-tiny",
+    "--pretrained",
+    "random",
+    "--methods",
+    "clip-adapter",
+    "--shots",
+    "1",
+    "--seeds",
+    "1",
+    "--alphas",
+    "0.2",
+    "--epochs",
+    "1",
+    "--augment-views",
+    "1",
+]
 
 
 def make_images(root: Path, n: int, classes: int = 10, size: int = 256) -> Path:
@@ -67,7 +84,10 @@ class Sampler(threading.Thread):
     def run(self):
         while not self.stop.wait(0.1):
             try:
-                rss = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{self.pid}/status").read_text()).group(1)) * 1024
+                rss = (
+                    int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{self.pid}/status").read_text()).group(1))
+                    * 1024
+                )
                 self.rss = max(self.rss, rss)
             except (OSError, AttributeError):
                 pass
@@ -93,12 +113,38 @@ def plasma_peak(address: str, stop: threading.Event, out: dict):
 def sweep(data_root: str, name: str, work: Path, env: dict, address: str, code: Path) -> dict:
     """One `ca-flow sweep` subprocess: wall time, peak RSS, encode line, first trial's start."""
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "workflows.cli", "sweep", "--datasets", name, "--data-root", data_root, *GRID,
-           "--cache-dir", str(work / "cache"), "--results-dir", str(work / "results"), "--tracking-uri", uri,
-           "--storage-path", str(work / "ray_results"), "--experiment", "scale", "--address", address]
+    cmd = [
+        sys.executable,
+        "-m",
+        "workflows.cli",
+        "sweep",
+        "--datasets",
+        name,
+        "--data-root",
+        data_root,
+        *GRID,
+        "--cache-dir",
+        str(work / "cache"),
+        "--results-dir",
+        str(work / "results"),
+        "--tracking-uri",
+        uri,
+        "--storage-path",
+        str(work / "ray_results"),
+        "--experiment",
+        "scale",
+        "--address",
+        address,
+    ]
     started = time.time()
-    proc = subprocess.Popen(cmd, cwd=work, env=dict(env, PYTHONPATH=str(code)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=work,
+        env=dict(env, PYTHONPATH=str(code)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     sampler = Sampler(proc.pid, address)
     sampler.start()
     out = proc.communicate()[0]
@@ -111,11 +157,20 @@ def sweep(data_root: str, name: str, work: Path, env: dict, address: str, code: 
 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("scale")
-    runs = client.search_runs([exp.experiment_id], "tags.`mlflow.parentRunId` != ''",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [exp.experiment_id],
+        "tags.`mlflow.parentRunId` != ''",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     first = runs[0].info.start_time / 1000 - started if runs else float("nan")
-    return dict(wall=wall, rss=sampler.rss, encoded=int(encoded.group(1)) if encoded else -1,
-                encode_s=float(encoded.group(2)) if encoded else float("nan"), first_trial=first)
+    return dict(
+        wall=wall,
+        rss=sampler.rss,
+        encoded=int(encoded.group(1)) if encoded else -1,
+        encode_s=float(encoded.group(2)) if encoded else float("nan"),
+        first_trial=first,
+    )
 
 
 def plain_loop(data_root: Path, name: str) -> float:
@@ -150,18 +205,23 @@ def main() -> None:
     env.pop("RAY_ADDRESS", None)
     # Token auth, as a user's cluster has it (cluster/README.md): the heads, the sweeps and the sampler
     # in this process share the token in ~/.ray/auth_token.
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=env, check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"] = "token"
     versions = [("after", REPO)] + ([("before", Path(args.before).resolve())] if args.before else [])
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         folder = make_images(work / "data", n)
         name = folder.name
-        mb = read_bytes_planned(work / "data", name) / 2 ** 20
+        mb = read_bytes_planned(work / "data", name) / 2**20
         loop = plain_loop(work / "data", name)
         for version, code in versions:
-            for root_form in (["path", "file://"] if version == "after" else ["path"]):
+            for root_form in ["path", "file://"] if version == "after" else ["path"]:
                 data_root = str(work / "data") if root_form == "path" else f"file://{work / 'data'}"
                 run_dir = work / f"run-{n}-{version}-{root_form.strip(':/')}"
                 shutil.rmtree(run_dir, ignore_errors=True)  # cold means cold: no store left from a past run
@@ -178,30 +238,51 @@ def main() -> None:
                     t.join(10)
                 finally:
                     _stop_head(head)
-                rows.append(dict(images=n, version=version, root=root_form, read_mb=mb, rss_mib=cold["rss"] / 2 ** 20,
-                                 plasma_mib=stats.get("plasma", float("nan")),
-                                 encode_ips=cold["encoded"] / cold["encode_s"] if cold["encoded"] > 0 else float("nan"),
-                                 loop_ips=loop, cold_s=cold["wall"], warm_s=warm["wall"],
-                                 cold_first=cold["first_trial"], warm_first=warm["first_trial"],
-                                 warm_encoded=warm["encoded"]))
+                rows.append(
+                    dict(
+                        images=n,
+                        version=version,
+                        root=root_form,
+                        read_mb=mb,
+                        rss_mib=cold["rss"] / 2**20,
+                        plasma_mib=stats.get("plasma", float("nan")),
+                        encode_ips=cold["encoded"] / cold["encode_s"]
+                        if cold["encoded"] > 0
+                        else float("nan"),
+                        loop_ips=loop,
+                        cold_s=cold["wall"],
+                        warm_s=warm["wall"],
+                        cold_first=cold["first_trial"],
+                        warm_first=warm["first_trial"],
+                        warm_encoded=warm["encoded"],
+                    )
+                )
                 print(json.dumps(rows[-1]), flush=True)
     print()
-    print(f"{'images':>7} {'version':>7} {'root':>8} {'read MB':>8} {'peak RSS MiB':>12} {'plasma MiB':>10} "
-          f"{'encode img/s':>12} {'loop img/s':>10} {'vs loop':>7} {'cold s':>7} {'warm s':>7} "
-          f"{'1st trial cold':>14} {'1st trial warm':>14} {'warm encoded':>12}")
+    print(
+        f"{'images':>7} {'version':>7} {'root':>8} {'read MB':>8} {'peak RSS MiB':>12} {'plasma MiB':>10} "
+        f"{'encode img/s':>12} {'loop img/s':>10} {'vs loop':>7} {'cold s':>7} {'warm s':>7} "
+        f"{'1st trial cold':>14} {'1st trial warm':>14} {'warm encoded':>12}"
+    )
     for r in rows:
-        print(f"{r['images']:>7} {r['version']:>7} {r['root']:>8} {r['read_mb']:>8.0f} {r['rss_mib']:>12.0f} "
-              f"{r['plasma_mib']:>10.0f} {r['encode_ips']:>12.0f} {r['loop_ips']:>10.0f} "
-              f"{r['encode_ips'] / r['loop_ips']:>7.2f} {r['cold_s']:>7.1f} {r['warm_s']:>7.1f} "
-              f"{r['cold_first']:>14.1f} {r['warm_first']:>14.1f} {r['warm_encoded']:>12}")
+        print(
+            f"{r['images']:>7} {r['version']:>7} {r['root']:>8} {r['read_mb']:>8.0f} {r['rss_mib']:>12.0f} "
+            f"{r['plasma_mib']:>10.0f} {r['encode_ips']:>12.0f} {r['loop_ips']:>10.0f} "
+            f"{r['encode_ips'] / r['loop_ips']:>7.2f} {r['cold_s']:>7.1f} {r['warm_s']:>7.1f} "
+            f"{r['cold_first']:>14.1f} {r['warm_first']:>14.1f} {r['warm_encoded']:>12}"
+        )
     for version in dict(versions):
         for root in ("path", "file://"):
-            mine = sorted((r for r in rows if r["version"] == version and r["root"] == root), key=lambda r: r["images"])
+            mine = sorted(
+                (r for r in rows if r["version"] == version and r["root"] == root), key=lambda r: r["images"]
+            )
             if len(mine) >= 2:
                 a, b = mine[0], mine[-1]
                 per_gb = (b["rss_mib"] - a["rss_mib"]) / ((b["read_mb"] - a["read_mb"]) / 1024)
-                print(f"{version} ({root}): peak driver RSS grows {per_gb:.0f} MiB per GB of images read "
-                      f"({a['images']} -> {b['images']} images)")
+                print(
+                    f"{version} ({root}): peak driver RSS grows {per_gb:.0f} MiB per GB of images read "
+                    f"({a['images']} -> {b['images']} images)"
+                )
 
 
 def _head(run_dir: Path, env: dict) -> dict:
@@ -211,10 +292,26 @@ def _head(run_dir: Path, env: dict) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="caf-s-", dir="/tmp"))
     gcs = free_port()
-    proc = Proc("ray head", [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}",
-                             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
-                             f"--temp-dir={tmp}", f"--ray-client-server-port={free_port()}",
-                             f"--dashboard-agent-listen-port={free_port()}"], run_dir / "head.log", env, run_dir)
+    proc = Proc(
+        "ray head",
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={tmp}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+        ],
+        run_dir / "head.log",
+        env,
+        run_dir,
+    )
     deadline = time.monotonic() + 60
     while not port_open(gcs) and time.monotonic() < deadline:
         time.sleep(0.25)

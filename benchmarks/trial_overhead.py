@@ -8,6 +8,7 @@ seconds per further trial, (t80 - t4) / 76. --profile runs the 80-trial sweep on
 py-spy (--subprocesses: the driver, Ray's trial workers, the recorder) and prints, per process kind,
 its CPU samples and the functions that hold the most of them (inclusive).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,18 +26,40 @@ from pathlib import Path
 from clip_adapter.backbone import TINY
 
 CLI = [str(Path(sys.executable).parent / "ca-flow")]  # the installed command; PYTHONPATH picks this checkout
-SMALL = ["--shots", "1", "--seeds", "1"]                       # 1 x 1 x 4 alphas = 4 trials
-LARGE = ["--shots", "1,2,4,8", "--seeds", "1,2,3,4,5"]        # 4 x 5 x 4 alphas = 80 trials
+SMALL = ["--shots", "1", "--seeds", "1"]  # 1 x 1 x 4 alphas = 4 trials
+LARGE = ["--shots", "1,2,4,8", "--seeds", "1,2,3,4,5"]  # 4 x 5 x 4 alphas = 80 trials
 # What a function's samples say: the parts of ca-flow and its stack whose names tell the story.
 KINDS = (("recorder", "recorder.py"), ("trial worker", "run_trial"), ("driver", "workflows/cli.py"))
 
 
 def sweep(work: Path, grid: list[str], args, env, prefix: list[str] = ()) -> float:
-    cmd = [*prefix, *CLI, "sweep", "--datasets", "textile", "--backbone", TINY, "--pretrained", "random",
-           "--methods", "clip-adapter", "--alphas", "0.2,0.4,0.6,0.8", "--epochs", str(args.epochs),
-           "--cache-dir", str(work / "cache"), "--results-dir", str(work / "results"),
-           "--storage-path", str(work / "ray_results"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
-           *grid, *(["--pack"] if args.pack else [])]
+    cmd = [
+        *prefix,
+        *CLI,
+        "sweep",
+        "--datasets",
+        "textile",
+        "--backbone",
+        TINY,
+        "--pretrained",
+        "random",
+        "--methods",
+        "clip-adapter",
+        "--alphas",
+        "0.2,0.4,0.6,0.8",
+        "--epochs",
+        str(args.epochs),
+        "--cache-dir",
+        str(work / "cache"),
+        "--results-dir",
+        str(work / "results"),
+        "--storage-path",
+        str(work / "ray_results"),
+        "--tracking-uri",
+        f"sqlite:///{work / 'mlflow.db'}",
+        *grid,
+        *(["--pack"] if args.pack else []),
+    ]
     started = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -47,8 +70,18 @@ def sweep(work: Path, grid: list[str], args, env, prefix: list[str] = ()) -> flo
 
 def profile(work: Path, args, env) -> None:
     raw = work / "profile.txt"
-    spy = [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "--subprocesses",
-           "--format", "raw", "-r", "100", "-o", str(raw), "--"]
+    spy = [
+        shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+        "record",
+        "--subprocesses",
+        "--format",
+        "raw",
+        "-r",
+        "100",
+        "-o",
+        str(raw),
+        "--",
+    ]
     sweep(work, LARGE, args, env, spy)
     per_kind, funcs = collections.Counter(), collections.defaultdict(collections.Counter)
     for line in raw.read_text().splitlines():
@@ -83,21 +116,35 @@ def recorder_ops(work: Path, n: int = 40) -> None:
     rec = Recorder(uri, exp_id, parent, "bench")
     clock = collections.Counter()
     for name in ("create_run", "log_artifacts", "log_inputs", "log_batch", "set_terminated"):
+
         def timed(*a, _f=getattr(client, name), _n=name, **k):
             t0 = time.perf_counter()
             try:
                 return _f(*a, **k)
             finally:
                 clock[_n] += time.perf_counter() - t0
+
         setattr(client, name, timed)
     rec.client = client
     from clip_adapter.artifact import AdapterMeta, adapter_files
 
     text = np.eye(10, 64, dtype=np.float32)
     method = make("clip-adapter", text, 20.0, epochs=1)
-    files = adapter_files(method, torch.from_numpy(text), AdapterMeta(
-        method="clip-adapter", config=method.config(), backbone=TINY, weights="random", weights_id="x",
-        classnames=[str(i) for i in range(10)], template="a photo of a {}.", logit_scale=20.0, dataset="d"))
+    files = adapter_files(
+        method,
+        torch.from_numpy(text),
+        AdapterMeta(
+            method="clip-adapter",
+            config=method.config(),
+            backbone=TINY,
+            weights="random",
+            weights_id="x",
+            classnames=[str(i) for i in range(10)],
+            template="a photo of a {}.",
+            logit_scale=20.0,
+            dataset="d",
+        ),
+    )
     params = {f"p{i}": i for i in range(24)}
     metrics = dict(val_acc=0.5, test_acc=0.5, zs_test_acc=0.3, train_loss_final=1.0, trial_seconds=0.1)
     source = dict(name="d", digest="0" * 8, source_type="local", source="file:///d")
@@ -109,7 +156,9 @@ def recorder_ops(work: Path, n: int = 40) -> None:
     rec.drain()  # the writes happen on the recorder's writer thread
     total = time.perf_counter() - started
     assert not rec.unwritten, rec.unwritten
-    print(f"recorder, {n} trials written in this process (sqlite): {total / n:.3f} s per trial; by MLflow call:")
+    print(
+        f"recorder, {n} trials written in this process (sqlite): {total / n:.3f} s per trial; by MLflow call:"
+    )
     for name, secs in clock.most_common():
         print(f"  {name:15} {secs / n:.3f} s per trial")
     print(f"  {'(rest)':15} {(total - sum(clock.values())) / n:.3f} s per trial")
@@ -129,8 +178,13 @@ def main() -> None:
         recorder_ops(work)
     if args.recorder_only:
         return
-    env = dict(os.environ, HOME=str(work / "home"), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(
+        os.environ,
+        HOME=str(work / "home"),
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(name, None)
     sweep(work, SMALL, args, env)  # encodes the features: every timed sweep below finds them stored
@@ -139,12 +193,16 @@ def main() -> None:
         small.append(sweep(work, SMALL, args, env))
         large.append(sweep(work, LARGE, args, env))
     s4, s80 = statistics.median(small), statistics.median(large)
-    print(f"whole `ca-flow sweep`, warm feature store, textile {TINY} random, --epochs {args.epochs}"
-          f"{' --pack' if args.pack else ''}, {os.cpu_count()} CPUs, median of {args.repeat} (min-max):")
+    print(
+        f"whole `ca-flow sweep`, warm feature store, textile {TINY} random, --epochs {args.epochs}"
+        f"{' --pack' if args.pack else ''}, {os.cpu_count()} CPUs, median of {args.repeat} (min-max):"
+    )
     print(f"   4 trials: {s4:6.2f} s ({min(small):.2f}-{max(small):.2f})")
     print(f"  80 trials: {s80:6.2f} s ({min(large):.2f}-{max(large):.2f})")
-    print(f"  each further trial: {(s80 - s4) / 76:.3f} s "
-          f"({(min(large) - max(small)) / 76:.3f}-{(max(large) - min(small)) / 76:.3f})")
+    print(
+        f"  each further trial: {(s80 - s4) / 76:.3f} s "
+        f"({(min(large) - max(small)) / 76:.3f}-{(max(large) - min(small)) / 76:.3f})"
+    )
     if args.profile:
         profile(work, args, env)
 

@@ -3,17 +3,32 @@
 Names load on first use, so `clip_adapter.datasets` (listing folders, validating names) never
 pays for importing torch.
 """
+
 from importlib import import_module
 
 _PUBLIC = {
-    "CLIPAdapter": "adapter", "zero_shot_logits": "adapter",
-    "AdapterClassifier": "artifact", "AdapterMeta": "artifact", "load_adapter": "artifact",
+    "CLIPAdapter": "adapter",
+    "zero_shot_logits": "adapter",
+    "AdapterClassifier": "artifact",
+    "AdapterMeta": "artifact",
+    "load_adapter": "artifact",
     "save_adapter": "artifact",
-    "Backbone": "backbone", "BackboneError": "backbone", "load_backbone": "backbone",
-    "DatasetError": "datasets", "Split": "datasets", "few_shot": "datasets",
-    "FeatureStore": "features", "LocalEncoder": "features",
-    "METHODS": "methods", "FewShot": "methods", "Method": "methods", "make": "methods",
-    "TrainConfig": "train", "epochs_for_shots": "train", "evaluate": "train", "fit": "train",
+    "Backbone": "backbone",
+    "BackboneError": "backbone",
+    "load_backbone": "backbone",
+    "DatasetError": "datasets",
+    "Split": "datasets",
+    "few_shot": "datasets",
+    "FeatureStore": "features",
+    "LocalEncoder": "features",
+    "METHODS": "methods",
+    "FewShot": "methods",
+    "Method": "methods",
+    "make": "methods",
+    "TrainConfig": "train",
+    "epochs_for_shots": "train",
+    "evaluate": "train",
+    "fit": "train",
     "zero_shot_accuracy": "train",
 }
 __all__ = sorted(_PUBLIC)

@@ -1,4 +1,5 @@
 """CLIP-Adapter (Gao et al.): bottleneck MLPs on frozen CLIP features, blended back residually."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,12 @@ class Bottleneck(nn.Sequential):
     """A(x) = ReLU(ReLU(x W1) W2), bias-free, D -> D/reduction -> D, as in the released code."""
 
     def __init__(self, dim: int, reduction: int = 4):
-        super().__init__(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(),
-                         nn.Linear(dim // reduction, dim, bias=False), nn.ReLU())
+        super().__init__(
+            nn.Linear(dim, dim // reduction, bias=False),
+            nn.ReLU(),
+            nn.Linear(dim // reduction, dim, bias=False),
+            nn.ReLU(),
+        )
 
 
 def cosine_logits(image_features: torch.Tensor, text_weights: torch.Tensor, scale: float) -> torch.Tensor:
@@ -27,8 +32,15 @@ def zero_shot_logits(image_features: torch.Tensor, text_weights: torch.Tensor, s
 class CLIPAdapter(nn.Module):
     """f* = alpha A_v(f) + (1 - alpha) f;  W* = beta A_t(W) + (1 - beta) W;  logits = s cos(f*, W*)."""
 
-    def __init__(self, text_weights: torch.Tensor, logit_scale: float, alpha: float = 0.2,
-                 beta: float = 0.2, variant: str = "visual", reduction: int = 4):
+    def __init__(
+        self,
+        text_weights: torch.Tensor,
+        logit_scale: float,
+        alpha: float = 0.2,
+        beta: float = 0.2,
+        variant: str = "visual",
+        reduction: int = 4,
+    ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"adapter variant must be one of {VARIANTS}, got {variant!r}")
@@ -66,7 +78,9 @@ class StackedCLIPAdapter(nn.Module):
         self.register_buffer("beta", torch.tensor([float(m.beta) for m in members]).view(-1, 1, 1))
         for branch in ("visual", "text"):
             if getattr(first, branch) is not None:
-                stacked = [torch.stack([getattr(m, branch)[i].weight.detach() for m in members]) for i in (0, 2)]
+                stacked = [
+                    torch.stack([getattr(m, branch)[i].weight.detach() for m in members]) for i in (0, 2)
+                ]
                 setattr(self, f"{branch}_down", nn.Parameter(stacked[0].clone()))
                 setattr(self, f"{branch}_up", nn.Parameter(stacked[1].clone()))
 

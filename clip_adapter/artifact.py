@@ -1,4 +1,5 @@
 """Adapter artifacts: weights in safetensors, everything else in JSON. Nothing is unpickled."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,8 @@ TEXT = "text_classifier"  # beside the method's own tensors: every method is reb
 
 @dataclass
 class AdapterMeta:
-    method: str                 # a name in clip_adapter.methods.METHODS
-    config: dict                # the method's hyperparameters (alpha, beta, ... for CLIP-Adapter)
+    method: str  # a name in clip_adapter.methods.METHODS
+    config: dict  # the method's hyperparameters (alpha, beta, ... for CLIP-Adapter)
     backbone: str
     weights: str
     weights_id: str
@@ -79,8 +80,10 @@ class AdapterClassifier:
     def __init__(self, directory: str | Path, device: str | None = None):
         self.method, self.meta = load_adapter(directory)
         if self.meta.weights != RANDOM and weights_identity(self.meta.weights) != self.meta.weights_id:
-            raise BackboneError(f"weights {self.meta.weights} are not the ones this adapter was trained on "
-                                f"({self.meta.weights_id}); restore that file")
+            raise BackboneError(
+                f"weights {self.meta.weights} are not the ones this adapter was trained on "
+                f"({self.meta.weights_id}); restore that file"
+            )
         self.backbone: Backbone = load_backbone(self.meta.backbone, self.meta.weights, device)
         self.method.to(self.backbone.device)
 
@@ -95,5 +98,7 @@ class AdapterClassifier:
         probs = self.probabilities(images)
         k = min(top_k, probs.shape[1])
         values, indices = probs.topk(k, dim=-1)
-        return [[(self.meta.classnames[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist())]
-                for vs, ix in zip(values, indices)]
+        return [
+            [(self.meta.classnames[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist())]
+            for vs, ix in zip(values, indices)
+        ]

@@ -1,4 +1,5 @@
 """Frozen CLIP backbones from open_clip: weights by tag, local file, or seeded random init."""
+
 from __future__ import annotations
 
 import hashlib
@@ -75,9 +76,14 @@ class Preprocess:
 
         if augment:
             if scale not in self._train:
-                self._train[scale] = T.Compose([
-                    T.RandomResizedCrop(self.size, scale=(scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                    T.RandomHorizontalFlip()])
+                self._train[scale] = T.Compose(
+                    [
+                        T.RandomResizedCrop(
+                            self.size, scale=(scale, 1.0), interpolation=T.InterpolationMode.BICUBIC
+                        ),
+                        T.RandomHorizontalFlip(),
+                    ]
+                )
             return self._train[scale]
         if self._test is None:
             from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -85,8 +91,10 @@ class Preprocess:
             steps = image_transform_v2(PreprocessCfg(**self.cfg), is_train=False).transforms
             tensor_steps = [type(t).__name__ for t in steps[-2:]]
             if tensor_steps != ["MaybeToTensor", "Normalize"]:
-                raise BackboneError(f"unexpected open_clip test transform {tensor_steps}; ca-flow splits it "
-                                    f"before ToTensor + Normalize")
+                raise BackboneError(
+                    f"unexpected open_clip test transform {tensor_steps}; ca-flow splits it "
+                    f"before ToTensor + Normalize"
+                )
             self._test = T.Compose(steps[:-2])
         return self._test
 
@@ -104,8 +112,8 @@ class Preprocess:
 @dataclass
 class Backbone:
     name: str
-    weights: str          # what the user asked for: a tag, a file path, or "random"
-    weights_id: str       # identity of the weights actually loaded (tag, file sha256, random seed)
+    weights: str  # what the user asked for: a tag, a file path, or "random"
+    weights_id: str  # identity of the weights actually loaded (tag, file sha256, random seed)
     model: torch.nn.Module
     preprocess: Preprocess
     tokenizer: Callable
@@ -163,12 +171,16 @@ def load_backbone(name: str, weights: str = "openai", device: str | None = None)
 
     open_clip = _open_clip()
     if name not in open_clip.list_models():
-        raise BackboneError(f"unknown backbone {name!r}; choose one of open_clip.list_models(), "
-                            f"e.g. RN50-quickgelu, ViT-B-32-quickgelu, or {TINY} for tests")
+        raise BackboneError(
+            f"unknown backbone {name!r}; choose one of open_clip.list_models(), "
+            f"e.g. RN50-quickgelu, ViT-B-32-quickgelu, or {TINY} for tests"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackboneError(f"device {device} requested but torch sees no CUDA device; check the node's "
-                            f"GPU and CUDA build of torch")
+        raise BackboneError(
+            f"device {device} requested but torch sees no CUDA device; check the node's "
+            f"GPU and CUDA build of torch"
+        )
     if weights == RANDOM:
         # Seeded so that every process (trial, server, predict) rebuilds the same network.
         state = torch.random.get_rng_state()
@@ -180,18 +192,32 @@ def load_backbone(name: str, weights: str = "openai", device: str | None = None)
             logging.disable(logging.NOTSET)
             torch.random.set_rng_state(state)
     else:
-        looks_like_path = any(sep in weights for sep in "/\\") or weights.endswith((".pt", ".bin", ".safetensors"))
+        looks_like_path = any(sep in weights for sep in "/\\") or weights.endswith(
+            (".pt", ".bin", ".safetensors")
+        )
         if looks_like_path and not Path(weights).expanduser().is_file():
-            raise BackboneError(f"weights file {weights} does not exist; pass an existing file, "
-                                f"a pretrained tag (e.g. openai) or 'random'")
+            raise BackboneError(
+                f"weights file {weights} does not exist; pass an existing file, "
+                f"a pretrained tag (e.g. openai) or 'random'"
+            )
         try:
             model = open_clip.create_model(
-                name, pretrained=str(Path(weights).expanduser()) if looks_like_path else weights)
+                name, pretrained=str(Path(weights).expanduser()) if looks_like_path else weights
+            )
         except Exception as exc:  # open_clip raises many types: network, key mismatch, unknown tag
-            raise BackboneError(f"cannot load {weights!r} weights for {name}: {first_line(exc, 10_000)}; "
-                                f"check the tag/file", hint="random_weights") from exc
+            raise BackboneError(
+                f"cannot load {weights!r} weights for {name}: {first_line(exc, 10_000)}; check the tag/file",
+                hint="random_weights",
+            ) from exc
     model.eval().requires_grad_(False).to(device)
-    backbone = Backbone(name=name, weights=weights, weights_id=weights_identity(weights), model=model,
-                        preprocess=None, tokenizer=open_clip.get_tokenizer(name), device=device)
+    backbone = Backbone(
+        name=name,
+        weights=weights,
+        weights_id=weights_identity(weights),
+        model=model,
+        preprocess=None,
+        tokenizer=open_clip.get_tokenizer(name),
+        device=device,
+    )
     backbone.preprocess = Preprocess(backbone.preprocess_cfg)
     return backbone

@@ -4,6 +4,7 @@ An expected error (bad input, a store or a cluster that does not answer, a trial
 message: it names the fix. Where the fix is a command-line flag, the library does not know the flag:
 it names a `hint`, and the command line words it (workflows/cli_errors.py).
 """
+
 from __future__ import annotations
 
 

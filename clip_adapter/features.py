@@ -12,6 +12,7 @@ size, mtime) to that key, so a warm sweep stats its files and reads no image byt
 ever added, never rewritten: two sweeps writing at once lose nothing, and reads take the first copy
 of a row. A shard that is damaged or of another schema is warned about, removed and rebuilt.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,12 +46,16 @@ def view_kind(augment: bool, scale: float = CROP_SCALE) -> str:
     if not augment:
         return CENTER
     return AUGMENT if scale == CROP_SCALE else f"{AUGMENT}-{scale:g}"
-  # a new shard every so many rows: an interrupted encode keeps what it wrote
+
+
+# a new shard every so many rows: an interrupted encode keeps what it wrote
 SCHEMAS = {
-    "features": pa.schema([("image_id", pa.string()), ("view", pa.int32()),
-                           ("feature", pa.list_(pa.float32()))]),
-    INDEX: pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
-                      ("image_id", pa.string())]),
+    "features": pa.schema(
+        [("image_id", pa.string()), ("view", pa.int32()), ("feature", pa.list_(pa.float32()))]
+    ),
+    INDEX: pa.schema(
+        [("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("image_id", pa.string())]
+    ),
 }
 
 
@@ -70,12 +75,14 @@ def text_classifier(backbone, classnames: list[str], template: str | list[str]) 
 
 # -- what to encode -------------------------------------------------------------------------------
 
+
 @dataclass
 class Request:
     """One image whose features (some views of it) the store lacks."""
+
     dataset: str
-    path: str            # where workers read it (local path or URI)
-    rel: str             # relative to the dataset's folder: the index key, with size and mtime
+    path: str  # where workers read it (local path or URI)
+    rel: str  # relative to the dataset's folder: the index key, with size and mtime
     size: int
     mtime_ns: int
     views: list[int]
@@ -86,8 +93,9 @@ class Request:
 @dataclass
 class Group:
     """Items of one dataset wanted with `views` views, augmented or centre-cropped."""
+
     dataset: str
-    root: Location       # the dataset's folder: index paths are relative to it
+    root: Location  # the dataset's folder: index paths are relative to it
     items: list[Item]
     views: int
     augment: bool
@@ -97,6 +105,7 @@ class Group:
 @dataclass
 class Plan:
     """For a list of items: the content key of each (None if unknown or unreadable) and what to encode."""
+
     ids: list[str | None]
     todo: list[Request]
     missing: dict[str, str] = field(default_factory=dict)  # path -> reason (not there at all)
@@ -140,6 +149,7 @@ def _reason(exc: Exception) -> str:
 
 # -- the store ------------------------------------------------------------------------------------
 
+
 class FeatureStore:
     def __init__(self, root: str | Path, backbone: str, weights: str):
         ident = f"{backbone}|{weights_identity(weights)}|{TRANSFORM_VERSION}"
@@ -160,17 +170,22 @@ class FeatureStore:
                 found = pq.read_schema(path)
                 if not found.equals(schema, check_metadata=False):
                     raise ValueError(f"schema {found.names} is not ca-flow's {schema.names}")
-                tables.append(pq.read_table(path, columns=columns, filters=filters,
-                                            page_checksum_verification=True))
+                tables.append(
+                    pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
+                )
             except Exception as exc:  # truncation, bad checksum, not Parquet, another schema
-                log.warning("feature store shard %s is damaged (%s); removing it, its rows are rebuilt", path, exc)
+                log.warning(
+                    "feature store shard %s is damaged (%s); removing it, its rows are rebuilt", path, exc
+                )
                 path.unlink(missing_ok=True)
         return tables
 
     def _index(self, dataset: str) -> dict[tuple[str, int, int], str]:
         out = {}
         for t in self._read_shards(dataset, INDEX):
-            for rel, size, mtime, img in zip(*(t.column(c).to_pylist() for c in ("path", "size", "mtime_ns", "image_id"))):
+            for rel, size, mtime, img in zip(
+                *(t.column(c).to_pylist() for c in ("path", "size", "mtime_ns", "image_id"))
+            ):
                 out.setdefault((rel, size, mtime), img)
         return out
 
@@ -181,8 +196,15 @@ class FeatureStore:
         return have
 
     # -- planning and reading ------------------------------------------------------------------
-    def plan(self, dataset: str, root: Location, items: list[Item], views: int, augment: bool,
-             scale: float = CROP_SCALE) -> Plan:
+    def plan(
+        self,
+        dataset: str,
+        root: Location,
+        items: list[Item],
+        views: int,
+        augment: bool,
+        scale: float = CROP_SCALE,
+    ) -> Plan:
         """Stat the items, find their content keys in the index, and list what lacks features."""
         kind = view_kind(augment, scale)
         index, have = self._index(dataset), self._have(dataset, kind)
@@ -202,14 +224,16 @@ class FeatureStore:
         todo = list({(r.path, r.augment, r.scale): r for r in todo}.values())
         return Plan(ids, todo, missing)
 
-    def read(self, dataset: str, ids: list[str | None], views: int, augment: bool,
-             scale: float = CROP_SCALE) -> tuple[np.ndarray, np.ndarray]:
+    def read(
+        self, dataset: str, ids: list[str | None], views: int, augment: bool, scale: float = CROP_SCALE
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(features [n, views, D], ok [n]) for content keys; rows a sweep does not need are not loaded."""
         wanted = sorted({i for i in ids if i is not None})
         rows: dict[tuple[str, int], np.ndarray] = {}
         if wanted:
-            for t in self._read_shards(dataset, view_kind(augment, scale),
-                                       filters=[("image_id", "in", wanted)]):
+            for t in self._read_shards(
+                dataset, view_kind(augment, scale), filters=[("image_id", "in", wanted)]
+            ):
                 if not len(t):
                     continue
                 flat = t.column("feature").combine_chunks()
@@ -230,14 +254,28 @@ class FeatureStore:
     def writer(self) -> ShardWriter:
         return ShardWriter(self)
 
-    def images(self, dataset: str, root: Location, items: list[Item], views: int, augment: bool,
-               encode: Callable[[list[Request]], Iterable[dict]],
-               on_bad: Callable[[str, str], None] | None = None, scale: float = CROP_SCALE) -> Features:
+    def images(
+        self,
+        dataset: str,
+        root: Location,
+        items: list[Item],
+        views: int,
+        augment: bool,
+        encode: Callable[[list[Request]], Iterable[dict]],
+        on_bad: Callable[[str, str], None] | None = None,
+        scale: float = CROP_SCALE,
+    ) -> Features:
         """Features for `items`, encoding (with `encode`) only the images and views the store lacks."""
-        return self.images_of([Group(dataset, Location(root), items, views, augment, scale)], encode, on_bad)[0]
+        return self.images_of([Group(dataset, Location(root), items, views, augment, scale)], encode, on_bad)[
+            0
+        ]
 
-    def images_of(self, groups: list[Group], encode: Callable[[list[Request]], Iterable[dict]],
-                  on_bad: Callable[[str, str], None] | None = None) -> list[Features]:
+    def images_of(
+        self,
+        groups: list[Group],
+        encode: Callable[[list[Request]], Iterable[dict]],
+        on_bad: Callable[[str, str], None] | None = None,
+    ) -> list[Features]:
         """Features per group; whatever any group lacks goes to `encode` in one call.
 
         A shard found damaged only when its features are read is removed; one more pass then
@@ -259,8 +297,10 @@ class FeatureStore:
         report = on_bad or (lambda p, r: log.warning("skipping unreadable image %s: %s", p, r))
         for path, reason in bad.items():
             report(path, reason)
-        return [Features(f, np.array([it.label for it in g.items], dtype=np.int64), ok)
-                for g, (f, ok) in zip(groups, read)]
+        return [
+            Features(f, np.array([it.label for it in g.items], dtype=np.int64), ok)
+            for g, (f, ok) in zip(groups, read)
+        ]
 
     # -- the backbone's own facts, and text classifiers ----------------------------------------
     def model_info(self) -> dict | None:
@@ -289,11 +329,15 @@ class FeatureStore:
             path.unlink(missing_ok=True)
             return None
 
-    def put_text(self, classnames: list[str], template: str | list[str], weights: np.ndarray, scale: float) -> None:
+    def put_text(
+        self, classnames: list[str], template: str | list[str], weights: np.ndarray, scale: float
+    ) -> None:
         table = pa.table({"classname": classnames, "weight": [np.asarray(w, np.float32) for w in weights]})
         table = table.replace_schema_metadata({"logit_scale": str(scale)})
-        _atomic_write(self._text_path(classnames, template),
-                      lambda tmp: pq.write_table(table, tmp, write_page_checksum=True))
+        _atomic_write(
+            self._text_path(classnames, template),
+            lambda tmp: pq.write_table(table, tmp, write_page_checksum=True),
+        )
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -328,7 +372,9 @@ class ShardWriter:
                 self._flush(*key)
 
     def add(self, req: Request, img: str, view: int, feature: np.ndarray) -> None:
-        self._append(req.dataset, view_kind(req.augment, req.scale), (img, view, np.asarray(feature, np.float32)))
+        self._append(
+            req.dataset, view_kind(req.augment, req.scale), (img, view, np.asarray(feature, np.float32))
+        )
         if (req.dataset, req.rel) not in self.encoded:
             self.encoded.add((req.dataset, req.rel))
             self.store.images_encoded += 1
@@ -369,14 +415,16 @@ class ShardWriter:
 @dataclass
 class Features:
     """Features of a list of items, in its order."""
-    features: np.ndarray     # [n, views, D] raw image features
-    labels: np.ndarray       # [n]
-    ok: np.ndarray           # [n] bool: False where the image could not be read
+
+    features: np.ndarray  # [n, views, D] raw image features
+    labels: np.ndarray  # [n]
+    ok: np.ndarray  # [n] bool: False where the image could not be read
 
 
 @dataclass
 class LocalEncoder:
     """Encodes in this process; loads the backbone on first use only."""
+
     backbone_name: str
     weights: str
     device: str | None = None
@@ -386,6 +434,7 @@ class LocalEncoder:
     def backbone(self):
         if self._backbone is None:
             from .backbone import load_backbone
+
             self._backbone = load_backbone(self.backbone_name, self.weights, self.device)
         return self._backbone
 

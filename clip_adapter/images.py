@@ -1,4 +1,5 @@
 """Images as ca-flow reads them: content ids, safe decoding, and the seeded crops each view is made of."""
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,14 @@ def _view_seed(img_id: str, view: int) -> int:
     return int(img_id[:12], 16) ^ (view * 0x9E3779B1)
 
 
-def crops(image: Image.Image, img_id: str, views: Iterable[int], augment: bool, preprocess,
-          scale: float | None = None) -> np.ndarray:
+def crops(
+    image: Image.Image,
+    img_id: str,
+    views: Iterable[int],
+    augment: bool,
+    preprocess,
+    scale: float | None = None,
+) -> np.ndarray:
     """uint8 crops [len(views), H, W, 3]; augmented view v of an image is the same on every machine.
     `scale`: the smallest crop of an augmented view (None: CoOp's)."""
     import torch

@@ -5,6 +5,7 @@ released: what the released code does, per method and dataset: choices on the da
 split, and on test where that code selects on test (such a run is tagged selection_split=test and is
 never a champion). Plain data, no torch: the grid plans with it before anything heavy loads.
 """
+
 from __future__ import annotations
 
 PROTOCOLS = ("few-shot", "released")
@@ -12,10 +13,18 @@ PROTOCOLS = ("few-shot", "released")
 # Tip-Adapter d0e2d6f, configs/<dataset>.yaml lines 17-31: search_scale [beta, alpha], init_alpha,
 # train_epoch (search_step [200, 20], init_beta 1 and augment_epoch 10 in every config).
 TIP_CONFIGS = {
-    "caltech101": ((12, 5), 3.0, 20), "dtd": ((13, 13), 2.0, 20), "eurosat": ((12, 10), 2.0, 100),
-    "fgvc_aircraft": ((30, 30), 5.0, 20), "food101": ((10, 10), 1.17, 20), "imagenet": ((7, 3), 1.17, 20),
-    "oxford_flowers": ((50, 50), 10.0, 20), "oxford_pets": ((7, 3), 1.17, 20),
-    "stanford_cars": ((20, 10), 3.0, 20), "sun397": ((12, 10), 1.17, 20), "ucf101": ((7, 3), 3.0, 20)}
+    "caltech101": ((12, 5), 3.0, 20),
+    "dtd": ((13, 13), 2.0, 20),
+    "eurosat": ((12, 10), 2.0, 100),
+    "fgvc_aircraft": ((30, 30), 5.0, 20),
+    "food101": ((10, 10), 1.17, 20),
+    "imagenet": ((7, 3), 1.17, 20),
+    "oxford_flowers": ((50, 50), 10.0, 20),
+    "oxford_pets": ((7, 3), 1.17, 20),
+    "stanford_cars": ((20, 10), 3.0, 20),
+    "sun397": ((12, 10), 1.17, 20),
+    "ucf101": ((7, 3), 3.0, 20),
+}
 # A dataset of a user's own (no released config): the ImageNet/OxfordPets config.
 TIP_DEFAULT = ((7, 3), 1.17, 20)
 # CLIP-Adapter's released trainer fixes the residual ratio and reports its last epoch.
@@ -53,9 +62,12 @@ def selection(protocol: str, method: str, dataset: str) -> dict:
         val = "test"
     else:  # ImageNet has no val split: what does not search on test keeps the few-shot val from train
         val = "few-shot" if dataset == "imagenet" else "whole"
-    return dict(val=val, crops=RELEASED_CROP_SCALE if method in RELEASED_CROPS else None,
-                # Tip-Adapter main.py:111-126 keeps the epoch with the best test accuracy, everywhere.
-                epoch="test" if method == "tip-adapter-f" else "val")
+    return dict(
+        val=val,
+        crops=RELEASED_CROP_SCALE if method in RELEASED_CROPS else None,
+        # Tip-Adapter main.py:111-126 keeps the epoch with the best test accuracy, everywhere.
+        epoch="test" if method == "tip-adapter-f" else "val",
+    )
 
 
 def selection_split(where: dict) -> str:

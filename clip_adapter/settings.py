@@ -2,6 +2,7 @@
 
 workflows/settings.py lists these with every other environment variable ca-flow reads or sets.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Training and evaluation of an adapter on cached features (CoOp's recipe by default)."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,6 @@ class TrainConfig:
     batch_size: int = 32
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
-
 
 
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
@@ -67,8 +67,13 @@ class SGD:
             p.add_(self.buffers[i], alpha=-self.lr)
 
 
-def fit(adapter: CLIPAdapter | StackedCLIPAdapter, features: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
-        seed: int) -> list:
+def fit(
+    adapter: CLIPAdapter | StackedCLIPAdapter,
+    features: np.ndarray,
+    labels: np.ndarray,
+    cfg: TrainConfig,
+    seed: int,
+) -> list:
     """Train on [n, views, D] features; each epoch draws one cached view per image. Loss per epoch.
 
     A stacked adapter (logits [K, n, C]) trains its K members on the one batch stream; the loss per
@@ -90,7 +95,7 @@ def fit(adapter: CLIPAdapter | StackedCLIPAdapter, features: np.ndarray, labels:
         order = torch.from_numpy(rng.permutation(n)).to(device)
         total = torch.zeros((), device=device)
         for start in range(0, n, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
+            idx = order[start : start + cfg.batch_size]
             loss = _loss(adapter(x[idx]), targets[idx])
             opt.zero_grad()
             loss.sum().backward()
@@ -105,7 +110,9 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy: a scalar for logits [n, C], one per member for stacked logits [K, n, C]."""
     if logits.dim() == 2:
         return F.cross_entropy(logits, targets)
-    return F.cross_entropy(logits.permute(1, 2, 0), targets[:, None].expand(-1, len(logits)), reduction="none").mean(0)
+    return F.cross_entropy(
+        logits.permute(1, 2, 0), targets[:, None].expand(-1, len(logits)), reduction="none"
+    ).mean(0)
 
 
 @torch.no_grad()
@@ -123,7 +130,8 @@ def evaluate(adapter: torch.nn.Module, features: np.ndarray, labels: np.ndarray)
 
 
 @torch.no_grad()
-def zero_shot_accuracy(features: np.ndarray, labels: np.ndarray, text_weights: np.ndarray,
-                       logit_scale: float) -> float:
+def zero_shot_accuracy(
+    features: np.ndarray, labels: np.ndarray, text_weights: np.ndarray, logit_scale: float
+) -> float:
     feats = torch.from_numpy(features.reshape(len(features), -1))
     return accuracy(zero_shot_logits(feats, torch.from_numpy(text_weights), logit_scale), labels)

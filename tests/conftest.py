@@ -4,6 +4,7 @@ The session gets its own HOME before Ray or MLflow load: Ray's auth token, Tune'
 ca-flow's feature store and logs all land there, never in the user's. Ray keeps its default token
 authentication, as a user's would.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,14 @@ _HOME = tempfile.mkdtemp(prefix="ca-flow-test-home-")
 os.environ["HOME"] = _HOME
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-for _name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "CA_FLOW_DATA_ROOT",
-              "RAY_AUTH_MODE"):
+for _name in (
+    "RAY_ADDRESS",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_RUN_ID",
+    "CA_FLOW_DATA_ROOT",
+    "RAY_AUTH_MODE",
+):
     os.environ.pop(_name, None)
 
 from pathlib import Path  # noqa: E402
@@ -95,11 +102,20 @@ def textile_features(tmp_path_factory, tiny) -> Path:
     train = list(dict.fromkeys(i for tr, _ in subsets for i in tr))
     held = list(dict.fromkeys(i for _, va in subsets for i in va)) + split.test
     store = FeatureStore(root, TINY, "random")
-    store.images_of([Group("textile", split.root, train, TEXTILE_VIEWS, True),
-                     Group("textile", split.root, held, 1, False)], lambda todo: encode_in_process(tiny, todo))
+    store.images_of(
+        [
+            Group("textile", split.root, train, TEXTILE_VIEWS, True),
+            Group("textile", split.root, held, 1, False),
+        ],
+        lambda todo: encode_in_process(tiny, todo),
+    )
     store.put_model_info(dict(preprocess=tiny.preprocess_cfg, width=tiny.width, logit_scale=tiny.logit_scale))
-    store.put_text(split.classnames, split.template, text_classifier(tiny, split.classnames, split.template),
-                   tiny.logit_scale)
+    store.put_text(
+        split.classnames,
+        split.template,
+        text_classifier(tiny, split.classnames, split.template),
+        tiny.logit_scale,
+    )
     return root
 
 

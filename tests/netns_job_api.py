@@ -4,6 +4,7 @@ which in this namespace nobody else holds. Prints one JSON document of HTTP stat
 
     unshare --net -- sh -c 'ip link set lo up && exec python netns_job_api.py WORK DATA_ROOT'
 """
+
 from __future__ import annotations
 
 import json
@@ -45,25 +46,48 @@ def main(work: Path, data_root: str) -> dict:
     for d in (home, barrier / "encode", ray_tmp):
         d.mkdir(parents=True, exist_ok=True)
     env = clean_env(home, RAY_TMPDIR=ray_tmp, CA_FLOW_TEST_BARRIER=barrier)
-    args = ["sweep", "--datasets", "colours", "--data-root", data_root, *TINY_SWEEP, "--shots", "1", "--seeds", "1",
-            "--methods", "zero-shot", "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
-            "--cache-dir", str(work / "cache"), "--results-dir", str(work / "results")]
+    args = [
+        "sweep",
+        "--datasets",
+        "colours",
+        "--data-root",
+        data_root,
+        *TINY_SWEEP,
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+        "--methods",
+        "zero-shot",
+        "--tracking-uri",
+        f"sqlite:///{work / 'mlflow.db'}",
+        "--cache-dir",
+        str(work / "cache"),
+        "--results-dir",
+        str(work / "results"),
+    ]
     with open(work / "sweep.log", "wb") as log:
-        sweep = subprocess.Popen([CA_FLOW, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work,
-                                 start_new_session=True)
+        sweep = subprocess.Popen(
+            [CA_FLOW, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 180
         while not any((barrier / "encode").glob("*.started")):  # Ray is up, its agents too
             if sweep.poll() is not None or time.monotonic() > deadline:
-                return dict(error="the sweep did not reach the barrier", log=(work / "sweep.log").read_text()[-3000:])
+                return dict(
+                    error="the sweep did not reach the barrier", log=(work / "sweep.log").read_text()[-3000:]
+                )
             time.sleep(0.2)
         port = agent_port(ray_tmp / "ray" / "session_latest")
         token = (home / ".ray" / "auth_token").read_text().strip()
         url = f"http://127.0.0.1:{AGENT_PORT}"
-        return dict(port=port, list_without=http_code(f"{url}/api/jobs/"),
-                    submit_without=http_code(f"{url}/api/job_agent/jobs/", body={"entrypoint": "true"}),
-                    list_wrong=http_code(f"{url}/api/jobs/", "not-the-token"),
-                    list_with=http_code(f"{url}/api/jobs/", token))
+        return dict(
+            port=port,
+            list_without=http_code(f"{url}/api/jobs/"),
+            submit_without=http_code(f"{url}/api/job_agent/jobs/", body={"entrypoint": "true"}),
+            list_wrong=http_code(f"{url}/api/jobs/", "not-the-token"),
+            list_with=http_code(f"{url}/api/jobs/", token),
+        )
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:

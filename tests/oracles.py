@@ -7,6 +7,7 @@ transform; the method is the released CLIP-Adapter's forward pass, written out:
     f* = alpha A_v(f) + (1 - alpha) f,  W* = beta A_t(W) + (1 - beta) W    (where the variant adapts)
     p = softmax(s * (f* / |f*|) (W* / |W*|)^T),  the top k of p
 """
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@ waited for with a deadline that fails with the process's own output, and always 
 
 Only processes a test started are ever signalled (never `ray stop --force`, pkill or killall).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,15 @@ def free_ports(n: int) -> list[int]:
 def clean_env(home: Path, **extra) -> dict:
     """This environment minus anything pointing the CLI at another cluster or store; own HOME."""
     env = dict(os.environ)
-    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
-                 "MLFLOW_EXPERIMENT_NAME", "CA_FLOW_DATA_ROOT", "RAY_AUTH_MODE"):
+    for name in (
+        "RAY_ADDRESS",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_RUN_ID",
+        "MLFLOW_EXPERIMENT_ID",
+        "MLFLOW_EXPERIMENT_NAME",
+        "CA_FLOW_DATA_ROOT",
+        "RAY_AUTH_MODE",
+    ):
         env.pop(name, None)
     env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     env.update({k: str(v) for k, v in extra.items()})
@@ -69,8 +77,9 @@ class Proc:
     def __init__(self, name: str, cmd: list[str], log: Path, env: dict, cwd: Path):
         self.name, self.cmd, self.log = name, cmd, log
         with open(log, "wb") as out:
-            self.popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                          start_new_session=True)
+            self.popen = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+            )
 
     @property
     def pid(self) -> int:
@@ -131,7 +140,9 @@ def wait_for(what: str, check, timeout: float, procs: list[Proc] = (), interval:
             return value
         for p in procs:
             if not p.alive():
-                pytest.fail(f"{p.name} exited with {p.popen.returncode} while waiting for {what}:\n{tail(p.log)}")
+                pytest.fail(
+                    f"{p.name} exited with {p.popen.returncode} while waiting for {what}:\n{tail(p.log)}"
+                )
         if time.monotonic() > deadline:
             logs = "\n".join(f"--- {p.name}:\n{tail(p.log)}" for p in procs)
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
@@ -154,8 +165,11 @@ def port_open(port: int) -> bool:
         return False
 
 
-BIND_FAILED = re.compile(r"address already in use|Errno 98|failed to bind|Port .* is (already )?in use"
-                         r"|port number \d+ that is used by other components", re.I)
+BIND_FAILED = re.compile(
+    r"address already in use|Errno 98|failed to bind|Port .* is (already )?in use"
+    r"|port number \d+ that is used by other components",
+    re.I,
+)
 
 
 @contextmanager
@@ -167,10 +181,26 @@ def mlflow_server(db: Path, artifacts: Path, logs: Path, env: dict, cwd: Path, p
     mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()  # the schema, once, before any server worker
     for attempt in range(3):
         p = port or free_port()
-        proc = Proc("mlflow server", [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{db}",
-                                      "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
-                                      "--port", str(p), "--workers", "1"],
-                    logs / f"mlflow-{p}-{attempt}.log", env, cwd)
+        proc = Proc(
+            "mlflow server",
+            [
+                MLFLOW,
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{db}",
+                "--artifacts-destination",
+                str(artifacts),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(p),
+                "--workers",
+                "1",
+            ],
+            logs / f"mlflow-{p}-{attempt}.log",
+            env,
+            cwd,
+        )
         url = f"http://127.0.0.1:{p}"
         deadline = time.monotonic() + 90
         while not healthy(url) and proc.alive() and time.monotonic() < deadline:
@@ -191,8 +221,14 @@ def ray_temp_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="caf-ray-", dir="/tmp"))
 
 
-NODE_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-              "metrics-export-port", "node-manager-port", "object-manager-port")
+NODE_PORTS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+    "node-manager-port",
+    "object-manager-port",
+)
 
 
 def _node_port_flags(ports: list[int]) -> list[str]:
@@ -205,11 +241,24 @@ def ray_head(logs: Path, env: dict, cwd: Path, temp_dir: Path, num_cpus: int = 1
     (GCS address, dashboard/job API url or None, Proc)."""
     for attempt in range(3):
         gcs, dash, client, *node = free_ports(3 + len(NODE_PORTS))
-        cmd = [RAY, "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-               "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--ray-client-server-port={client}",
-               *_node_port_flags(node)]
-        cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"] if dashboard \
+        cmd = [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+            f"--ray-client-server-port={client}",
+            *_node_port_flags(node),
+        ]
+        cmd += (
+            ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
+            if dashboard
             else ["--include-dashboard=false"]
+        )
         proc = Proc("ray head", cmd, logs / f"head-{attempt}.log", env, cwd)
         deadline = time.monotonic() + 60
         while proc.alive() and not port_open(gcs) and time.monotonic() < deadline:
@@ -239,10 +288,23 @@ def _wait_port(port: int, proc: Proc, timeout: float) -> bool:
 def ray_worker(address: str, logs: Path, env: dict, cwd: Path, temp_dir: Path, num_cpus: int = 1):
     """`ray start --block` joining `address`, on free ports, retried if a port was taken meanwhile."""
     for attempt in range(3):
-        proc = Proc("ray worker", [RAY, "start", "--block", f"--address={address}", f"--num-cpus={num_cpus}",
-                                   "--num-gpus=0", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-                                   *_node_port_flags(free_ports(len(NODE_PORTS)))],
-                    logs / f"worker-{attempt}.log", env, cwd)
+        proc = Proc(
+            "ray worker",
+            [
+                RAY,
+                "start",
+                "--block",
+                f"--address={address}",
+                f"--num-cpus={num_cpus}",
+                "--num-gpus=0",
+                "--disable-usage-stats",
+                f"--temp-dir={temp_dir}",
+                *_node_port_flags(free_ports(len(NODE_PORTS))),
+            ],
+            logs / f"worker-{attempt}.log",
+            env,
+            cwd,
+        )
         deadline = time.monotonic() + 60
         while proc.alive() and "Ray runtime started" not in proc.output() and time.monotonic() < deadline:
             time.sleep(0.25)
@@ -264,8 +326,25 @@ def model_server(model_uri: str, logs: Path, env: dict, cwd: Path):
     env = dict(env, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # it runs `uvicorn` from this venv
     for attempt in range(3):
         port = free_port()
-        proc = Proc("mlflow models serve", [MLFLOW, "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                            "-p", str(port), "-h", "127.0.0.1"], logs / f"serve-{attempt}.log", env, cwd)
+        proc = Proc(
+            "mlflow models serve",
+            [
+                MLFLOW,
+                "models",
+                "serve",
+                "-m",
+                model_uri,
+                "--env-manager",
+                "local",
+                "-p",
+                str(port),
+                "-h",
+                "127.0.0.1",
+            ],
+            logs / f"serve-{attempt}.log",
+            env,
+            cwd,
+        )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while proc.alive() and not _answers(f"{url}/ping") and time.monotonic() < deadline:
@@ -300,6 +379,7 @@ def run_cli(args: list[str], env: dict, cwd: Path, timeout: float = 300) -> subp
 
 # -- reading the store afterwards ------------------------------------------------------------------
 
+
 def runs_of(uri: str, experiment: str):
     """(parents, children) of an experiment, read with MLflow's own client."""
     import mlflow
@@ -327,9 +407,14 @@ def assert_sweep_complete(uri: str, experiment: str, expected_trials: int) -> di
     keys = [c.data.tags.get("ca_flow.trial_key") for c in children]
     stuck = [c.info.run_name for c in children if c.info.status in ("SCHEDULED", "RUNNING")]
     assert not stuck, f"runs left SCHEDULED/RUNNING: {stuck}"
-    assert len(keys) == len(set(keys)), f"duplicate trial keys: {sorted(k for k in keys if keys.count(k) > 1)}"
-    not_done = [(c.info.run_name, c.info.status) for c in children
-                if c.info.status != "FINISHED" or not {"val_acc", "test_acc"} <= set(c.data.metrics)]
+    assert len(keys) == len(set(keys)), (
+        f"duplicate trial keys: {sorted(k for k in keys if keys.count(k) > 1)}"
+    )
+    not_done = [
+        (c.info.run_name, c.info.status)
+        for c in children
+        if c.info.status != "FINISHED" or not {"val_acc", "test_acc"} <= set(c.data.metrics)
+    ]
     assert not not_done, f"runs not finished with metrics: {not_done}"
     assert len(children) == expected_trials, (len(children), expected_trials)
     assert parents[0].info.status == "FINISHED", parents[0].info.status
@@ -340,12 +425,13 @@ def assert_sweep_complete(uri: str, experiment: str, expected_trials: int) -> di
 # Ray puts each of its worker processes in a process group of its own, so a group kill misses them;
 # they stay in the session of the process that started Ray (a Proc leader: its sid is its pid).
 
+
 def _stat(pid: int) -> list[str] | None:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return text[text.rfind(")") + 2:].split()  # state, ppid, pgrp, session, ...
+    return text[text.rfind(")") + 2 :].split()  # state, ppid, pgrp, session, ...
 
 
 def cmdline(pid: int) -> str:
@@ -369,7 +455,11 @@ def session_pids(sid: int) -> list[int]:
 def pids_matching(pattern: str, sid: int | None = None) -> dict[int, str]:
     """pid -> command line of the processes (of session `sid`, if given) whose command line matches."""
     rx = re.compile(pattern)
-    pids = session_pids(sid) if sid is not None else [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+    pids = (
+        session_pids(sid)
+        if sid is not None
+        else [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+    )
     found = {}
     for pid in pids:
         cmd = cmdline(pid)
@@ -434,8 +524,14 @@ print("FORKED " + json.dumps(out))
 def forked_cli(cases: list[tuple[list[str], dict]], cwd: Path, heavy) -> list[tuple[int, list[str], str]]:
     """(exit code, heavy modules loaded, stderr) for each (argv, extra environment): one interpreter
     imports the CLI, and each case runs in a fork of it."""
-    done = subprocess.run([sys.executable, "-c", FORKED, json.dumps(cases), json.dumps(list(heavy))], cwd=cwd,
-                          env=clean_env(cwd / "home"), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED, json.dumps(cases), json.dumps(list(heavy))],
+        cwd=cwd,
+        env=clean_env(cwd / "home"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [x for x in done.stdout.splitlines() if x.startswith("FORKED ")]
     assert lines, done.stderr[-3000:]
-    return [tuple(r) for r in json.loads(lines[-1][len("FORKED "):])]
+    return [tuple(r) for r in json.loads(lines[-1][len("FORKED ") :])]

@@ -24,12 +24,17 @@ def test_zero_ratios_give_zero_shot_logits_exactly(inputs, variant):
 
 def test_bottleneck_shapes_and_reduction():
     block = Bottleneck(1024, reduction=4)
-    assert [tuple(m.weight.shape) for m in block if isinstance(m, torch.nn.Linear)] == [(256, 1024), (1024, 256)]
+    assert [tuple(m.weight.shape) for m in block if isinstance(m, torch.nn.Linear)] == [
+        (256, 1024),
+        (1024, 256),
+    ]
     assert all(m.bias is None for m in block if isinstance(m, torch.nn.Linear))
     assert (block(torch.randn(3, 1024)) >= 0).all()  # the final ReLU of the released code
 
 
-@pytest.mark.parametrize("variant,trainable", [("visual", {"visual"}), ("text", {"text"}), ("both", {"visual", "text"})])
+@pytest.mark.parametrize(
+    "variant,trainable", [("visual", {"visual"}), ("text", {"text"}), ("both", {"visual", "text"})]
+)
 def test_variants_train_only_their_adapters(inputs, variant, trainable):
     adapter = CLIPAdapter(inputs[1], 100.0, variant=variant)
     assert {n.split(".")[0] for n, _ in adapter.named_parameters()} == trainable
@@ -40,8 +45,8 @@ def test_residual_blend_follows_the_paper(inputs):
     f, w = inputs
     alpha, beta, scale = 0.3, 0.7, 50.0
     adapter = CLIPAdapter(w, scale, alpha=alpha, beta=beta, variant="both")
-    f_star = alpha * adapter.visual(f) + (1 - alpha) * f           # eq. (2)/(4)
-    w_star = beta * adapter.text(w) + (1 - beta) * w              # eq. (5)/(7)
+    f_star = alpha * adapter.visual(f) + (1 - alpha) * f  # eq. (2)/(4)
+    w_star = beta * adapter.text(w) + (1 - beta) * w  # eq. (5)/(7)
     expected = scale * F.normalize(f_star, dim=-1) @ F.normalize(w_star, dim=-1).T
     torch.testing.assert_close(adapter(f), expected)
     assert not torch.allclose(adapter(f), zero_shot_logits(f, w, scale))

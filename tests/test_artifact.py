@@ -11,9 +11,17 @@ from clip_adapter.backbone import TINY, BackboneError, load_backbone, weights_id
 def adapter_and_meta(width, text=None, **config):
     text = torch.randn(3, width) if text is None else text
     method = make("clip-adapter", text, 14.3, **{"alpha": 0.4, **config})
-    meta = AdapterMeta(method="clip-adapter", config=method.config(), backbone=TINY, weights="random",
-                       weights_id=weights_identity("random"), classnames=["red", "green", "blue"],
-                       template="a photo of a {}.", logit_scale=14.3, dataset="colours")
+    meta = AdapterMeta(
+        method="clip-adapter",
+        config=method.config(),
+        backbone=TINY,
+        weights="random",
+        weights_id=weights_identity("random"),
+        classnames=["red", "green", "blue"],
+        template="a photo of a {}.",
+        logit_scale=14.3,
+        dataset="colours",
+    )
     return method.eval(), text, meta
 
 
@@ -41,6 +49,7 @@ def test_classifier_reproduces_the_random_backbone_and_predicts(tmp_path, tiny, 
     # The oracle is open_clip's own test transform (ToTensor + Normalize in one), not ca-flow's split one.
     import open_clip
     from PIL import Image
+
     _, _, test_transform = open_clip.create_model_and_transforms(TINY, pretrained=None)
     expected = adapter(tiny.encode_images(test_transform(Image.open(image).convert("RGB"))[None])).softmax(-1)
     torch.testing.assert_close(clf.probabilities([image]), expected)
@@ -49,6 +58,7 @@ def test_classifier_reproduces_the_random_backbone_and_predicts(tmp_path, tiny, 
 def test_weights_file_must_be_the_one_trained_on(tmp_path, tiny):
     weights = tmp_path / "w.safetensors"
     from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(weights))
     method, text, meta = adapter_and_meta(tiny.width)
     meta.weights, meta.weights_id = str(weights), weights_identity(str(weights))

@@ -4,6 +4,7 @@ sweep, then the link the sweep printed, opened on `ca-flow ui` (a local store) o
 What a page shows is its text once Chromium has run its scripts. Needs chromium: skipped without it,
 except under CI=true, where missing it is a failure (.ci/run installs it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,27 @@ from clip_adapter.backbone import TINY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # CLIP-Adapter at two alphas and zero-shot: three trial runs under one parent.
-SWEEP = ["sweep", "--backbone", TINY, "--pretrained", "random", "--datasets", "textile", "--shots", "1",
-         "--seeds", "1", "--alphas", "0.2,0.6", "--augment-views", "2", "--epochs", "3", "--experiment", "first"]
+SWEEP = [
+    "sweep",
+    "--backbone",
+    TINY,
+    "--pretrained",
+    "random",
+    "--datasets",
+    "textile",
+    "--shots",
+    "1",
+    "--seeds",
+    "1",
+    "--alphas",
+    "0.2,0.6",
+    "--augment-views",
+    "2",
+    "--epochs",
+    "3",
+    "--experiment",
+    "first",
+]
 TRIALS = 3
 LINK = re.compile(r"^runs: (\S+)", re.M)
 VIEW_PATH = re.compile(r"^http://127\.0\.0\.1:\d+(/#/experiments/\d+/runs\?viewStateShareKey=ca-flow)$")
@@ -59,10 +79,23 @@ def work(tmp_path_factory):
 
 def render(url: str, profile: Path, budget_ms: int = 20000) -> str:
     """The page as headless Chromium leaves it once its scripts are done: visible text, tags removed."""
-    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           f"--user-data-dir={profile}", "--window-size=2400,1400",
-                           f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
-                          capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            "--window-size=2400,1400",
+            f"--virtual-time-budget={budget_ms}",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0 and done.stdout, f"chromium exited {done.returncode}:\n{done.stderr[-2000:]}"
     dom = re.sub(r"<script.*?</script>|<style.*?</style>", " ", done.stdout, flags=re.S)
     return html.unescape(" ".join(re.sub(r"<[^>]+>", " ", dom).split()))
@@ -82,8 +115,11 @@ def sweep_once(work: dict, *extra: str) -> tuple[str, str]:
     done = run_cli(SWEEP + ["--cache-dir", work["cache"], *extra], work["env"], work["work"], timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # A successful sweep says nothing that reads as an error (Ray's C++ log lines carry " E " or " W ").
-    noise = [line for line in (done.stdout + done.stderr).splitlines()
-             if re.search(r"\berror\b|warning|traceback|^\[[^]]* [EW] \d+ \d+\]", line, re.I)]
+    noise = [
+        line
+        for line in (done.stdout + done.stderr).splitlines()
+        if re.search(r"\berror\b|warning|traceback|^\[[^]]* [EW] \d+ \d+\]", line, re.I)
+    ]
     assert not noise, noise
     links = LINK.findall(done.stdout)
     assert len(links) == 1, done.stdout
@@ -106,7 +142,9 @@ def assert_shows_the_sweep(text: str, runs: list) -> None:
     assert not missing, (missing, text[:3000])
     for column in ("Metrics", "Parameters", "val_acc", "test_acc", "zs_test_acc", "shots", "seed", "alpha"):
         assert column in text, (column, text[:3000])
-    assert "dataset: textile" in text and "method: clip-adapter" in text and "method: zero-shot" in text, text[:3000]
+    assert "dataset: textile" in text and "method: clip-adapter" in text and "method: zero-shot" in text, (
+        text[:3000]
+    )
     digest = runs[0].inputs.dataset_inputs[0].dataset.digest
     assert f"textile ({digest})" in text, text[:3000]
 
@@ -116,8 +154,12 @@ def start_ui(work: dict, log_dir: Path, *args: str):
     (its Proc, the link it printed)."""
     for attempt in range(3):
         port = free_port()
-        proc = ca_flow(["ui", "--port", str(port), *args], log_dir / f"ui-{attempt}.log", work["env"], work["work"])
-        printed = wait_for("ca-flow ui's link", lambda: "Ctrl-C stops it." in proc.output() or not proc.alive(), 240)
+        proc = ca_flow(
+            ["ui", "--port", str(port), *args], log_dir / f"ui-{attempt}.log", work["env"], work["work"]
+        )
+        printed = wait_for(
+            "ca-flow ui's link", lambda: "Ctrl-C stops it." in proc.output() or not proc.alive(), 240
+        )
         assert printed
         if proc.alive():
             return proc, LINK.findall(proc.output())[0]
@@ -138,7 +180,10 @@ def test_first_sweep_prints_a_link_that_ca_flow_ui_opens_on_the_runs(work, tmp_p
     port = int(printed.split(":")[2].split("/")[0])
     try:
         # The same page, on the port this UI listens on.
-        assert VIEW_PATH.match(printed) and VIEW_PATH.match(printed).group(1) == path.group(1), (printed, link)
+        assert VIEW_PATH.match(printed) and VIEW_PATH.match(printed).group(1) == path.group(1), (
+            printed,
+            link,
+        )
         text = render_until(printed, tmp_path / "p1", *(r.info.run_name for r in runs))
         assert_shows_the_sweep(text, runs)
         # Without the link the UI opens the same experiment on its training runs (one parent row, folded).
@@ -165,7 +210,9 @@ def test_sweep_to_a_tracking_server_prints_a_link_that_opens_its_runs(work, tmp_
     logs.mkdir()
     with mlflow_server(tmp_path / "server.db", tmp_path / "artifacts", logs, work["env"], logs) as (url, _):
         link, _ = sweep_once(work, "--tracking-uri", url)  # a new experiment, made through the server
-        assert link.startswith(f"{url}/#/experiments/") and link.endswith("/runs?viewStateShareKey=ca-flow"), link
+        assert link.startswith(f"{url}/#/experiments/") and link.endswith(
+            "/runs?viewStateShareKey=ca-flow"
+        ), link
         runs = trial_runs(url)
         assert len(runs) == TRIALS
         text = render_until(link, tmp_path / "p", *(r.info.run_name for r in runs))
@@ -173,4 +220,3 @@ def test_sweep_to_a_tracking_server_prints_a_link_that_opens_its_runs(work, tmp_
         # A server has its own UI: `ca-flow ui` prints its link and returns.
         done = run_cli(["ui", "--tracking-uri", url], work["env"], work["work"], timeout=120)
         assert done.returncode == 0 and last_line(done.stdout) == f"runs: {link}", done.stdout + done.stderr
-

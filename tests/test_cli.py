@@ -1,6 +1,7 @@
 """End to end through the real CLI: real textile images, a real local Ray, a real MLflow store,
 then `mlflow models serve` answering like `ca-flow predict`. Oracles are recomputed here from what
 MLflow holds, never with the product's own selection functions."""
+
 import base64
 import json
 import os
@@ -21,8 +22,26 @@ from workflows.cli import app
 
 runner = CliRunner()
 SHOTS, SEEDS, ALPHAS = [1, 2], [1, 2], [0.2, 0.6]
-PARAMS = {"dataset", "method", "shots", "seed", "alpha", "beta", "adapter", "backbone", "weights", "epochs", "lr",
-          "batch_size", "views", "n_train", "n_val", "n_test", "train_per_class_min", "train_per_class_max"}
+PARAMS = {
+    "dataset",
+    "method",
+    "shots",
+    "seed",
+    "alpha",
+    "beta",
+    "adapter",
+    "backbone",
+    "weights",
+    "epochs",
+    "lr",
+    "batch_size",
+    "views",
+    "n_train",
+    "n_val",
+    "n_test",
+    "train_per_class_min",
+    "train_per_class_max",
+}
 TRIALS = 2 * len(SHOTS) * len(SEEDS) * len(ALPHAS) + 2 * len(SEEDS)  # CLIP-Adapter grid + zero-shot per seed
 
 
@@ -40,24 +59,54 @@ def swept(tmp_path_factory, colour_root, ray_local, textile_features):
     old = os.getcwd()
     os.chdir(work)
     try:
-        result = runner.invoke(app, [
-            "sweep", "--datasets", "textile,colours", "--data-root", str(data), "--backbone", TINY,
-            "--pretrained", "random", "--shots", ",".join(map(str, SHOTS)), "--seeds", ",".join(map(str, SEEDS)),
-            "--alphas", ",".join(map(str, ALPHAS)), "--augment-views", "2", "--cache-dir", str(work / "cache")])
+        result = runner.invoke(
+            app,
+            [
+                "sweep",
+                "--datasets",
+                "textile,colours",
+                "--data-root",
+                str(data),
+                "--backbone",
+                TINY,
+                "--pretrained",
+                "random",
+                "--shots",
+                ",".join(map(str, SHOTS)),
+                "--seeds",
+                ",".join(map(str, SEEDS)),
+                "--alphas",
+                ",".join(map(str, ALPHAS)),
+                "--augment-views",
+                "2",
+                "--cache-dir",
+                str(work / "cache"),
+            ],
+        )
     finally:
         os.chdir(old)
     assert result.exit_code == 0, result.output + result.stderr
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    return dict(work=work, data=data, result=result, uri=uri, client=MlflowClient(uri), corrupt=corrupt.path,
-                corrupt_label=split.classnames[0])
+    return dict(
+        work=work,
+        data=data,
+        result=result,
+        uri=uri,
+        client=MlflowClient(uri),
+        corrupt=corrupt.path,
+        corrupt_label=split.classnames[0],
+    )
 
 
 def runs_of(swept):
     client = swept["client"]
     exp = client.get_experiment_by_name("ca-flow")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    return exp, [r for r in runs if "mlflow.parentRunId" not in r.data.tags], \
-        [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return (
+        exp,
+        [r for r in runs if "mlflow.parentRunId" not in r.data.tags],
+        [r for r in runs if "mlflow.parentRunId" in r.data.tags],
+    )
 
 
 def test_unreadable_sampled_train_image_is_reported_and_left_out(swept):
@@ -65,9 +114,16 @@ def test_unreadable_sampled_train_image_is_reported_and_left_out(swept):
     assert f"skipping unreadable image {swept['corrupt']}: cannot decode image" in out
     assert f"{TRIALS} trials, 0 failed" in out
     _, _, children = runs_of(swept)
-    hit = [r for r in children if r.data.params["dataset"] == "colours" and r.data.params["shots"] == "1"
-           and r.data.params["seed"] == "1"]
-    assert hit and all(r.data.params["n_train"] == "2" and r.data.params["train_per_class_min"] == "0" for r in hit)
+    hit = [
+        r
+        for r in children
+        if r.data.params["dataset"] == "colours"
+        and r.data.params["shots"] == "1"
+        and r.data.params["seed"] == "1"
+    ]
+    assert hit and all(
+        r.data.params["n_train"] == "2" and r.data.params["train_per_class_min"] == "0" for r in hit
+    )
 
 
 def test_mlflow_has_parent_and_one_child_per_grid_point(swept):
@@ -87,7 +143,10 @@ def test_mlflow_has_parent_and_one_child_per_grid_point(swept):
         assert not {"n_train", "n_val", "n_test"} & set(m)  # counts are params, not metrics
         assert 0 < m["trial_seconds"] < (run.info.end_time - run.info.start_time) / 1000 + 1
         assert t["mlflow.parentRunId"] == parent.info.run_id
-        assert t["ca_flow.sweep_id"] == parent.data.tags["ca_flow.sweep_id"] and len(t["ca_flow.trial_key"]) == 16
+        assert (
+            t["ca_flow.sweep_id"] == parent.data.tags["ca_flow.sweep_id"]
+            and len(t["ca_flow.trial_key"]) == 16
+        )
         assert t["ca_flow.random_weights"] == "true" and t["ca_flow.attempt"] == "1"
         epochs = int(p["epochs"])
         assert epochs == (50 if p["shots"] == "1" else 100)  # CoOp's schedule by shots
@@ -98,13 +157,25 @@ def test_mlflow_has_parent_and_one_child_per_grid_point(swept):
         files = {a.path for a in swept["client"].list_artifacts(run.info.run_id, "adapter")}
         assert files == {"adapter/adapter.safetensors", "adapter/adapter.json"}
         points.add((p["dataset"], int(p["shots"]), int(p["seed"]), float(p["alpha"])))
-    assert points == {(d, k, s, a) for d in ("textile", "colours") for k in SHOTS for s in SEEDS for a in ALPHAS}
+    assert points == {
+        (d, k, s, a) for d in ("textile", "colours") for k in SHOTS for s in SEEDS for a in ALPHAS
+    }
     # The parent: plain-string grid params that no child param shares, a summary, a description, the spec.
     pp = parent.data.params
-    assert pp["grid.shots"] == "1,2" and pp["grid.alphas"] == "0.2,0.6" and pp["grid.datasets"] == "textile,colours"
+    assert (
+        pp["grid.shots"] == "1,2"
+        and pp["grid.alphas"] == "0.2,0.6"
+        and pp["grid.datasets"] == "textile,colours"
+    )
     assert not set(pp) & set(children[0].data.params)
-    best = max((r for r in children if r.data.params["dataset"] == "colours"
-                and r.data.params["method"] == "clip-adapter"), key=lambda r: r.data.metrics["val_acc"])
+    best = max(
+        (
+            r
+            for r in children
+            if r.data.params["dataset"] == "colours" and r.data.params["method"] == "clip-adapter"
+        ),
+        key=lambda r: r.data.metrics["val_acc"],
+    )
     assert parent.data.metrics["best_val_acc.colours.clip-adapter"] == best.data.metrics["val_acc"]
     assert "ca-flow sweep" in parent.data.tags["mlflow.note.content"]
     assert "sweep.toml" in {a.path for a in swept["client"].list_artifacts(parent.info.run_id)}
@@ -126,14 +197,20 @@ def test_results_parquet_and_summary_match_mlflow(swept):
 
 def oracle(frame):
     """Per (dataset, shots): mean and std over seeds of test_acc at the best val_acc, ties to lower alpha."""
-    picked = frame.sort_values(["val_acc", "alpha"], ascending=[False, True]).groupby(["dataset", "shots", "seed"]).head(1)
+    picked = (
+        frame.sort_values(["val_acc", "alpha"], ascending=[False, True])
+        .groupby(["dataset", "shots", "seed"])
+        .head(1)
+    )
     return picked.groupby(["dataset", "shots"])["test_acc"].agg(["mean", "std"]) * 100
 
 
 def expected_cells(frame):
     stats = oracle(frame)
-    return {d: [f"{stats.loc[(d, k), 'mean']:.2f} +- {stats.loc[(d, k), 'std']:.2f}" for k in SHOTS]
-            for d in sorted(set(frame["dataset"]))}
+    return {
+        d: [f"{stats.loc[(d, k), 'mean']:.2f} +- {stats.loc[(d, k), 'std']:.2f}" for k in SHOTS]
+        for d in sorted(set(frame["dataset"]))
+    }
 
 
 def test_report_csv_is_numbers_recomputed_from_mlflow_and_figure_is_logged(swept):
@@ -142,24 +219,49 @@ def test_report_csv_is_numbers_recomputed_from_mlflow_and_figure_is_logged(swept
     assert result.exit_code == 0, result.output + result.stderr
     assert "not comparable" in result.output  # a random tiny backbone is not RN50 + OpenAI
     _, parents, children = runs_of(swept)
-    from_mlflow = pd.DataFrame([dict(dataset=r.data.params["dataset"], method=r.data.params["method"],
-                                     shots=int(r.data.params["shots"]), seed=int(r.data.params["seed"]),
-                                     alpha=float(r.data.params["alpha"]) if "alpha" in r.data.params else 0.0,
-                                     val_acc=r.data.metrics["val_acc"], test_acc=r.data.metrics["test_acc"])
-                                for r in children])
+    from_mlflow = pd.DataFrame(
+        [
+            dict(
+                dataset=r.data.params["dataset"],
+                method=r.data.params["method"],
+                shots=int(r.data.params["shots"]),
+                seed=int(r.data.params["seed"]),
+                alpha=float(r.data.params["alpha"]) if "alpha" in r.data.params else 0.0,
+                val_acc=r.data.metrics["val_acc"],
+                test_acc=r.data.metrics["test_acc"],
+            )
+            for r in children
+        ]
+    )
     (sweep_dir,) = out_dir.iterdir()
     table = pd.read_csv(sweep_dir / "table.csv")
-    assert list(table.columns) == ["method", "dataset", "shots", "mean", "std", "n_seeds", "protocol", "test_selected"]
+    assert list(table.columns) == [
+        "method",
+        "dataset",
+        "shots",
+        "mean",
+        "std",
+        "n_seeds",
+        "protocol",
+        "test_selected",
+    ]
     assert table["mean"].dtype.kind == "f" and table["n_seeds"].dtype.kind == "i"
     assert set(table["protocol"]) == {"few-shot"} and not table["test_selected"].any()
     rows = table.set_index(["method", "dataset", "shots"])
     for (dataset, shots), row in oracle(from_mlflow[from_mlflow["method"] == "clip-adapter"]).iterrows():
         got = rows.loc[("clip-adapter", dataset, shots)]
-        assert got["mean"] == pytest.approx(row["mean"], abs=1e-3) and got["std"] == pytest.approx(row["std"], abs=1e-3)
+        assert got["mean"] == pytest.approx(row["mean"], abs=1e-3) and got["std"] == pytest.approx(
+            row["std"], abs=1e-3
+        )
         assert got["n_seeds"] == len(SEEDS)
-    zs = from_mlflow[from_mlflow["method"] == "zero-shot"].groupby("dataset")["test_acc"].agg(["mean", "std"]) * 100
+    zs = (
+        from_mlflow[from_mlflow["method"] == "zero-shot"].groupby("dataset")["test_acc"].agg(["mean", "std"])
+        * 100
+    )
     for dataset, row in zs.iterrows():  # zero-shot fits nothing: the same figure in every shots column
-        assert rows.loc[("zero-shot", dataset)]["mean"].tolist() == pytest.approx([row["mean"]] * len(SHOTS), abs=1e-3)
+        assert rows.loc[("zero-shot", dataset)]["mean"].tolist() == pytest.approx(
+            [row["mean"]] * len(SHOTS), abs=1e-3
+        )
     assert (sweep_dir / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logged = {a.path for a in swept["client"].list_artifacts(parents[0].info.run_id, "report")}
     assert logged == {"report/table.md", "report/table.csv", "report/figure.png"}
@@ -181,9 +283,20 @@ def promoted(swept):
 
 def best_by_rule(children, dataset):
     """The documented rule, written out here: best val_acc; ties more shots, lower seed, lower alpha."""
-    mine = [r for r in children if r.data.params["dataset"] == dataset and r.data.params["method"] == "clip-adapter"]
-    return sorted(mine, key=lambda r: (-r.data.metrics["val_acc"], -int(r.data.params["shots"]),
-                                       int(r.data.params["seed"]), float(r.data.params["alpha"])))[0]
+    mine = [
+        r
+        for r in children
+        if r.data.params["dataset"] == dataset and r.data.params["method"] == "clip-adapter"
+    ]
+    return sorted(
+        mine,
+        key=lambda r: (
+            -r.data.metrics["val_acc"],
+            -int(r.data.params["shots"]),
+            int(r.data.params["seed"]),
+            float(r.data.params["alpha"]),
+        ),
+    )[0]
 
 
 def test_promote_registers_the_val_best_with_evidence_once(promoted):
@@ -201,6 +314,7 @@ def test_promote_registers_the_val_best_with_evidence_once(promoted):
     dry = runner.invoke(app, ["promote", "--tracking-uri", uri, "--dry-run", "--alias", "staging"])
     assert dry.exit_code == 0 and "would register" in dry.output
     from mlflow.exceptions import MlflowException
+
     with pytest.raises(MlflowException, match="staging"):
         client.get_model_version_by_alias("clip-adapter-colours", "staging")
 
@@ -210,14 +324,28 @@ def _independent_top(promoted, image, k=2):
     from oracles import clip_adapter_top
 
     version = promoted["client"].get_model_version_by_alias("clip-adapter-colours", "champion")
-    folder = promoted["client"].download_artifacts(version.run_id, "adapter", str(promoted["work"] / "oracle"))
+    folder = promoted["client"].download_artifacts(
+        version.run_id, "adapter", str(promoted["work"] / "oracle")
+    )
     return clip_adapter_top(folder, image, k)
 
 
 def test_predict_equals_the_adapter_files_read_directly(promoted):
     image = str(next((promoted["data"] / "colours" / "green").glob("*_01*.png")))
-    result = runner.invoke(app, ["predict", "--dataset", "colours", "--tracking-uri", promoted["uri"], "--top-k", "2",
-                                 "--json", image])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            "--dataset",
+            "colours",
+            "--tracking-uri",
+            promoted["uri"],
+            "--top-k",
+            "2",
+            "--json",
+            image,
+        ],
+    )
     assert result.exit_code == 0, result.output + result.stderr
     (got,) = json.loads(result.stdout)["predictions"]
     want = _independent_top(promoted, image)
@@ -227,7 +355,9 @@ def test_predict_equals_the_adapter_files_read_directly(promoted):
 
 @pytest.mark.slow
 def test_served_model_takes_base64_and_top_k_and_refuses_paths(promoted, tmp_path):
-    images = [str(next((promoted["data"] / "colours" / c).glob("*_01*.png"))) for c in ("red", "green", "blue")]
+    images = [
+        str(next((promoted["data"] / "colours" / c).glob("*_01*.png"))) for c in ("red", "green", "blue")
+    ]
     env = dict(os.environ, MLFLOW_TRACKING_URI=promoted["uri"])
     with model_server("models:/clip-adapter-colours@champion", tmp_path, env, tmp_path) as server:
         url = f"{server}/invocations"
@@ -241,14 +371,23 @@ def test_served_model_takes_base64_and_top_k_and_refuses_paths(promoted, tmp_pat
         # line, after what MLflow's scoring server puts before it ("Failed to predict data ...").
         code, body = _post(url, {"dataframe_records": [{"image": "/etc/passwd"}]}, expect_error=True)
         assert code == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
-        assert body["message"].splitlines()[-1].startswith("Error: row 0: 'image' is not base64-encoded image bytes")
-        code, body = _post(url, {"dataframe_records": [{"image": base64.b64encode(b"not an image").decode()}]},
-                           expect_error=True)
-        assert code == 400 and body["message"].splitlines()[-1].startswith("Error: row 0: cannot decode image")
+        assert (
+            body["message"]
+            .splitlines()[-1]
+            .startswith("Error: row 0: 'image' is not base64-encoded image bytes")
+        )
+        code, body = _post(
+            url,
+            {"dataframe_records": [{"image": base64.b64encode(b"not an image").decode()}]},
+            expect_error=True,
+        )
+        assert code == 400 and body["message"].splitlines()[-1].startswith(
+            "Error: row 0: cannot decode image"
+        )
         code, body = _post(url, {"dataframe_records": records[:1], "params": {"top_k": 0}}, expect_error=True)
-        assert code == 400 and body["message"].splitlines()[-1] == "Error: top_k must be an integer >= 1, got 0"
-
-
+        assert (
+            code == 400 and body["message"].splitlines()[-1] == "Error: top_k must be an integer >= 1, got 0"
+        )
 
 
 def _post(url, document, expect_error=False):

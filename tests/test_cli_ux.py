@@ -5,6 +5,7 @@ One small real sweep (the real CLI, in its own process, on the real textile imag
 module; everything else reads or drives that store through CliRunner and the real CLI. Oracles come
 from what MLflow holds, read with MLflow's own client or its REST API.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,27 @@ runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS, SEEDS, ALPHAS = [1, 2], [1, 2], [0.2, 0.6]
 TRIALS = len(SHOTS) * len(SEEDS) * len(ALPHAS) + len(SEEDS)  # CLIP-Adapter grid + zero-shot once per seed
-SWEEP = ["sweep", "--backbone", TINY, "--pretrained", "random", "--datasets", "textile", "--shots", "1,2",
-         "--seeds", "1,2", "--alphas", "0.2,0.6", "--augment-views", "2", "--epochs", "3", "--experiment", "demo"]
+SWEEP = [
+    "sweep",
+    "--backbone",
+    TINY,
+    "--pretrained",
+    "random",
+    "--datasets",
+    "textile",
+    "--shots",
+    "1,2",
+    "--seeds",
+    "1,2",
+    "--alphas",
+    "0.2,0.6",
+    "--augment-views",
+    "2",
+    "--epochs",
+    "3",
+    "--experiment",
+    "demo",
+]
 HEAVY = ("torch", "ray", "mlflow")
 
 
@@ -49,8 +69,18 @@ def store(tmp_path_factory, textile_features):
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return dict(work=work, env=env, uri=uri, client=client, exp=exp, parent=parent, children=children,
-                args=args, sweep_id=parent.data.tags["ca_flow.sweep_id"], stdout=done.stdout)
+    return dict(
+        work=work,
+        env=env,
+        uri=uri,
+        client=client,
+        exp=exp,
+        parent=parent,
+        children=children,
+        args=args,
+        sweep_id=parent.data.tags["ca_flow.sweep_id"],
+        stdout=done.stdout,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -76,19 +106,35 @@ def one_document(stdout: str):
 
 # -- --config: a sweep file ---------------------------------------------------------------------------
 
+
 def test_config_lists_as_arrays_and_flags_override(elsewhere):
     config = elsewhere / "sweep.toml"
-    config.write_text(f'datasets = ["textile"]\nbackbone = "{TINY}"\npretrained = "random"\nshots = [1, 2]\n'
-                      'seeds = [1, 2, 3]\nalphas = [0.2, 0.6]\nmethods = ["clip-adapter", "zero-shot"]\n'
-                      'augment_views = 2\nexperiment = "from-file"\n')
-    result = invoke(["sweep", "--config", str(config), "--seeds", "7", "--dry-run", "--json",
-                     "--cache-dir", str(elsewhere / "cache")])
+    config.write_text(
+        f'datasets = ["textile"]\nbackbone = "{TINY}"\npretrained = "random"\nshots = [1, 2]\n'
+        'seeds = [1, 2, 3]\nalphas = [0.2, 0.6]\nmethods = ["clip-adapter", "zero-shot"]\n'
+        'augment_views = 2\nexperiment = "from-file"\n'
+    )
+    result = invoke(
+        [
+            "sweep",
+            "--config",
+            str(config),
+            "--seeds",
+            "7",
+            "--dry-run",
+            "--json",
+            "--cache-dir",
+            str(elsewhere / "cache"),
+        ]
+    )
     assert result.exit_code == 0, result.output + result.stderr
     plan = one_document(result.stdout)
     spec = plan["spec"]
     assert spec["shots"] == [1, 2] and spec["alphas"] == [0.2, 0.6] and spec["augment_views"] == 2  # the file
     assert spec["seeds"] == [7] and spec["experiment"] == "from-file"  # the flag wins over the file
-    assert plan["trials"] == 2 * 2 * 1 + 1 and plan["per_dataset"] == {"textile": {"clip-adapter": 4, "zero-shot": 1}}
+    assert plan["trials"] == 2 * 2 * 1 + 1 and plan["per_dataset"] == {
+        "textile": {"clip-adapter": 4, "zero-shot": 1}
+    }
 
 
 def test_config_unknown_key_is_an_error_naming_it(elsewhere):
@@ -97,7 +143,10 @@ def test_config_unknown_key_is_an_error_naming_it(elsewhere):
     result = invoke(["sweep", "--config", str(config), "--dry-run"])
     assert result.exit_code != 0
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: config file {config}: unknown key 'augment-views'") and "augment_views" in line
+    assert (
+        line.startswith(f"error: config file {config}: unknown key 'augment-views'")
+        and "augment_views" in line
+    )
     assert not (elsewhere / "mlflow.db").exists()
 
 
@@ -113,8 +162,9 @@ def test_logged_sweep_toml_reproduces_the_grid(store, elsewhere):
     assert a["trials"] == b["trials"] == TRIALS and a["per_dataset"] == b["per_dataset"]
     assert a["spec"] == json.loads(parent.data.tags["ca_flow.spec"])  # the spec the sweep ran, resolved
     # the flags again here differ only where the default comes from this process (its HOME)
-    assert {k: v for k, v in a["spec"].items() if k != "data_root"} == {k: v for k, v in b["spec"].items()
-                                                                         if k != "data_root"}
+    assert {k: v for k, v in a["spec"].items() if k != "data_root"} == {
+        k: v for k, v in b["spec"].items() if k != "data_root"
+    }
     assert a["images"]["textile"]["to_encode"] == 0  # the same feature store: nothing to encode again
     # The same trial keys as the runs the sweep made: `ca-flow sweep --config` of the file finds them.
     keys = {t.key for t in grid(build_spec(logged, {}), ["textile"])}
@@ -123,8 +173,15 @@ def test_logged_sweep_toml_reproduces_the_grid(store, elsewhere):
 
 def test_shipped_examples_parse_and_validate():
     demo = build_spec(ROOT / "examples" / "demo.toml", {})
-    assert (demo.datasets, demo.backbone, demo.pretrained, demo.experiment) == ("textile", TINY, "random", "demo")
-    assert demo.shots == [1, 2, 4, 8] and demo.seeds == [1, 2] and demo.alphas == [0.2, 0.6]  # scripts/demo.sh's
+    assert (demo.datasets, demo.backbone, demo.pretrained, demo.experiment) == (
+        "textile",
+        TINY,
+        "random",
+        "demo",
+    )
+    assert (
+        demo.shots == [1, 2, 4, 8] and demo.seeds == [1, 2] and demo.alphas == [0.2, 0.6]
+    )  # scripts/demo.sh's
     paper = build_spec(ROOT / "examples" / "paper.toml", {})
     from clip_adapter.datasets import REGISTRY
     from clip_adapter.methods import NAMES
@@ -132,19 +189,33 @@ def test_shipped_examples_parse_and_validate():
 
     names = paper.datasets.split(",")
     assert len(names) == 11 and set(names) == set(ALL_11) and set(names) <= set(REGISTRY)
-    assert paper.shots == [1, 2, 4, 8, 16] and paper.seeds == [1, 2, 3] and sorted(paper.methods) == sorted(NAMES)
+    assert (
+        paper.shots == [1, 2, 4, 8, 16]
+        and paper.seeds == [1, 2, 3]
+        and sorted(paper.methods) == sorted(NAMES)
+    )
     assert comparable_to_paper(paper.backbone, paper.pretrained) is None  # `report --paper` compares it
     assert paper.epochs is None  # CoOp's schedule by shots
 
 
 def test_demo_toml_dry_runs(elsewhere):
-    result = invoke(["sweep", "--config", str(ROOT / "examples" / "demo.toml"), "--dry-run", "--json",
-                     "--cache-dir", str(elsewhere / "cache")])
+    result = invoke(
+        [
+            "sweep",
+            "--config",
+            str(ROOT / "examples" / "demo.toml"),
+            "--dry-run",
+            "--json",
+            "--cache-dir",
+            str(elsewhere / "cache"),
+        ]
+    )
     assert result.exit_code == 0, result.output + result.stderr
     assert one_document(result.stdout)["per_dataset"] == {"textile": {"clip-adapter": 16, "zero-shot": 2}}
 
 
 # -- --json: one document on stdout, nothing else there ------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def promoted(store):
@@ -161,12 +232,15 @@ def textile_image() -> str:
 
 def json_args(verb, s, out: Path, colour_root: Path) -> list[str]:
     uri = ["--tracking-uri", s["uri"]]
-    return {"datasets": ["datasets", "--data-root", str(colour_root)],
-            "sweeps": ["sweeps", *uri], "status": ["status", *uri],
-            "promote": ["promote", "--dry-run", *uri],
-            "predict": ["predict", "--dataset", "textile", *uri, textile_image()],
-            "report": ["report", *uri, "--out", str(out)],
-            "sweep --dry-run": s["args"] + ["--dry-run"]}[verb] + ["--json"]
+    return {
+        "datasets": ["datasets", "--data-root", str(colour_root)],
+        "sweeps": ["sweeps", *uri],
+        "status": ["status", *uri],
+        "promote": ["promote", "--dry-run", *uri],
+        "predict": ["predict", "--dataset", "textile", *uri, textile_image()],
+        "report": ["report", *uri, "--out", str(out)],
+        "sweep --dry-run": s["args"] + ["--dry-run"],
+    }[verb] + ["--json"]
 
 
 def check_document(verb, doc, s, colour_root):
@@ -190,8 +264,9 @@ def check_document(verb, doc, s, colour_root):
         assert all(0 <= t["score"] <= 1 for t in p["top"])
     elif verb == "report":
         assert doc["sweep_id"] == s["sweep_id"] and doc["unit"] == "test accuracy, %"
-        assert {(r["method"], r["shots"]) for r in doc["rows"]} == {(m, k) for m in ("clip-adapter", "zero-shot")
-                                                                     for k in SHOTS}
+        assert {(r["method"], r["shots"]) for r in doc["rows"]} == {
+            (m, k) for m in ("clip-adapter", "zero-shot") for k in SHOTS
+        }
         assert all(isinstance(r["mean"], float) and r["n_seeds"] == len(SEEDS) for r in doc["rows"])
     elif verb == "sweep --dry-run":
         assert doc["trials"] == TRIALS and doc["spec"]["experiment"] == "demo"
@@ -226,6 +301,7 @@ def test_promote_json_is_one_document(promoted):
 
 # -- Typer's conventions -----------------------------------------------------------------------------
 
+
 def test_version():
     result = invoke(["--version"])
     assert result.exit_code == 0 and result.stdout == f"ca-flow {version('ca-flow')}\n"
@@ -248,8 +324,13 @@ def flat(text: str) -> str:
 def test_completion_is_on():
     text = flat(invoke(["-h"]).stdout)
     assert "--install-completion" in text and "--show-completion" in text
-    done = subprocess.run([CA_FLOW, "--show-completion", "bash"], capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, SHELL="/bin/bash"))
+    done = subprocess.run(
+        [CA_FLOW, "--show-completion", "bash"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, SHELL="/bin/bash"),
+    )
     assert done.returncode == 0 and "_CA_FLOW_COMPLETE" in done.stdout
 
 
@@ -273,9 +354,17 @@ def test_environment_variables_are_typer_envvars():
 def test_sweep_help_shows_the_defaults():
     # Help strings carry the defaults the spec fills in; rich markup must not eat "[default: ...]".
     text = flat(invoke(["sweep", "-h"], env={"COLUMNS": "200"}).stdout)
-    for default in ("[default: all]", "[default: 1,2,4,8,16]", "[default: 1,2,3]", "[default: clip-adapter,zero-shot]",
-                    "[default: 0.2,0.4,0.6,0.8]", "[default: RN50-quickgelu]", "[default: openai]", "[default: 10]",
-                    "[default: ca-flow]"):
+    for default in (
+        "[default: all]",
+        "[default: 1,2,4,8,16]",
+        "[default: 1,2,3]",
+        "[default: clip-adapter,zero-shot]",
+        "[default: 0.2,0.4,0.6,0.8]",
+        "[default: RN50-quickgelu]",
+        "[default: openai]",
+        "[default: 10]",
+        "[default: ca-flow]",
+    ):
         assert default in text, default
 
 
@@ -288,7 +377,9 @@ def test_mlflow_tracking_uri_and_experiment_name_are_honoured(store):
     assert len(rows) == 1
     result = invoke(["sweeps", "--json"], env=dict(env, MLFLOW_EXPERIMENT_NAME="nope"))
     assert result.exit_code == 1 and "no experiment 'nope'" in result.stderr and not result.stdout
-    result = invoke(["promote", "--dry-run"], env=dict(env, MLFLOW_EXPERIMENT_NAME="nope"))  # over the latest sweep
+    result = invoke(
+        ["promote", "--dry-run"], env=dict(env, MLFLOW_EXPERIMENT_NAME="nope")
+    )  # over the latest sweep
     assert result.exit_code == 1 and "no experiment 'nope'" in result.stderr
     result = invoke([*store["args"], "--dry-run", "--json"], env=dict(env, MLFLOW_EXPERIMENT_NAME="from-env"))
     assert one_document(result.stdout)["spec"]["experiment"] == "demo"  # the flag wins over the variable
@@ -301,21 +392,60 @@ def test_ca_flow_data_root_is_honoured(colour_root, elsewhere):
     env = {"CA_FLOW_DATA_ROOT": str(colour_root)}
     doc = one_document(invoke(["datasets", "--json"], env=env).stdout)
     assert doc["data_root"] == str(colour_root) and "colours" in {d["name"] for d in doc["datasets"]}
-    result = invoke(["sweep", "--datasets", "colours", "--backbone", TINY, "--pretrained", "random", "--shots", "1",
-                     "--seeds", "1", "--alphas", "0.2", "--cache-dir", str(elsewhere / "cache"), "--dry-run", "--json"],
-                    env=env)
+    result = invoke(
+        [
+            "sweep",
+            "--datasets",
+            "colours",
+            "--backbone",
+            TINY,
+            "--pretrained",
+            "random",
+            "--shots",
+            "1",
+            "--seeds",
+            "1",
+            "--alphas",
+            "0.2",
+            "--cache-dir",
+            str(elsewhere / "cache"),
+            "--dry-run",
+            "--json",
+        ],
+        env=env,
+    )
     assert result.exit_code == 0, result.stderr
     plan = one_document(result.stdout)
     assert plan["spec"]["data_root"] == str(colour_root) and plan["per_dataset"] == {
-        "colours": {"clip-adapter": 1, "zero-shot": 1}}
+        "colours": {"clip-adapter": 1, "zero-shot": 1}
+    }
 
 
 def test_ray_address_is_honoured(elsewhere):
-    result = invoke(["sweep", "--datasets", "textile", "--backbone", TINY, "--pretrained", "random", "--shots", "1",
-                     "--seeds", "1", "--alphas", "0.2", "--cache-dir", str(elsewhere / "cache")],
-                    env={"RAY_ADDRESS": "ray://127.0.0.1:10001"})
+    result = invoke(
+        [
+            "sweep",
+            "--datasets",
+            "textile",
+            "--backbone",
+            TINY,
+            "--pretrained",
+            "random",
+            "--shots",
+            "1",
+            "--seeds",
+            "1",
+            "--alphas",
+            "0.2",
+            "--cache-dir",
+            str(elsewhere / "cache"),
+        ],
+        env={"RAY_ADDRESS": "ray://127.0.0.1:10001"},
+    )
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: --address ray://127.0.0.1:10001: Ray Client (ray://) cannot run Tune")
+    assert result.stderr.startswith(
+        "error: --address ray://127.0.0.1:10001: Ray Client (ray://) cannot run Tune"
+    )
     assert not (elsewhere / "mlflow.db").exists()
 
 
@@ -337,6 +467,7 @@ def test_report_and_promote_without_experiment_use_the_latest_sweeps(store, else
 
 # -- no heavy import before the arguments are checked -------------------------------------------------
 
+
 def probe(args, cwd, env=None):
     """(exit code, heavy modules loaded, stderr) of the real CLI in a fresh process: one of the
     module's batch (`probed`), all answered by forks of one process that imported only the CLI."""
@@ -350,8 +481,9 @@ PROBED: dict = {}
 def probed(tmp_path_factory, colour_root):
     cwd = tmp_path_factory.mktemp("probes")
     (cwd / "typo.toml").write_text("augment-views = 2\n")
-    cases = [[args, {}] for args, _ in ARGUMENT_ERRORS] + [[args, {"CA_FLOW_DATA_ROOT": str(colour_root)}]
-                                                           for args in LIGHT]
+    cases = [[args, {}] for args, _ in ARGUMENT_ERRORS] + [
+        [args, {"CA_FLOW_DATA_ROOT": str(colour_root)}] for args in LIGHT
+    ]
     PROBED.update(zip(map(json.dumps, cases), forked_cli([(args, env) for args, env in cases], cwd, HEAVY)))
 
 
@@ -392,6 +524,7 @@ def test_datasets_version_and_help_load_no_torch_ray_or_mlflow(args, colour_root
 
 # -- what MLflow holds --------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_experiment_is_set_up_for_model_training(store):
     assert store["exp"].tags["mlflow.experimentKind"] == "custom_model_development"
@@ -418,7 +551,9 @@ def test_counts_are_params_and_trial_seconds_is_a_metric_within_the_run(store):
     for run in store["children"]:
         p, m = run.data.params, run.data.metrics
         assert {"n_train", "n_val", "n_test"} <= set(p) and not {"n_train", "n_val", "n_test"} & set(m)
-        assert int(p["n_train"]) == int(p["shots"]) * 3 and int(p["n_val"]) == min(int(p["shots"]), 4) * 3  # 3 classes
+        assert (
+            int(p["n_train"]) == int(p["shots"]) * 3 and int(p["n_val"]) == min(int(p["shots"]), 4) * 3
+        )  # 3 classes
         assert int(p["n_test"]) == 600
         duration = (run.info.end_time - run.info.start_time) / 1000
         assert 0 < m["trial_seconds"] <= duration, (m["trial_seconds"], duration)  # one clock: no slack
@@ -478,6 +613,7 @@ def test_accuracies_are_fractions_in_mlflow(store):
 
 # -- the MLflow server and its UI ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
     logs = tmp_path_factory.mktemp("server")
@@ -487,8 +623,11 @@ def server(store, tmp_path_factory):
 
 
 def rest(url: str, path: str, body: dict | None = None) -> dict:
-    req = urllib.request.Request(url + path, json.dumps(body).encode() if body is not None else None,
-                                 {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + path,
+        json.dumps(body).encode() if body is not None else None,
+        {"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
@@ -497,7 +636,9 @@ def rest(url: str, path: str, body: dict | None = None) -> dict:
 def test_rest_api_shows_the_kind_the_tree_and_the_columns(store, server):
     exp = rest(server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=demo")["experiment"]
     assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
-    runs = rest(server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1000})
+    runs = rest(
+        server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1000}
+    )
     runs = runs["runs"]
     tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
     parents = [r for r in runs if "mlflow.parentRunId" not in tags[r["info"]["run_id"]]]

@@ -1,4 +1,5 @@
 """The 11 CoOp datasets: generated miniatures of each exact layout, parsed, found and sampled."""
+
 import io
 import json
 import os
@@ -23,34 +24,92 @@ JPEG = _buf.getvalue()
 
 # name: (folder, images under, split file, template, [(relative path pattern, name in the JSON)], prompt names)
 JSON_KINDS = {
-    "caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", "a photo of a {}.",
-                   [("accordion/image_{i:04d}.jpg", "accordion"), ("dollar_bill/image_{i:04d}.jpg", "dollar_bill"),
-                    ("Faces_easy/image_{i:04d}.jpg", "face")], ["accordion", "dollar bill", "face"]),
-    "oxford_pets": ("oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet.",
-                    [("Abyssinian_{i}.jpg", "abyssinian"), ("american_bulldog_{i}.jpg", "american_bulldog")],
-                    ["abyssinian", "american bulldog"]),
-    "stanford_cars": ("stanford_cars", "", "split_zhou_StanfordCars.json", "a photo of a {}.",
-                      [("cars_train/0{i:04d}.jpg", "2012 Tesla Model S"),
-                       ("cars_test/1{i:04d}.jpg", "AM General Hummer SUV 2000")],
-                      ["2012 Tesla Model S", "AM General Hummer SUV 2000"]),
-    "oxford_flowers": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", "a photo of a {}, a type of flower.",
-                       [("image_0{i:04d}.jpg", "pink primrose"), ("image_1{i:04d}.jpg", "hard-leaved pocket orchid")],
-                       ["pink primrose", "hard-leaved pocket orchid"]),
-    "food101": ("food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food.",
-                [("apple_pie/{i}.jpg", "apple_pie"), ("baby_back_ribs/{i}.jpg", "baby_back_ribs"),
-                 ("ramen/{i}.jpg", "ramen")], ["apple pie", "baby back ribs", "ramen"]),
-    "sun397": ("sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}.",
-               [("a/abbey/sun_{i}.jpg", "abbey"), ("a/apse/indoor/sun_{i}.jpg", "indoor apse")],
-               ["abbey", "indoor apse"]),
-    "dtd": ("dtd", "images", "split_zhou_DescribableTextures.json", "{} texture.",
-            [("banded/banded_{i:04d}.jpg", "banded"), ("zigzagged/zigzagged_{i:04d}.jpg", "zigzagged")],
-            ["banded", "zigzagged"]),
-    "eurosat": ("eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}.",
-                [("AnnualCrop/AnnualCrop_{i}.jpg", "Annual Crop Land"), ("SeaLake/SeaLake_{i}.jpg", "Sea or Lake")],
-                ["Annual Crop Land", "Sea or Lake"]),
-    "ucf101": ("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}.",
-               [("Apply_Eye_Makeup/v_ApplyEyeMakeup_g{i:02d}_c01.jpg", "Apply_Eye_Makeup"),
-                ("Yo_Yo/v_YoYo_g{i:02d}_c01.jpg", "Yo_Yo")], ["Apply Eye Makeup", "Yo Yo"]),
+    "caltech101": (
+        "caltech-101",
+        "101_ObjectCategories",
+        "split_zhou_Caltech101.json",
+        "a photo of a {}.",
+        [
+            ("accordion/image_{i:04d}.jpg", "accordion"),
+            ("dollar_bill/image_{i:04d}.jpg", "dollar_bill"),
+            ("Faces_easy/image_{i:04d}.jpg", "face"),
+        ],
+        ["accordion", "dollar bill", "face"],
+    ),
+    "oxford_pets": (
+        "oxford_pets",
+        "images",
+        "split_zhou_OxfordPets.json",
+        "a photo of a {}, a type of pet.",
+        [("Abyssinian_{i}.jpg", "abyssinian"), ("american_bulldog_{i}.jpg", "american_bulldog")],
+        ["abyssinian", "american bulldog"],
+    ),
+    "stanford_cars": (
+        "stanford_cars",
+        "",
+        "split_zhou_StanfordCars.json",
+        "a photo of a {}.",
+        [
+            ("cars_train/0{i:04d}.jpg", "2012 Tesla Model S"),
+            ("cars_test/1{i:04d}.jpg", "AM General Hummer SUV 2000"),
+        ],
+        ["2012 Tesla Model S", "AM General Hummer SUV 2000"],
+    ),
+    "oxford_flowers": (
+        "oxford_flowers",
+        "jpg",
+        "split_zhou_OxfordFlowers.json",
+        "a photo of a {}, a type of flower.",
+        [("image_0{i:04d}.jpg", "pink primrose"), ("image_1{i:04d}.jpg", "hard-leaved pocket orchid")],
+        ["pink primrose", "hard-leaved pocket orchid"],
+    ),
+    "food101": (
+        "food-101",
+        "images",
+        "split_zhou_Food101.json",
+        "a photo of {}, a type of food.",
+        [
+            ("apple_pie/{i}.jpg", "apple_pie"),
+            ("baby_back_ribs/{i}.jpg", "baby_back_ribs"),
+            ("ramen/{i}.jpg", "ramen"),
+        ],
+        ["apple pie", "baby back ribs", "ramen"],
+    ),
+    "sun397": (
+        "sun397",
+        "SUN397",
+        "split_zhou_SUN397.json",
+        "a photo of a {}.",
+        [("a/abbey/sun_{i}.jpg", "abbey"), ("a/apse/indoor/sun_{i}.jpg", "indoor apse")],
+        ["abbey", "indoor apse"],
+    ),
+    "dtd": (
+        "dtd",
+        "images",
+        "split_zhou_DescribableTextures.json",
+        "{} texture.",
+        [("banded/banded_{i:04d}.jpg", "banded"), ("zigzagged/zigzagged_{i:04d}.jpg", "zigzagged")],
+        ["banded", "zigzagged"],
+    ),
+    "eurosat": (
+        "eurosat",
+        "2750",
+        "split_zhou_EuroSAT.json",
+        "a centered satellite photo of {}.",
+        [("AnnualCrop/AnnualCrop_{i}.jpg", "Annual Crop Land"), ("SeaLake/SeaLake_{i}.jpg", "Sea or Lake")],
+        ["Annual Crop Land", "Sea or Lake"],
+    ),
+    "ucf101": (
+        "ucf101",
+        "UCF-101-midframes",
+        "split_zhou_UCF101.json",
+        "a photo of a person doing {}.",
+        [
+            ("Apply_Eye_Makeup/v_ApplyEyeMakeup_g{i:02d}_c01.jpg", "Apply_Eye_Makeup"),
+            ("Yo_Yo/v_YoYo_g{i:02d}_c01.jpg", "Yo_Yo"),
+        ],
+        ["Apply Eye Makeup", "Yo Yo"],
+    ),
 }
 FGVC = ["707-320", "A300B4", "Cessna 172", "F-16A/B"]  # spaces and slashes, as the real variants.txt
 IMAGENET = {"n01440764": "tench", "n01443537": "goldfish", "n02085620": "Chihuahua dog"}
@@ -141,11 +200,21 @@ def all_root(tmp_path_factory):
 def expected(name, root):
     """(folder, class names, template, (train, val, test) counts, first train image)."""
     if name == "fgvc_aircraft":
-        return ("fgvc_aircraft", FGVC, "a photo of a {}, a type of aircraft.", (20, 8, 12),
-                root / "fgvc_aircraft/images/1000000.jpg")
+        return (
+            "fgvc_aircraft",
+            FGVC,
+            "a photo of a {}, a type of aircraft.",
+            (20, 8, 12),
+            root / "fgvc_aircraft/images/1000000.jpg",
+        )
     if name == "imagenet":
-        return ("imagenet", list(IMAGENET.values()), IMAGENET_TEMPLATES, (36, 0, 9),
-                root / "imagenet/images/train/n01440764/n01440764_0.JPEG")
+        return (
+            "imagenet",
+            list(IMAGENET.values()),
+            IMAGENET_TEMPLATES,
+            (36, 0, 9),
+            root / "imagenet/images/train/n01440764/n01440764_0.JPEG",
+        )
     folder, image_dir, _, template, classes, names = JSON_KINDS[name]
     c = len(classes)
     first = root / folder / image_dir / classes[0][0].format(i=0)
@@ -171,10 +240,14 @@ def test_each_layout_is_found_parsed_and_sampled(all_root, name):
             n_val = {y: n - min(k, n) for y, n in n_train.items()}
         assert Counter(i.label for i in val) == {y: min(k, 4, n) for y, n in n_val.items() if n}
 
+
 def test_fgvc_labels_follow_variants_txt_and_image_ids(all_root):
     split = load(resolve("fgvc_aircraft", all_root)[0])
     first = split.train[0]  # the split list starts with the last variant
-    assert (first.path, first.label) == (str(all_root / "fgvc_aircraft/images/1000000.jpg"), FGVC.index("F-16A/B"))
+    assert (first.path, first.label) == (
+        str(all_root / "fgvc_aircraft/images/1000000.jpg"),
+        FGVC.index("F-16A/B"),
+    )
     assert Counter(i.label for i in split.test) == {y: 3 for y in range(4)}
 
 
@@ -195,7 +268,9 @@ def test_imagenet_val_shots_come_from_unused_train_never_test(all_root):
             by_label = defaultdict(list)
             for item in split.train:
                 by_label[item.label].append(item)
-            assert train == [x for g in by_label.values() for x in (random.sample(g, k) if len(g) >= k else g)]
+            assert train == [
+                x for g in by_label.values() for x in (random.sample(g, k) if len(g) >= k else g)
+            ]
     assert few_shot(split, 4, 1)[1] != few_shot(split, 4, 2)[1]
 
 
@@ -212,11 +287,15 @@ def test_imagenet_prompt_ensemble_reaches_the_text_classifier(all_root):
     assert len(split.template) == 7 and "itap of a Chihuahua dog." in seen
 
 
-@pytest.mark.parametrize("name,remove", [
-    *[(n, spec[2]) for n, spec in JSON_KINDS.items()],
-    ("fgvc_aircraft", "variants.txt"), ("fgvc_aircraft", "images_variant_val.txt"),
-    ("imagenet", "classnames.txt"),
-])
+@pytest.mark.parametrize(
+    "name,remove",
+    [
+        *[(n, spec[2]) for n, spec in JSON_KINDS.items()],
+        ("fgvc_aircraft", "variants.txt"),
+        ("fgvc_aircraft", "images_variant_val.txt"),
+        ("imagenet", "classnames.txt"),
+    ],
+)
 def test_a_missing_layout_file_is_named(tmp_path, name, remove):
     make(tmp_path, name)
     (tmp_path / REGISTRY[name].folder / remove).unlink()
@@ -234,15 +313,28 @@ def test_other_layout_errors_name_the_file(tmp_path):
     (tmp_path / "imagenet/classnames.txt").write_text("n01440764 tench\n")
     with pytest.raises(DatasetError, match=r"classnames.txt has no line for n01443537, n02085620"):
         load(resolve("imagenet", tmp_path)[0])
-    with pytest.raises(DatasetError, match=r"dataset stanford_cars not found at .*stanford_cars; "
-                                           r"expected stanford_cars/\.\.\. and stanford_cars/split_zhou"):
+    with pytest.raises(
+        DatasetError,
+        match=r"dataset stanford_cars not found at .*stanford_cars; "
+        r"expected stanford_cars/\.\.\. and stanford_cars/split_zhou",
+    ):
         resolve("stanford_cars", tmp_path)
 
 
 def test_all_and_discover_find_every_dataset_and_no_imagefolder(all_root):
     assert {REGISTRY[n].folder for n in ALL} == {
-        "imagenet", "caltech-101", "oxford_pets", "stanford_cars", "oxford_flowers", "food-101",
-        "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"}
+        "imagenet",
+        "caltech-101",
+        "oxford_pets",
+        "stanford_cars",
+        "oxford_flowers",
+        "food-101",
+        "fgvc_aircraft",
+        "sun397",
+        "dtd",
+        "eurosat",
+        "ucf101",
+    }
     found, _ = discover(all_root)
     assert {f.name for f in found} == {*ALL, "textile"}
     assert all(f.kind == f.name for f in found)  # no CoOp folder mistaken for an imagefolder

@@ -7,11 +7,30 @@ from PIL import Image
 
 from clip_adapter.datasets import DatasetError, discover, load, resolve
 
-EUROSAT = ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road",
-           "Industrial Buildings", "Pasture Land", "Permanent Crop Land", "Residential Buildings",
-           "River", "Sea or Lake"]
-FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
-           "PermanentCrop", "Residential", "River", "SeaLake"]
+EUROSAT = [
+    "Annual Crop Land",
+    "Forest",
+    "Herbaceous Vegetation Land",
+    "Highway or Road",
+    "Industrial Buildings",
+    "Pasture Land",
+    "Permanent Crop Land",
+    "Residential Buildings",
+    "River",
+    "Sea or Lake",
+]
+FOLDERS = [
+    "AnnualCrop",
+    "Forest",
+    "HerbaceousVegetation",
+    "Highway",
+    "Industrial",
+    "Pasture",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "SeaLake",
+]
 
 
 def make_eurosat(root, per_split=(4, 2, 3)):
@@ -59,9 +78,12 @@ def test_imagefolder_gets_a_seeded_50_20_30_split(tmp_path):
 
 def test_imagefolder_uses_a_coop_split_json_when_present(tmp_path):
     tree = make_colour_tree(tmp_path / "colours", per_class=3)
-    entries = [[f"red/red_00{i}.png", 0, "red"] for i in range(3)] + \
-              [[f"blue/blue_00{i}.png", 1, "blue"] for i in range(3)]
-    (tree / "split_mine.json").write_text(json.dumps({"train": entries[:4], "val": entries[4:5], "test": entries[5:]}))
+    entries = [[f"red/red_00{i}.png", 0, "red"] for i in range(3)] + [
+        [f"blue/blue_00{i}.png", 1, "blue"] for i in range(3)
+    ]
+    (tree / "split_mine.json").write_text(
+        json.dumps({"train": entries[:4], "val": entries[4:5], "test": entries[5:]})
+    )
     split = load(resolve("colours", tmp_path)[0])
     assert split.classnames == ["red", "blue"] and len(split.train) == 4
 

@@ -1,4 +1,5 @@
 """The encoding pipeline (Ray Data crop tasks, encoder actors) against the in-process loop it stands for."""
+
 from __future__ import annotations
 
 import re
@@ -14,7 +15,9 @@ from clip_adapter.features import Request, encode_in_process
 pytestmark = pytest.mark.slow
 
 
-def test_pipeline_gives_the_loops_features_and_logs_nothing_that_reads_as_an_error(ray_local, tiny, tmp_path, capfd):
+def test_pipeline_gives_the_loops_features_and_logs_nothing_that_reads_as_an_error(
+    ray_local, tiny, tmp_path, capfd
+):
     from workflows.encode import CROP_BATCH, IN_FLIGHT, pipeline
 
     images = sorted(make_colour_tree(tmp_path / "colours", per_class=70).rglob("*.png"))
@@ -25,8 +28,10 @@ def test_pipeline_gives_the_loops_features_and_logs_nothing_that_reads_as_an_err
     shutil.copy(images[0], gone)
     gone.unlink()
     paths = [*images[:5], broken, *images[5:100], gone, *images[100:]]  # failed rows amid good ones
-    requests = [Request("colours", str(p), p.name, 0, 0, [0, 1] if i % 3 == 0 else [0], i % 3 == 0)
-                for i, p in enumerate(paths)]
+    requests = [
+        Request("colours", str(p), p.name, 0, 0, [0, 1] if i % 3 == 0 else [0], i % 3 == 0)
+        for i, p in enumerate(paths)
+    ]
 
     def by_view(rows):
         return {(r["request"], r["view"]): r for r in rows}
@@ -46,6 +51,9 @@ def test_pipeline_gives_the_loops_features_and_logs_nothing_that_reads_as_an_err
     assert sum(bool(r["error"]) for r in got.values()) == 2
     # Ray Data's own actor pool made Ray log, at error level, "... has constructor arguments in the
     # object store and max_restarts > 0 ..." at every start.
-    noise = [line for line in (logged.out + logged.err).splitlines()
-             if re.search(r"core_worker|constructor arguments|\berror\b|Traceback", line, re.I)]
+    noise = [
+        line
+        for line in (logged.out + logged.err).splitlines()
+        if re.search(r"core_worker|constructor arguments|\berror\b|Traceback", line, re.I)
+    ]
     assert not noise, noise

@@ -9,6 +9,7 @@ duplicate trial keys; and the exit code and last line told the truth at each ste
 ca-flow's own: a message Ray's driver prints by itself from a background thread, such as a lost node's
 raylet log tail, can come after it and is set aside; see faults.own_last_line.)
 """
+
 from __future__ import annotations
 
 import json
@@ -34,10 +35,12 @@ def features(tmp_path_factory, textile_features) -> Path:
 @pytest.fixture
 def scenario(tmp_path, features):
     """Run a scenario of benchmarks/faults.py here; what it saw is kept in result.json next to its logs."""
+
     def run(fn):
         r = fn(tmp_path, features)
         (tmp_path / "result.json").write_text(json.dumps(r, indent=1, default=str))
         return r
+
     return run
 
 
@@ -87,11 +90,15 @@ def test_sigint_then_resume(scenario):
     assert r["running_at_fault"], brief(r)
     assert all(after["runs"][k][1] in ("FINISHED", "KILLED") for k in r["running_at_fault"]), after
     # the Parquet was written from MLflow: every grid point, FINISHED only with metrics
-    assert r["parquet"] == dict(rows=r["trials"], finished=after["done"], finished_without_metrics=0), r["parquet"]
+    assert r["parquet"] == dict(rows=r["trials"], finished=after["done"], finished_without_metrics=0), r[
+        "parquet"
+    ]
     # resume: the same parent, only what was not done, the KILLED runs reused
     assert r["resume_rc"] == 0, brief(r)
-    assert (f"resuming sweep {r['sweep_id']}: {after['done']} of {r['trials']} trials already done, "
-            f"{r['trials'] - after['done']} to run") in r["resume_out"], brief(r)
+    assert (
+        f"resuming sweep {r['sweep_id']}: {after['done']} of {r['trials']} trials already done, "
+        f"{r['trials'] - after['done']} to run"
+    ) in r["resume_out"], brief(r)
     assert_done_line(r["resume_last_line"], r["sweep_id"], r["trials"])
     assert all(r["reused"].values()), r["reused"]
     assert_recovered(r)
@@ -194,9 +201,17 @@ def test_trial_that_failed_before_its_run_counts_as_failed(tmp_path):
     from workflows import sweep as s
     from workflows.grid import SweepSpec
 
-    spec = SweepSpec(datasets="textile", backbone="ca-flow-tiny", pretrained="random", shots=[1], seeds=[1],
-                     alphas=[0.2, 0.6], methods=["clip-adapter"], results_dir=str(tmp_path / "results"),
-                     experiment="close")
+    spec = SweepSpec(
+        datasets="textile",
+        backbone="ca-flow-tiny",
+        pretrained="random",
+        shots=[1],
+        seeds=[1],
+        alphas=[0.2, 0.6],
+        methods=["clip-adapter"],
+        results_dir=str(tmp_path / "results"),
+        experiment="close",
+    )
     planned = s.plan(spec)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.connect(uri)
@@ -210,6 +225,8 @@ def test_trial_that_failed_before_its_run_counts_as_failed(tmp_path):
     outcome = s.close(s.Sweep(planned, client, exp_id, sweep_id, parent_id, errors=errors))
 
     assert not outcome.note and outcome.total == 2 and outcome.done == 0
-    assert sorted(outcome.failed["key"]) == sorted(errors), outcome.results[["key", "run_id", "status", "error"]]
+    assert sorted(outcome.failed["key"]) == sorted(errors), outcome.results[
+        ["key", "run_id", "status", "error"]
+    ]
     assert set(outcome.failed["error"]) == set(errors.values())
     assert client.get_run(parent_id).info.status == "FAILED"

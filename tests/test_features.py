@@ -1,4 +1,5 @@
 """The feature store: shards per dataset and view kind, an index so warm reads touch no image bytes."""
+
 import os
 
 import numpy as np
@@ -52,6 +53,7 @@ def test_warm_read_encodes_nothing_and_reads_no_image_bytes(tmp_path, split, tin
 
     def no_bytes(path):
         raise AssertionError(f"a warm read opened {path}")
+
     monkeypatch.setattr(F, "read_bytes", no_bytes)
     second = encoder(tiny)
     b = images(store(tmp_path), split, items, 3, True, second)
@@ -108,7 +110,7 @@ def test_damaged_or_foreign_shard_is_removed_and_rebuilt(tmp_path, split, tiny, 
     (path,) = (store(tmp_path).dir / "colours" / "center").glob("part-*.parquet")
     if damage == "flip-bytes":
         data = bytearray(path.read_bytes())
-        data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64  # inside a data page
+        data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # inside a data page
         path.write_bytes(bytes(data))
     elif damage == "truncate":
         path.write_bytes(b"PAR1 truncated")
@@ -127,8 +129,9 @@ def test_unreadable_image_is_reported_by_path_and_left_out(tmp_path, split, tiny
         fh.write(b"not an image at all")
     os.remove(items[2].path)
     reported = {}
-    feats = images(store(tmp_path), split, items, 1, False, encoder(tiny),
-                   on_bad=lambda p, r: reported.setdefault(p, r))
+    feats = images(
+        store(tmp_path), split, items, 1, False, encoder(tiny), on_bad=lambda p, r: reported.setdefault(p, r)
+    )
     assert reported == {items[1].path: reported[items[1].path], items[2].path: "no such file"}
     assert "cannot decode" in reported[items[1].path]
     assert feats.ok.tolist() == [i not in (1, 2) for i in range(len(items))]
@@ -165,8 +168,14 @@ def test_split_preprocessing_equals_open_clips_transform(split, tiny):
     ours = tiny.preprocess.normalize(im.crops(image, "ab" * 20, [0], False, tiny.preprocess))
     assert torch.equal(ours[0], test_transform(image))
     norm = next(t for t in test_transform.transforms if isinstance(t, T.Normalize))
-    coop = T.Compose([T.RandomResizedCrop(64, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    coop = T.Compose(
+        [
+            T.RandomResizedCrop(64, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            norm,
+        ]
+    )
     img_id = "0123456789abcdef" * 2
     for view in (0, 3):
         torch.manual_seed(im._view_seed(img_id, view))
@@ -188,8 +197,14 @@ def _huge_png() -> bytes:
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_views_cropped_from_half_are_a_kind_of_their_own(tmp_path, split, tiny):
@@ -205,6 +220,7 @@ def test_views_cropped_from_half_are_a_kind_of_their_own(tmp_path, split, tiny):
     folder = tmp_path / "cache"
     assert {p.parent.name for p in folder.rglob("part-*.parquet")} >= {"augment", "augment-0.5"}
     again = encoder(tiny)
-    np.testing.assert_array_equal(st.images("colours", split.root, split.train, 2, True, again, scale=0.5).features,
-                                  half.features)
+    np.testing.assert_array_equal(
+        st.images("colours", split.root, split.train, 2, True, again, scale=0.5).features, half.features
+    )
     assert not getattr(again, "asked", [])

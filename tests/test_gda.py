@@ -3,6 +3,7 @@
 `released_run` restates run() (main_few_shots.py:38-83) from reading it, on features already
 encoded: it shares no code with clip_adapter.methods.gda.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -22,12 +23,13 @@ def released_run(vecs, labels, val_features, val_labels, clip_weights, logit_sca
     vecs, val_features, clip_weights = vecs.double(), val_features.double(), clip_weights.double()
     mus = torch.cat([vecs[labels == i].mean(dim=0, keepdim=True) for i in range(clip_weights.shape[1])])
     center_vecs = torch.cat([vecs[labels == i] - mus[i].unsqueeze(0) for i in range(clip_weights.shape[1])])
-    cov_inv = center_vecs.shape[1] * torch.linalg.pinv((center_vecs.shape[0] - 1) * center_vecs.T.cov()
-                                                       + center_vecs.T.cov().trace()
-                                                       * torch.eye(center_vecs.shape[1], dtype=torch.float64))
-    ps = torch.ones(clip_weights.shape[1], dtype=torch.float64) * 1. / clip_weights.shape[1]
-    W = torch.einsum('nd, dc -> cn', mus, cov_inv)
-    b = ps.log() - torch.einsum('nd, dc, nc -> n', mus, cov_inv, mus) / 2
+    cov_inv = center_vecs.shape[1] * torch.linalg.pinv(
+        (center_vecs.shape[0] - 1) * center_vecs.T.cov()
+        + center_vecs.T.cov().trace() * torch.eye(center_vecs.shape[1], dtype=torch.float64)
+    )
+    ps = torch.ones(clip_weights.shape[1], dtype=torch.float64) * 1.0 / clip_weights.shape[1]
+    W = torch.einsum("nd, dc -> cn", mus, cov_inv)
+    b = ps.log() - torch.einsum("nd, dc, nc -> n", mus, cov_inv, mus) / 2
     best_val_acc = 0
     best_alpha = 0.1
     for alpha in [0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0]:
@@ -49,7 +51,9 @@ def few_shot(seed=0, views=3, text_noise=2.5):
 
     train, ytrain = draw(5, views)
     val, yval = draw(6, 1)
-    text = F.normalize(torch.from_numpy(centers + text_noise * rng.normal(size=centers.shape)).float(), dim=-1)
+    text = F.normalize(
+        torch.from_numpy(centers + text_noise * rng.normal(size=centers.shape)).float(), dim=-1
+    )
     test, ytest = draw(30, 1)
     return FewShot(train, ytrain, val[:, 0], yval, text.numpy(), 100.0), test[:, 0], ytest
 
@@ -83,11 +87,11 @@ def test_alpha_grid_is_the_released_list_and_ties_keep_the_earlier_alpha():
     from clip_adapter.methods.gda import ALPHAS, INITIAL_ALPHA, search
 
     assert ALPHAS == (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # main_few_shots.py:70
-    assert INITIAL_ALPHA == 0.1                                     # main_few_shots.py:69
+    assert INITIAL_ALPHA == 0.1  # main_few_shots.py:69
     labels = torch.tensor([0, 1])
-    clip = torch.tensor([[1.0, 0.0], [1.0, 0.0]])       # zero-shot gets one of two right
-    gda = torch.tensor([[0.0, 0.0], [0.0, 0.5]])        # 1.0 * 0.5 < 1: only alpha >= 10 flips the second
-    assert search(clip, gda, labels) == 10.0            # 10 and 100 tie at 2 right: the earlier wins
+    clip = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # zero-shot gets one of two right
+    gda = torch.tensor([[0.0, 0.0], [0.0, 0.5]])  # 1.0 * 0.5 < 1: only alpha >= 10 flips the second
+    assert search(clip, gda, labels) == 10.0  # 10 and 100 tie at 2 right: the earlier wins
     # Nothing right at any alpha: the released initial 0.1 stands.
     assert search(torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2), torch.tensor([0])) == 0.1
 

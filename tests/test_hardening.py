@@ -12,6 +12,7 @@ Argument errors that answer before anything starts are in test_cli_errors.py. Th
 refusals over HTTP (a path, bad base64, top_k 0) are in test_cli.py, decompression bombs and damaged
 feature-store shards in test_features.py.
 """
+
 from __future__ import annotations
 
 import base64
@@ -41,13 +42,26 @@ from workflows.cli import app
 runner = CliRunner()
 COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}  # labels 0, 1, 2
 ROTATE = {"blue": "green", "green": "red", "red": "blue"}
-EXP_A, EXP_B = "it's \"A\" \\ ünï", "B"
+EXP_A, EXP_B = 'it\'s "A" \\ ünï', "B"
 QUOTED = ["o'brien", "back\\slash", "ünï"]
-FAST = ["--backbone", TINY, "--pretrained", "random", "--seeds", "1", "--augment-views", "1", "--max-retries", "0"]
+FAST = [
+    "--backbone",
+    TINY,
+    "--pretrained",
+    "random",
+    "--seeds",
+    "1",
+    "--augment-views",
+    "1",
+    "--max-retries",
+    "0",
+]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def coop_dataset(folder: Path, counts=(4, 2, 2), train_shows=None, broken_train=False, per_class=None) -> Path:
+def coop_dataset(
+    folder: Path, counts=(4, 2, 2), train_shows=None, broken_train=False, per_class=None
+) -> Path:
     """A dataset with its own CoOp split file: counts = (train, val, test) images per class.
 
     train_shows: class -> the colour its train images show (labels wrong on purpose);
@@ -64,7 +78,9 @@ def coop_dataset(folder: Path, counts=(4, 2, 2), train_shows=None, broken_train=
                     (folder / rel).write_bytes(b"\x89PNG not really")
                 else:
                     shown = COLOURS[(train_shows or {}).get(name, name)] if part == "train" else rgb
-                    pixels = np.clip(np.array(shown) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                    pixels = np.clip(np.array(shown) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(
+                        np.uint8
+                    )
                     Image.fromarray(pixels).save(folder / rel)
                 split[part].append([rel, label, name])
     (folder / "split_ca_flow.json").write_text(json.dumps(split))
@@ -73,11 +89,16 @@ def coop_dataset(folder: Path, counts=(4, 2, 2), train_shows=None, broken_train=
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that claims width x height pixels: enough for a decoder to refuse it as a bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def invoke(args: list) -> object:
@@ -94,6 +115,7 @@ def ok(args: list):
 
 # -- sweeps in their own processes, with Ray's default auth -----------------------------------------
 
+
 class Sweep:
     """`ca-flow sweep` as a user runs it: own process group, own HOME (Ray's token) and Ray temp dir."""
 
@@ -104,8 +126,14 @@ class Sweep:
         self.env = clean_env(self.home, RAY_TMPDIR=self.ray_tmp, **env)
         self.out, self.err = work / f"{name}.out", work / f"{name}.err"
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.popen = subprocess.Popen([CA_FLOW, *map(str, args)], stdout=out, stderr=err, env=self.env,
-                                          cwd=work, start_new_session=True)
+            self.popen = subprocess.Popen(
+                [CA_FLOW, *map(str, args)],
+                stdout=out,
+                stderr=err,
+                env=self.env,
+                cwd=work,
+                start_new_session=True,
+            )
 
     def ray_ports(self, needed: set) -> dict | None:
         """Ray's port files in this sweep's session ({gcs_server: ..., dashboard_agent_listen: ...}),
@@ -159,23 +187,93 @@ def launched(tmp_path_factory):
     coop_dataset(root_b / "uneven", per_class={"blue": 2, "green": 5, "red": 2})
     (work / "store").mkdir()
     uri = f"sqlite:///{work / 'store' / 'mlflow.db'}"
-    common = [*FAST, "--tracking-uri", uri, "--results-dir", work / "results", "--shots", "4", "--epochs", "30",
-              "--lr", "0.5", "--alphas", "0.8", "--methods", "clip-adapter,zero-shot"]
-    sweeps = [Sweep("a", ["sweep", "--datasets", ",".join(QUOTED), "--data-root", root_a, "--experiment", EXP_A,
-                          "--cache-dir", work / "cache-a", *common], work),
-              Sweep("b", ["sweep", "--datasets", "o'brien,uneven", "--data-root", root_b, "--allow-fewer-shots",
-                          "--experiment", EXP_B, "--cache-dir", work / "cache-b", *common], work)]
+    common = [
+        *FAST,
+        "--tracking-uri",
+        uri,
+        "--results-dir",
+        work / "results",
+        "--shots",
+        "4",
+        "--epochs",
+        "30",
+        "--lr",
+        "0.5",
+        "--alphas",
+        "0.8",
+        "--methods",
+        "clip-adapter,zero-shot",
+    ]
+    sweeps = [
+        Sweep(
+            "a",
+            [
+                "sweep",
+                "--datasets",
+                ",".join(QUOTED),
+                "--data-root",
+                root_a,
+                "--experiment",
+                EXP_A,
+                "--cache-dir",
+                work / "cache-a",
+                *common,
+            ],
+            work,
+        ),
+        Sweep(
+            "b",
+            [
+                "sweep",
+                "--datasets",
+                "o'brien,uneven",
+                "--data-root",
+                root_b,
+                "--allow-fewer-shots",
+                "--experiment",
+                EXP_B,
+                "--cache-dir",
+                work / "cache-b",
+                *common,
+            ],
+            work,
+        ),
+    ]
     offline = None
     try:
         for sweep in sweeps:  # each sweep's Ray ports, as its session writes them
-            sweep.ports = wait_for("the sweep's Ray ports", lambda: sweep.ray_ports(
-                {"gcs_server", "dashboard_agent_listen", "runtime_env_agent"}), 120)
+            sweep.ports = wait_for(
+                "the sweep's Ray ports",
+                lambda: sweep.ray_ports({"gcs_server", "dashboard_agent_listen", "runtime_env_agent"}),
+                120,
+            )
         (work / "offline").mkdir()
-        offline = Sweep("offline", ["sweep", "--datasets", "uneven", "--data-root", root_b, "--backbone",
-                                    "RN50-quickgelu", "--pretrained", "openai", "--shots", "1", "--seeds", "1",
-                                    "--methods", "zero-shot", "--cache-dir", work / "cache-offline",
-                                    "--tracking-uri", f"sqlite:///{work / 'offline' / 'm.db'}"],
-                        work, HF_HUB_OFFLINE="1")  # offline at once, as on a machine without a network
+        offline = Sweep(
+            "offline",
+            [
+                "sweep",
+                "--datasets",
+                "uneven",
+                "--data-root",
+                root_b,
+                "--backbone",
+                "RN50-quickgelu",
+                "--pretrained",
+                "openai",
+                "--shots",
+                "1",
+                "--seeds",
+                "1",
+                "--methods",
+                "zero-shot",
+                "--cache-dir",
+                work / "cache-offline",
+                "--tracking-uri",
+                f"sqlite:///{work / 'offline' / 'm.db'}",
+            ],
+            work,
+            HF_HUB_OFFLINE="1",
+        )  # offline at once, as on a machine without a network
         yield dict(work=work, uri=uri, sweeps=sweeps, offline=offline, root_a=root_a, root_b=root_b)
     finally:
         for s in (*sweeps, offline):
@@ -188,8 +286,11 @@ def grpc_code(port: int, token: str | None):
     import grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId",
-                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        call = channel.unary_unary(
+            "/ray.rpc.NodeInfoGcsService/GetClusterId",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
         try:
             call(b"", timeout=10, metadata=[("authorization", f"Bearer {token}")] if token else None)
             return grpc.StatusCode.OK
@@ -239,24 +340,57 @@ def test_a_local_sweeps_job_api_refuses_a_caller_without_the_token(colour_root, 
     if os.geteuid() != 0:
         pytest.skip("needs root for a network namespace of its own (unshare --net); CI runs as root")
     inner = f"ip link set lo up && exec {sys.executable} netns_job_api.py {tmp_path} {colour_root}"
-    done = subprocess.run(["unshare", "--net", "--", "sh", "-c", inner], cwd=REPO / "tests", capture_output=True,
-                          text=True, timeout=400, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    done = subprocess.run(
+        ["unshare", "--net", "--", "sh", "-c", inner],
+        cwd=REPO / "tests",
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     codes = json.loads(done.stdout.strip().splitlines()[-1])
-    assert codes == dict(port=52365, list_without=401, submit_without=401, list_wrong=403, list_with=404), codes
+    assert codes == dict(port=52365, list_without=401, submit_without=401, list_wrong=403, list_with=404), (
+        codes
+    )
 
 
 # -- while A and B run: in this process, on the session's Ray; and many processes at once ----------
+
 
 def test_a_sweep_whose_every_trial_fails(ray_local, tmp_path):
     """Every train image undecodable: each trial fails for real. One line per failed trial (five, then
     how many more), exit 1, no traceback; report answers in one line."""
     coop_dataset(tmp_path / "data" / "dead", broken_train=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = invoke(["sweep", "--datasets", "dead", "--data-root", tmp_path / "data", *FAST, "--seeds", "1,2,3",
-                     "--shots", "1,2", "--alphas", "0.2", "--epochs", "2", "--methods", "clip-adapter",
-                     "--cpus-per-trial", "0.5", "--tracking-uri", uri, "--cache-dir", tmp_path / "cache",
-                     "--results-dir", tmp_path / "results"])
+    result = invoke(
+        [
+            "sweep",
+            "--datasets",
+            "dead",
+            "--data-root",
+            tmp_path / "data",
+            *FAST,
+            "--seeds",
+            "1,2,3",
+            "--shots",
+            "1,2",
+            "--alphas",
+            "0.2",
+            "--epochs",
+            "2",
+            "--methods",
+            "clip-adapter",
+            "--cpus-per-trial",
+            "0.5",
+            "--tracking-uri",
+            uri,
+            "--cache-dir",
+            tmp_path / "cache",
+            "--results-dir",
+            tmp_path / "results",
+        ]
+    )
     assert result.exit_code == 1, result.output + result.stderr
     lines = result.stderr.strip().splitlines()
     (parent,), children = runs_of(uri, "ca-flow")
@@ -265,8 +399,11 @@ def test_a_sweep_whose_every_trial_fails(ray_local, tmp_path):
     assert len(lines) == 7 and lines[-1] == "  and 1 more", lines
     named = set()
     for line in lines[1:6]:  # each names its grid point truly: "  dead-clip-adapter-2shot-seed3 (key): ..."
-        match = re.fullmatch(r"  dead-clip-adapter-(\d)shot-seed(\d) \([0-9a-f]{16}\): "
-                             r"dead: no readable train image for (\d) shots, seed (\d)", line)
+        match = re.fullmatch(
+            r"  dead-clip-adapter-(\d)shot-seed(\d) \([0-9a-f]{16}\): "
+            r"dead: no readable train image for (\d) shots, seed (\d)",
+            line,
+        )
         assert match and match.group(1, 2) == match.group(3, 4), line
         named.add(match.group(1, 2))
     assert len(named) == 5
@@ -276,8 +413,9 @@ def test_a_sweep_whose_every_trial_fails(ray_local, tmp_path):
     assert parent.info.status == "FAILED"
     report = invoke(["report", "--tracking-uri", uri, "--out", tmp_path / "report"])
     assert report.exit_code == 1
-    assert report.stderr == (f"error: sweep {sweep_id} has no finished trial runs to report; see `ca-flow status "
-                             f"{sweep_id}`\n")
+    assert report.stderr == (
+        f"error: sweep {sweep_id} has no finished trial runs to report; see `ca-flow status {sweep_id}`\n"
+    )
     status = json.loads(ok(["status", sweep_id, "--tracking-uri", uri, "--json"]).stdout)
     assert (status["status"], status["finished"], status["failed"]) == ("failed", 0, 6)
 
@@ -305,13 +443,20 @@ def test_many_processes_create_one_fresh_store_and_experiment_at_once(tmp_path):
     """The races behind 'two sweeps creating a fresh store at once', hit on purpose: six processes
     make the schema and the experiment at the same instant."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.run([sys.executable, "-c", RACE, uri], env=clean_env(tmp_path), cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", RACE, uri],
+        env=clean_env(tmp_path),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "['1']", proc.stdout + proc.stderr[-3000:]
 
 
 # -- the store A and B made ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def store(launched):
@@ -326,8 +471,22 @@ def store(launched):
     def promoted() -> dict:
         """`back\\slash` and `ünï` promoted from A (once): what promote said."""
         if not done:
-            done.update(json.loads(ok(["promote", "--experiment", EXP_A, "--datasets", "back\\slash,ünï",
-                                       "--tracking-uri", uri, "--json"]).stdout))
+            done.update(
+                json.loads(
+                    ok(
+                        [
+                            "promote",
+                            "--experiment",
+                            EXP_A,
+                            "--datasets",
+                            "back\\slash,ünï",
+                            "--tracking-uri",
+                            uri,
+                            "--json",
+                        ]
+                    ).stdout
+                )
+            )
         return done
 
     a, b = launched["sweeps"]
@@ -346,8 +505,12 @@ def test_two_sweeps_create_one_fresh_store_at_once(store):
 
 def trial_runs(store, experiment: str, dataset: str | None = None, method: str | None = None) -> list:
     _, children = runs_of(store["uri"], experiment)
-    return [r for r in children if (dataset is None or r.data.params["dataset"] == dataset)
-            and (method is None or r.data.params["method"] == method)]
+    return [
+        r
+        for r in children
+        if (dataset is None or r.data.params["dataset"] == dataset)
+        and (method is None or r.data.params["method"] == method)
+    ]
 
 
 def best(store, experiment: str, dataset: str, method: str):
@@ -368,30 +531,40 @@ def test_quotes_backslashes_and_unicode_in_names(store):
     status = json.loads(ok(["status", sweep_id, "--tracking-uri", uri, "--json"]).stdout)
     assert set(status["datasets"]) == set(QUOTED) and status["finished"] == len(children)
     for how in (["--experiment", EXP_A], ["--sweep", sweep_id]):
-        report = json.loads(ok(["report", *how, "--tracking-uri", uri, "--out", store["work"] / "report",
-                                "--json"]).stdout)
+        report = json.loads(
+            ok(["report", *how, "--tracking-uri", uri, "--out", store["work"] / "report", "--json"]).stdout
+        )
         assert report["sweep_id"] == sweep_id and {r["dataset"] for r in report["rows"]} == set(QUOTED)
-    text = ok(["report", "--experiment", EXP_A, "--tracking-uri", uri, "--out", store["work"] / "report"]).output
+    text = ok(
+        ["report", "--experiment", EXP_A, "--tracking-uri", uri, "--out", store["work"] / "report"]
+    ).output
     assert all(name in text for name in QUOTED)
     again = invoke(["resume", sweep_id, "--tracking-uri", uri])
     assert again.exit_code == 1 and again.stderr.startswith(f"error: sweep {sweep_id} is finished")
     promoted = store["promoted"]()
     assert promoted["experiment"] == EXP_A
     assert {(p["dataset"], p["model"], p["action"]) for p in promoted["promotions"]} == {
-        ("back\\slash", "clip-adapter-back\\slash", "new v1"), ("ünï", "clip-adapter-ünï", "new v1")}
+        ("back\\slash", "clip-adapter-back\\slash", "new v1"),
+        ("ünï", "clip-adapter-ünï", "new v1"),
+    }
     for name in ("back\\slash", "ünï"):
-        assert client.get_model_version_by_alias(f"clip-adapter-{name}", "champion").run_id == \
-            best(store, EXP_A, name, "clip-adapter").info.run_id
+        assert (
+            client.get_model_version_by_alias(f"clip-adapter-{name}", "champion").run_id
+            == best(store, EXP_A, name, "clip-adapter").info.run_id
+        )
         image = store["root_a"] / name / "red" / "test_00.png"
-        out = json.loads(ok(["predict", "--dataset", name, "--tracking-uri", uri, "--top-k", "3", "--json",
-                             image]).stdout)
+        out = json.loads(
+            ok(["predict", "--dataset", name, "--tracking-uri", uri, "--top-k", "3", "--json", image]).stdout
+        )
         assert out["model"] == f"clip-adapter-{name}@champion"
         assert sorted(t["label"] for t in out["predictions"][0]["top"]) == sorted(COLOURS)
 
 
 def action(store, *args) -> tuple[str, str, str]:
     """promote o'brien; (action, champion's run id, champion's method) as the registry says after it."""
-    out = json.loads(ok(["promote", "--datasets", "o'brien", "--tracking-uri", store["uri"], "--json", *args]).stdout)
+    out = json.loads(
+        ok(["promote", "--datasets", "o'brien", "--tracking-uri", store["uri"], "--json", *args]).stdout
+    )
     (row,) = out["promotions"]
     alias = args[args.index("--alias") + 1] if "--alias" in args else "champion"
     champion = store["client"].get_model_version_by_alias("clip-adapter-o'brien", alias)
@@ -413,32 +586,70 @@ def test_the_champion_moves_only_to_a_better_run(store):
     assert action(store, "--experiment", a) == ("new v1", aid, "clip-adapter")
     # The issue's case: a later, worse sweep in another experiment does not demote the champion,
     # and its better zero-shot run is not even a candidate unless --methods names zero-shot.
-    assert action(store, "--experiment", b) == (f"kept v1 (val_acc {va:.4f} >= {vb:.4f}; --force moves it)",
-                                                aid, "clip-adapter")
+    assert action(store, "--experiment", b) == (
+        f"kept v1 (val_acc {va:.4f} >= {vb:.4f}; --force moves it)",
+        aid,
+        "clip-adapter",
+    )
     assert action(store, "--experiment", b, "--methods", "clip-adapter,zero-shot") == (
-        f"kept v1 (val_acc {va:.4f} >= {vz:.4f}; --force moves it)", aid, "clip-adapter")
+        f"kept v1 (val_acc {va:.4f} >= {vz:.4f}; --force moves it)",
+        aid,
+        "clip-adapter",
+    )
     # Under another alias, starting from B's weak run: a better zero-shot run stays out by default...
     assert action(store, "--experiment", b, "--alias", "trial") == ("new v2", bid, "clip-adapter")
     assert action(store, "--experiment", b, "--alias", "trial") == ("already v2", bid, "clip-adapter")
     # ...comes in when --methods names it, and a better run moves the alias on.
     assert action(store, "--experiment", b, "--alias", "trial", "--methods", "zero-shot") == (
-        f"moved v2 -> v3 (val_acc {vb:.4f} -> {vz:.4f})", zid, "zero-shot")
+        f"moved v2 -> v3 (val_acc {vb:.4f} -> {vz:.4f})",
+        zid,
+        "zero-shot",
+    )
     assert action(store, "--experiment", a, "--alias", "trial") == (
-        f"moved v3 -> v1 (val_acc {vz:.4f} -> {va:.4f})", aid, "clip-adapter")
+        f"moved v3 -> v1 (val_acc {vz:.4f} -> {va:.4f})",
+        aid,
+        "clip-adapter",
+    )
     # A tie keeps the champion: A's zero-shot run has exactly B's zero-shot val_acc.
-    assert action(store, "--experiment", b, "--alias", "tie", "--methods", "zero-shot") == ("new v3", zid, "zero-shot")
+    assert action(store, "--experiment", b, "--alias", "tie", "--methods", "zero-shot") == (
+        "new v3",
+        zid,
+        "zero-shot",
+    )
     assert action(store, "--experiment", a, "--alias", "tie", "--methods", "zero-shot") == (
-        f"kept v3 (val_acc {vz:.4f} >= {vz:.4f}; --force moves it)", zid, "zero-shot")
+        f"kept v3 (val_acc {vz:.4f} >= {vz:.4f}; --force moves it)",
+        zid,
+        "zero-shot",
+    )
     # A dry run says what it would do and moves nothing; --force moves the alias to a worse run.
-    dry = json.loads(ok(["promote", "--datasets", "o'brien", "--experiment", b, "--force", "--dry-run",
-                         "--tracking-uri", store["uri"], "--json"]).stdout)
+    dry = json.loads(
+        ok(
+            [
+                "promote",
+                "--datasets",
+                "o'brien",
+                "--experiment",
+                b,
+                "--force",
+                "--dry-run",
+                "--tracking-uri",
+                store["uri"],
+                "--json",
+            ]
+        ).stdout
+    )
     assert dry["promotions"][0]["action"] == "would register, moving from v1"
     assert str(store["client"].get_model_version_by_alias("clip-adapter-o'brien", "champion").version) == "1"
     assert action(store, "--experiment", b, "--force") == (
-        f"moved v1 -> v2 (val_acc {va:.4f} -> {vb:.4f}, forced)", bid, "clip-adapter")
-    versions = store["client"].search_model_versions("name = \"clip-adapter-o'brien\"")
+        f"moved v1 -> v2 (val_acc {va:.4f} -> {vb:.4f}, forced)",
+        bid,
+        "clip-adapter",
+    )
+    versions = store["client"].search_model_versions('name = "clip-adapter-o\'brien"')
     assert sorted(int(v.version) for v in versions) == [1, 2, 3]  # one version per run, reused
-    printed = ok(["promote", "--datasets", "o'brien", "--experiment", a, "--tracking-uri", store["uri"]]).output
+    printed = ok(
+        ["promote", "--datasets", "o'brien", "--experiment", a, "--tracking-uri", store["uri"]]
+    ).output
     assert f"moved v2 -> v1 (val_acc {vb:.4f} -> {va:.4f})" in " ".join(printed.split())
 
 
@@ -448,15 +659,23 @@ def test_shots_a_class_cannot_give(store):
     assert refused.exit_code == 1
     assert refused.stderr.strip() == (
         "error: uneven: class 'blue' has 2 train images, fewer than --shots 4; lower --shots, or pass "
-        "--allow-fewer-shots to train on what there is (the real per-class counts are then logged)")
+        "--allow-fewer-shots to train on what there is (the real per-class counts are then logged)"
+    )
     said = " ".join(store["b"].split())
-    assert ("uneven: --allow-fewer-shots: 2 classes have fewer than 4 train images (fewest 2); runs log the "
-            "real per-class counts") in said
+    assert (
+        "uneven: --allow-fewer-shots: 2 classes have fewer than 4 train images (fewest 2); runs log the "
+        "real per-class counts"
+    ) in said
     runs = trial_runs(store, EXP_B, "uneven")
     assert len(runs) == 2
     for run in runs:  # blue 2, green 5 (4 drawn), red 2: what the trial really trained on
         p = run.data.params
-        assert (p["shots"], p["train_per_class_min"], p["train_per_class_max"], p["n_train"]) == ("4", "2", "4", "8")
+        assert (p["shots"], p["train_per_class_min"], p["train_per_class_max"], p["n_train"]) == (
+            "4",
+            "2",
+            "4",
+            "8",
+        )
     for run in trial_runs(store, EXP_B, "o'brien"):
         p = run.data.params
         assert (p["train_per_class_min"], p["train_per_class_max"], p["n_train"]) == ("4", "4", "12")
@@ -472,8 +691,11 @@ def test_registered_model_pins_what_it_needs_and_ships_its_code(store):
 
     store["promoted"]()
     mlflow.set_tracking_uri(store["uri"])
-    folder = Path(mlflow.artifacts.download_artifacts("models:/clip-adapter-ünï@champion",
-                                                      dst_path=str(store["work"] / "model")))
+    folder = Path(
+        mlflow.artifacts.download_artifacts(
+            "models:/clip-adapter-ünï@champion", dst_path=str(store["work"] / "model")
+        )
+    )
     lines = [line.strip() for line in (folder / "requirements.txt").read_text().splitlines() if line.strip()]
     pins = dict(line.split("==", 1) for line in lines)
     assert len(pins) == len(lines), f"unpinned requirement in {lines}"
@@ -482,13 +704,18 @@ def test_registered_model_pins_what_it_needs_and_ships_its_code(store):
     assert not [name for name in pins if name.replace("_", "-").lower() == "ca-flow"]
     conda = yaml.safe_load((folder / "conda.yaml").read_text())
     pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
-    assert not [d for d in pip if d.split("==")[0].replace("_", "-").lower() == "ca-flow" or "==" not in d], pip
+    assert not [d for d in pip if d.split("==")[0].replace("_", "-").lower() == "ca-flow" or "==" not in d], (
+        pip
+    )
     flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["code"] == "code" and flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     shipped = folder / "code" / "clip_adapter"
     assert (shipped / "__init__.py").is_file() and (shipped / "adapter.py").is_file()
     assert (shipped / "ca-flow-tiny.json").is_file()  # the random tiny backbone rebuilds from it
-    assert {p.name for p in (folder / "artifacts" / "adapter").iterdir()} == {"adapter.safetensors", "adapter.json"}
+    assert {p.name for p in (folder / "artifacts" / "adapter").iterdir()} == {
+        "adapter.safetensors",
+        "adapter.json",
+    }
     assert not list(folder.rglob("*.pkl")) and "cloudpickle" not in (folder / "requirements.txt").read_text()
 
 
@@ -511,7 +738,9 @@ def test_the_pyfunc_reads_paths_only_under_an_allow_listed_root(store, tmp_path)
     def refused(model, value, says, params=None):
         with pytest.raises(MlflowException) as info:
             model.predict(pd.DataFrame({"image": [value]}), params=params)
-        assert info.value.error_code == "INVALID_PARAMETER_VALUE" and says in info.value.message, info.value.message
+        assert info.value.error_code == "INVALID_PARAMETER_VALUE" and says in info.value.message, (
+            info.value.message
+        )
         assert len(info.value.message.splitlines()) == 1
 
     served = mlflow.pyfunc.load_model(uri)  # as `mlflow models serve` loads it: no root, no paths
@@ -520,8 +749,11 @@ def test_the_pyfunc_reads_paths_only_under_an_allow_listed_root(store, tmp_path)
     refused(served, inside, "row 0: 'image' is not base64-encoded image bytes")
     refused(served, "/etc/passwd", "row 0: 'image' is not base64-encoded image bytes")
     refused(served, blob, "top_k must be an integer >= 1, got -5", {"top_k": -5})
-    refused(served, base64.b64encode(png_header(20000, 20000)).decode(),
-            "row 0: refused: Image size (400000000 pixels) exceeds limit")
+    refused(
+        served,
+        base64.b64encode(png_header(20000, 20000)).decode(),
+        "row 0: refused: Image size (400000000 pixels) exceeds limit",
+    )
     local = mlflow.pyfunc.load_model(uri, model_config={"image_root": str(root)})
     assert local.predict(pd.DataFrame({"image": [inside]}))["label"][0] in COLOURS
     refused(local, "/etc/passwd", "row 0: /etc/passwd is outside the allowed image root")
@@ -530,6 +762,7 @@ def test_the_pyfunc_reads_paths_only_under_an_allow_listed_root(store, tmp_path)
 
 
 # -- the offline sweep, ended by now -----------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_weights_that_cannot_load_inside_a_ray_task_are_one_line(launched):

@@ -2,6 +2,7 @@
 any trial ran: one line, the resume hint, exit 128 + signal, and `resume` finishes the sweep.
 
 The signal lands while the encoding pipeline holds a crop task at a barrier the test controls."""
+
 from __future__ import annotations
 
 import signal
@@ -12,8 +13,24 @@ from procs import TINY_SWEEP, assert_sweep_complete, ca_flow, clean_env, last_li
 from workflows.barrier import VARIABLE
 
 pytestmark = pytest.mark.slow
-GRID = ["--datasets", "colours", "--methods", "clip-adapter", "--alphas", "0.2,0.6", "--shots", "1",
-        "--seeds", "1", "--epochs", "2", "--augment-views", "2", "--experiment", "interrupt"]
+GRID = [
+    "--datasets",
+    "colours",
+    "--methods",
+    "clip-adapter",
+    "--alphas",
+    "0.2,0.6",
+    "--shots",
+    "1",
+    "--seeds",
+    "1",
+    "--epochs",
+    "2",
+    "--augment-views",
+    "2",
+    "--experiment",
+    "interrupt",
+]
 NOISE = ("Traceback", "Ray Data", "internal code", "SystemError", "github.com/ray-project")
 
 
@@ -22,14 +39,28 @@ def test_a_signal_while_encoding_is_one_line_and_resume_finishes(sig, colour_roo
     barrier = tmp_path / "barrier"
     (barrier / "encode").mkdir(parents=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["sweep", *GRID, *TINY_SWEEP, "--data-root", str(colour_root), "--tracking-uri", uri,
-            "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results"),
-            "--storage-path", str(tmp_path / "ray_results")]
+    args = [
+        "sweep",
+        *GRID,
+        *TINY_SWEEP,
+        "--data-root",
+        str(colour_root),
+        "--tracking-uri",
+        uri,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--storage-path",
+        str(tmp_path / "ray_results"),
+    ]
     home = tmp_path / "home"
     home.mkdir()
     sweep = ca_flow(args, tmp_path / "sweep.log", clean_env(home, **{VARIABLE: barrier}), tmp_path)
     try:
-        wait_for("a crop task at the barrier", lambda: any((barrier / "encode").glob("*.started")), 180, [sweep])
+        wait_for(
+            "a crop task at the barrier", lambda: any((barrier / "encode").glob("*.started")), 180, [sweep]
+        )
         sweep.signal(sig)
         wait_for("the sweep to say it is stopping", lambda: "stopping once" in sweep.output(), 30, [sweep])
         (barrier / "encode" / "release").touch()
@@ -43,7 +74,10 @@ def test_a_signal_while_encoding_is_one_line_and_resume_finishes(sig, colour_roo
     assert not [word for word in NOISE if word in out], out
     if sig == signal.SIGTERM:
         return  # the same path from here on
-    resumed = run_cli(["resume", line.rsplit(" ", 1)[1], "--tracking-uri", uri, "--experiment", "interrupt"],
-                      clean_env(home), tmp_path)
+    resumed = run_cli(
+        ["resume", line.rsplit(" ", 1)[1], "--tracking-uri", uri, "--experiment", "interrupt"],
+        clean_env(home),
+        tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_sweep_complete(uri, "interrupt", 2)

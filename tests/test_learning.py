@@ -1,4 +1,5 @@
 """On images whose class is plain to see, a trained adapter beats zero-shot and chance by far."""
+
 import numpy as np
 import pytest
 import torch
@@ -75,8 +76,10 @@ def test_written_out_sgd_steps_exactly_as_torch_optim_sgd():
     net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
     twin = [p.detach().clone().requires_grad_() for p in net.parameters()]
     initial = [p.detach().clone() for p in twin]
-    ours, theirs = SGD(list(net.parameters()), 0.9, 5e-4), torch.optim.SGD(twin, lr=0.0, momentum=0.9,
-                                                                           weight_decay=5e-4)
+    ours, theirs = (
+        SGD(list(net.parameters()), 0.9, 5e-4),
+        torch.optim.SGD(twin, lr=0.0, momentum=0.9, weight_decay=5e-4),
+    )
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
 
     def forward(params):

@@ -1,4 +1,5 @@
 """One contract test over every registered method, on planted features where the answer is known."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +29,9 @@ def planted():
     train, ytrain = draw(8, 3)
     val, yval = draw(4, 1)
     test, ytest = draw(40, 1)
-    text = F.normalize(torch.from_numpy(centers + 2.5 * rng.normal(size=centers.shape).astype(np.float32)), dim=-1)
+    text = F.normalize(
+        torch.from_numpy(centers + 2.5 * rng.normal(size=centers.shape).astype(np.float32)), dim=-1
+    )
     return FewShot(train, ytrain, val[:, 0], yval, text.numpy(), 20.0), test[:, 0], ytest
 
 
@@ -54,9 +57,21 @@ def test_contract(name, planted, tmp_path):
     again.fit(data, seed=1)
     torch.testing.assert_close(again(torch.from_numpy(test)), method(torch.from_numpy(test)))
     # The artifact round-trips through safetensors + JSON to the same logits.
-    save_adapter(tmp_path, method, torch.from_numpy(data.text), AdapterMeta(
-        method=name, config=method.config(), backbone="b", weights="random", weights_id="w",
-        classnames=list("abcd"), template="{}", logit_scale=data.logit_scale))
+    save_adapter(
+        tmp_path,
+        method,
+        torch.from_numpy(data.text),
+        AdapterMeta(
+            method=name,
+            config=method.config(),
+            backbone="b",
+            weights="random",
+            weights_id="w",
+            classnames=list("abcd"),
+            template="{}",
+            logit_scale=data.logit_scale,
+        ),
+    )
     loaded, meta = load_adapter(tmp_path)
     assert meta.method == name
     torch.testing.assert_close(loaded(torch.from_numpy(test)), method(torch.from_numpy(test)))
@@ -85,8 +100,15 @@ def test_tip_adapter_with_alpha_zero_is_zero_shot(planted):
 def test_fewshot_carries_no_test_split():
     """Selection is checkable: the only thing a method is handed has no test field. `epoch_val` is
     filled only under the released protocol (test_protocol.py pins that few-shot leaves it empty)."""
-    assert set(FewShot.__dataclass_fields__) == {"train", "train_labels", "val", "val_labels", "text", "logit_scale",
-                                                 "epoch_val"}
+    assert set(FewShot.__dataclass_fields__) == {
+        "train",
+        "train_labels",
+        "val",
+        "val_labels",
+        "text",
+        "logit_scale",
+        "epoch_val",
+    }
 
 
 def test_tip_adapter_f_chooses_its_epoch_on_val(planted):
@@ -103,8 +125,15 @@ def test_tip_adapter_f_chooses_its_epoch_on_val(planted):
     assert len(snapshots) == 8 and len(fitted.losses) == 8 and isinstance(method, TipAdapter)
     f = F.normalize(torch.from_numpy(data.val), dim=-1)
     w, values = torch.from_numpy(data.text), method.values
-    correct = [int((20.0 * f @ w.T + 1.0 * ((-1) * (1.0 - 1.0 * (f @ k.T))).exp() @ values)
-                   .argmax(-1).eq(torch.from_numpy(data.val_labels)).sum()) for k in snapshots]
+    correct = [
+        int(
+            (20.0 * f @ w.T + 1.0 * ((-1) * (1.0 - 1.0 * (f @ k.T))).exp() @ values)
+            .argmax(-1)
+            .eq(torch.from_numpy(data.val_labels))
+            .sum()
+        )
+        for k in snapshots
+    ]
     best = max(correct)
     assert len(set(correct)) > 1 and correct.count(best) > 1  # the epochs differ, and the best is tied
     assert fitted.chosen["epoch"] == correct.index(best) < 7

@@ -1,6 +1,7 @@
 """A short tracking-store outage, on a real `mlflow server` that is killed and started again: the
 recorder's own hand-back (`drain`) and the sweep's close leave every grid point whose record was lost
 unfinished, counted failed, and resumable (the points `resume` would run are exactly those)."""
+
 from __future__ import annotations
 
 import procs
@@ -16,9 +17,18 @@ def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, c
     from workflows.grid import SweepSpec
     from workflows.recorder import Recorder
 
-    spec = SweepSpec(datasets="colours", data_root=str(colour_root), backbone="ca-flow-tiny", pretrained="random",
-                     shots=[1], seeds=[1], alphas=[0.2, 0.4, 0.6], methods=["clip-adapter"],
-                     results_dir=str(tmp_path / "results"), experiment="outage")
+    spec = SweepSpec(
+        datasets="colours",
+        data_root=str(colour_root),
+        backbone="ca-flow-tiny",
+        pretrained="random",
+        shots=[1],
+        seeds=[1],
+        alphas=[0.2, 0.4, 0.6],
+        methods=["clip-adapter"],
+        results_dir=str(tmp_path / "results"),
+        experiment="outage",
+    )
     planned = s.plan(spec)
     done, cut_short, never_began = planned.trials  # finished; started before the outage; began during it
     db, artifacts, logs = tmp_path / "m.db", tmp_path / "artifacts", tmp_path / "logs"
@@ -27,9 +37,15 @@ def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, c
     port = procs.free_port()
 
     def finish(rec, t):
-        rec.finish(t.key, dict(shots=1, seed=1, alpha=t.hparams["alpha"]),
-                   dict(val_acc=0.5, test_acc=0.4), [0.9, 0.7], {"adapter.json": b"{}"},
-                   dict(name="colours", digest="d", source="s", source_type="local"), 1)
+        rec.finish(
+            t.key,
+            dict(shots=1, seed=1, alpha=t.hparams["alpha"]),
+            dict(val_acc=0.5, test_acc=0.4),
+            [0.9, 0.7],
+            {"adapter.json": b"{}"},
+            dict(name="colours", digest="d", source="s", source_type="local"),
+            1,
+        )
 
     with procs.mlflow_server(db, artifacts, logs, env, tmp_path, port=port) as (uri, server):
         client = mlflow.MlflowClient(uri)
@@ -46,8 +62,8 @@ def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, c
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
         server.stop(graceful_s=1)
         procs.kill_session(server.pid)
-        finish(rec, cut_short)           # its result is lost
-        rec.start(never_began, 1)        # its run is never made
+        finish(rec, cut_short)  # its result is lost
+        rec.start(never_began, 1)  # its run is never made
         finish(rec, never_began)
         unwritten = rec.drain()
     assert set(unwritten) == {cut_short.key, never_began.key}, unwritten

@@ -1,6 +1,7 @@
 """Packed trials (--pack): the CLIP-Adapter points that differ only in alpha/beta train as one stacked
 model in one Tune trial, and each point ends as it would have alone: its own run, params, metrics,
 loss history and adapter, equal to the unpacked run's within 1e-5."""
+
 from __future__ import annotations
 
 import json
@@ -28,6 +29,7 @@ runner = CliRunner()
 
 # -- the library: K stacked adapters train as K separate ones -----------------------------------------
 
+
 def planted(seed=0, classes=5, dim=64, n=40, views=3):
     rng = np.random.default_rng(seed)
     text = rng.normal(size=(classes, dim)).astype(np.float32)
@@ -39,10 +41,14 @@ def planted(seed=0, classes=5, dim=64, n=40, views=3):
     return FewShot(train, labels, train[:, 0], labels, text, 20.0), test, test_labels
 
 
-@pytest.mark.parametrize("variant,ratios", [
-    ("visual", [(0.2, 0.2), (0.4, 0.2), (0.6, 0.2), (0.8, 0.2)]),
-    ("text", [(0.2, 0.1), (0.2, 0.9)]),
-    ("both", [(0.2, 0.1), (0.7, 0.1), (0.7, 0.5)])])
+@pytest.mark.parametrize(
+    "variant,ratios",
+    [
+        ("visual", [(0.2, 0.2), (0.4, 0.2), (0.6, 0.2), (0.8, 0.2)]),
+        ("text", [(0.2, 0.1), (0.2, 0.9)]),
+        ("both", [(0.2, 0.1), (0.7, 0.1), (0.7, 0.5)]),
+    ],
+)
 def test_packed_fit_equals_separate_fits(variant, ratios):
     """Loss per epoch, adapter weights, val and test accuracy of each member: as its own fit, within 1e-5."""
     data, test, test_labels = planted()
@@ -72,30 +78,54 @@ def test_packed_fit_equals_separate_fits(variant, ratios):
 
 def test_packed_fit_refuses_members_that_train_differently():
     data, _, _ = planted()
-    methods = [make("clip-adapter", data.text, data.logit_scale, alpha=0.2, epochs=2),
-               make("clip-adapter", data.text, data.logit_scale, alpha=0.4, epochs=3)]
+    methods = [
+        make("clip-adapter", data.text, data.logit_scale, alpha=0.2, epochs=2),
+        make("clip-adapter", data.text, data.logit_scale, alpha=0.4, epochs=3),
+    ]
     with pytest.raises(ValueError, match="must share variant, reduction and training config"):
         fit_packed(methods, data, 1)
 
 
 # -- the grid: which points pack together ---------------------------------------------------------------
 
-SPEC = dict(backbone=TINY, pretrained="random", shots=[1, 2], seeds=[1, 2], alphas=[0.2, 0.6, 0.8],
-            betas=[0.1, 0.5], adapter=["visual", "both"], methods=["clip-adapter", "zero-shot", "tip-adapter"])
+SPEC = dict(
+    backbone=TINY,
+    pretrained="random",
+    shots=[1, 2],
+    seeds=[1, 2],
+    alphas=[0.2, 0.6, 0.8],
+    betas=[0.1, 0.5],
+    adapter=["visual", "both"],
+    methods=["clip-adapter", "zero-shot", "tip-adapter"],
+)
 
 
 def test_pack_groups_the_points_that_differ_only_in_alpha_and_beta():
     trials = grid(SweepSpec(**SPEC, pack=True), ["d1", "d2"])
-    assert grid(SweepSpec(**SPEC), ["d1", "d2"]) == trials  # keys do not change with --pack: resume finds runs
+    assert (
+        grid(SweepSpec(**SPEC), ["d1", "d2"]) == trials
+    )  # keys do not change with --pack: resume finds runs
     groups = packs(trials, True)
     assert sorted(t.key for g in groups for t in g) == sorted(t.key for t in trials)  # each point once
     ca = [g for g in groups if g[0].method == "clip-adapter"]
     # per (dataset, shots, seed, variant): visual packs its 3 alphas, both its 3 alphas x 2 betas
-    assert Counter((g[0].hparams["variant"], len(g)) for g in ca) == {("visual", 3): 2 * 2 * 2,
-                                                                         ("both", 6): 2 * 2 * 2}
+    assert Counter((g[0].hparams["variant"], len(g)) for g in ca) == {
+        ("visual", 3): 2 * 2 * 2,
+        ("both", 6): 2 * 2 * 2,
+    }
     for g in ca:
-        same = {(t.dataset, t.shots, t.seed, t.hparams["variant"], t.hparams["epochs"],
-                 t.hparams["lr"], t.hparams["batch_size"]) for t in g}
+        same = {
+            (
+                t.dataset,
+                t.shots,
+                t.seed,
+                t.hparams["variant"],
+                t.hparams["epochs"],
+                t.hparams["lr"],
+                t.hparams["batch_size"],
+            )
+            for t in g
+        }
         assert len(same) == 1, g
         assert len({(t.hparams["alpha"], t.hparams["beta"]) for t in g}) == len(g)
     others = [g for g in groups if g[0].method != "clip-adapter"]
@@ -120,9 +150,26 @@ def test_pack_keeps_apart_what_trains_differently():
 
 def test_dry_run_says_points_and_tune_trials(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["sweep", "--backbone", TINY, "--pretrained", "random", "--datasets", "textile", "--shots", "1,2",
-            "--seeds", "1,2,3", "--alphas", "0.2,0.4,0.6,0.8", "--methods", "clip-adapter,zero-shot",
-            "--cache-dir", str(tmp_path / "cache"), "--dry-run"]
+    args = [
+        "sweep",
+        "--backbone",
+        TINY,
+        "--pretrained",
+        "random",
+        "--datasets",
+        "textile",
+        "--shots",
+        "1,2",
+        "--seeds",
+        "1,2,3",
+        "--alphas",
+        "0.2,0.4,0.6,0.8",
+        "--methods",
+        "clip-adapter,zero-shot",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--dry-run",
+    ]
     points = 2 * 3 * 4 + 3
     for flags, tune_trials in (([], points), (["--pack"], 2 * 3 + 3)):
         doc = runner.invoke(app, [*args, *flags, "--json"])
@@ -130,8 +177,11 @@ def test_dry_run_says_points_and_tune_trials(tmp_path, monkeypatch):
         plan = json.loads(doc.stdout)
         assert (plan["trials"], plan["tune_trials"]) == (points, tune_trials)
         text = runner.invoke(app, [*args, *flags])
-        assert text.stdout.strip().splitlines()[-1].startswith(
-            f"dry run: {points} trials (grid points) in {tune_trials} Tune trials"), text.stdout
+        assert (
+            text.stdout.strip()
+            .splitlines()[-1]
+            .startswith(f"dry run: {points} trials (grid points) in {tune_trials} Tune trials")
+        ), text.stdout
 
 
 def test_pack_in_a_sweep_file(tmp_path):
@@ -139,7 +189,10 @@ def test_pack_in_a_sweep_file(tmp_path):
 
     (tmp_path / "p.toml").write_text("pack = true\n")
     assert build_spec(tmp_path / "p.toml", {"backbone": TINY, "pretrained": "random"}).pack is True
-    assert build_spec(tmp_path / "p.toml", {"backbone": TINY, "pretrained": "random", "pack": False}).pack is False
+    assert (
+        build_spec(tmp_path / "p.toml", {"backbone": TINY, "pretrained": "random", "pack": False}).pack
+        is False
+    )
     (tmp_path / "bad.toml").write_text('pack = "yes"\n')
     with pytest.raises(SweepError, match="pack expects true or false"):
         build_spec(tmp_path / "bad.toml", {"backbone": TINY, "pretrained": "random"})
@@ -149,8 +202,26 @@ def test_pack_in_a_sweep_file(tmp_path):
 
 # -- end to end: a packed sweep against an unpacked one of the same grid ---------------------------------
 
-GRID = ["--methods", "clip-adapter,zero-shot", "--alphas", "0.2,0.5,0.8", "--shots", "2", "--seeds", "1,2",
-        "--epochs", "4", "--lr", "0.01", "--batch-size", "4", "--augment-views", "2", "--max-retries", "0"]
+GRID = [
+    "--methods",
+    "clip-adapter,zero-shot",
+    "--alphas",
+    "0.2,0.5,0.8",
+    "--shots",
+    "2",
+    "--seeds",
+    "1,2",
+    "--epochs",
+    "4",
+    "--lr",
+    "0.01",
+    "--batch-size",
+    "4",
+    "--augment-views",
+    "2",
+    "--max-retries",
+    "0",
+]
 POINTS = 3 * 2 + 2
 
 
@@ -160,9 +231,25 @@ def sweeps(tmp_path_factory, colour_root, ray_local):
     data = work / "data"
     shutil.copytree(colour_root / "colours", data / "colours")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    common = ["--datasets", "colours", "--data-root", str(data), "--backbone", TINY, "--pretrained", "random",
-              "--tracking-uri", uri, "--cache-dir", str(work / "cache"), "--results-dir", str(work / "results"),
-              "--storage-path", str(work / "ray_results"), *GRID]
+    common = [
+        "--datasets",
+        "colours",
+        "--data-root",
+        str(data),
+        "--backbone",
+        TINY,
+        "--pretrained",
+        "random",
+        "--tracking-uri",
+        uri,
+        "--cache-dir",
+        str(work / "cache"),
+        "--results-dir",
+        str(work / "results"),
+        "--storage-path",
+        str(work / "ray_results"),
+        *GRID,
+    ]
     out = {}
     for name, flags in (("alone", []), ("packed", ["--pack"])):
         result = runner.invoke(app, ["sweep", *common, "--experiment", name, *flags])
@@ -174,8 +261,10 @@ def sweeps(tmp_path_factory, colour_root, ray_local):
 def runs_by_key(client, experiment):
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], max_results=500)
-    return ({r.data.tags["ca_flow.trial_key"]: r for r in runs if "mlflow.parentRunId" in r.data.tags},
-            next(r for r in runs if "mlflow.parentRunId" not in r.data.tags))
+    return (
+        {r.data.tags["ca_flow.trial_key"]: r for r in runs if "mlflow.parentRunId" in r.data.tags},
+        next(r for r in runs if "mlflow.parentRunId" not in r.data.tags),
+    )
 
 
 def adapter_weights(client, run, dest):
@@ -185,7 +274,9 @@ def adapter_weights(client, run, dest):
 
 def losses(client, run, epochs=4):
     """The last attempt's loss per epoch (a rerun logs its history again, later)."""
-    history = sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: (m.timestamp, m.step))
+    history = sorted(
+        client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: (m.timestamp, m.step)
+    )
     return [m.value for m in history[-epochs:]]
 
 
@@ -221,8 +312,14 @@ def test_packed_sweep_records_each_point_as_the_unpacked_sweep_does(sweeps):
 def test_resumed_packed_sweep_reruns_only_the_unfinished_points(sweeps):
     client = sweeps["client"]
     packed, parent = runs_by_key(client, "packed")
-    ca = sorted((r for r in packed.values() if r.data.tags["ca_flow.method"] == "clip-adapter"
-                 and r.data.params["seed"] == "1"), key=lambda r: r.data.params["alpha"])
+    ca = sorted(
+        (
+            r
+            for r in packed.values()
+            if r.data.tags["ca_flow.method"] == "clip-adapter" and r.data.params["seed"] == "1"
+        ),
+        key=lambda r: r.data.params["alpha"],
+    )
     lost = ca[:2]  # two alphas of one pack, as if its worker died before their records were written
     for run in lost:
         client.set_terminated(run.info.run_id, "FAILED")
@@ -231,8 +328,9 @@ def test_resumed_packed_sweep_reruns_only_the_unfinished_points(sweeps):
     import ray  # the first driver's recorder outlives its sweep in this process; a new driver starts afresh
 
     ray.kill(ray.get_actor(f"ca-flow-recorder-{parent.data.tags['ca_flow.sweep_id']}"))
-    result = runner.invoke(app, ["resume", parent.data.tags["ca_flow.sweep_id"], "--tracking-uri", sweeps["uri"],
-                                 "--force"])
+    result = runner.invoke(
+        app, ["resume", parent.data.tags["ca_flow.sweep_id"], "--tracking-uri", sweeps["uri"], "--force"]
+    )
     assert result.exit_code == 0, result.output + result.stderr
     assert f"{POINTS - 2} of {POINTS} trials already done, 2 to run" in " ".join(result.output.split())
     after, parent = runs_by_key(client, "packed")
@@ -261,8 +359,12 @@ def test_recorder_says_which_points_of_a_pack_are_written(tmp_path):
     rec = Recorder(uri, exp_id, parent, "s")
     source = dict(name="d", digest="0" * 8, source_type="local", source="file:///d")
     for key in ("a", "b", "c"):
-        rec.start(TrialPoint(key=key, name=key, dataset="d", method="clip-adapter", shots=1, seed=1,
-                             weights="random"), 0)
+        rec.start(
+            TrialPoint(
+                key=key, name=key, dataset="d", method="clip-adapter", shots=1, seed=1, weights="random"
+            ),
+            0,
+        )
     rec.finish("a", {"alpha": 0.2}, {"val_acc": 0.5, "test_acc": 0.5}, [1.0], {}, source, 1)
     rec.fail("c", "worker died")
     assert rec.finished(["a", "b", "c"]) == ["a"]

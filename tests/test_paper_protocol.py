@@ -1,4 +1,5 @@
 """Every method through the real CLI on miniatures of CoOp layouts: sweep, report, promote, predict."""
+
 import json
 import re
 
@@ -12,8 +13,12 @@ from workflows.cli import app
 
 runner = CliRunner()
 METHODS = ["clip-adapter", "zero-shot", "linear-probe", "tip-adapter", "tip-adapter-f", "gda"]
-CHOSEN = {"linear-probe": {"chosen_C"}, "tip-adapter": {"chosen_alpha", "chosen_beta"},
-          "tip-adapter-f": {"chosen_alpha", "chosen_beta", "chosen_epoch"}, "gda": {"chosen_alpha"}}
+CHOSEN = {
+    "linear-probe": {"chosen_C"},
+    "tip-adapter": {"chosen_alpha", "chosen_beta"},
+    "tip-adapter-f": {"chosen_alpha", "chosen_beta", "chosen_epoch"},
+    "gda": {"chosen_alpha"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +26,46 @@ def swept(tmp_path_factory, ray_local):
     work = tmp_path_factory.mktemp("paper")
     layouts.make_distinct(work / "data", ("imagenet", "fgvc_aircraft"))  # every image encoded
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    result = runner.invoke(app, [
-        "sweep", "--datasets", "imagenet,fgvc_aircraft", "--data-root", str(work / "data"), "--methods",
-        ",".join(METHODS), "--backbone", TINY, "--pretrained", "random", "--shots", "1,2", "--seeds", "1",
-        "--alphas", "0.2", "--augment-views", "2", "--epochs", "3", "--tracking-uri", uri,
-        "--cache-dir", str(work / "cache"), "--results-dir", str(work / "results")])
+    result = runner.invoke(
+        app,
+        [
+            "sweep",
+            "--datasets",
+            "imagenet,fgvc_aircraft",
+            "--data-root",
+            str(work / "data"),
+            "--methods",
+            ",".join(METHODS),
+            "--backbone",
+            TINY,
+            "--pretrained",
+            "random",
+            "--shots",
+            "1,2",
+            "--seeds",
+            "1",
+            "--alphas",
+            "0.2",
+            "--augment-views",
+            "2",
+            "--epochs",
+            "3",
+            "--tracking-uri",
+            uri,
+            "--cache-dir",
+            str(work / "cache"),
+            "--results-dir",
+            str(work / "results"),
+        ],
+    )
     assert result.exit_code == 0, result.output + result.stderr
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ca-flow")
-    runs = [r for r in client.search_runs([exp.experiment_id], max_results=500) if "mlflow.parentRunId" in r.data.tags]
+    runs = [
+        r
+        for r in client.search_runs([exp.experiment_id], max_results=500)
+        if "mlflow.parentRunId" in r.data.tags
+    ]
     return dict(work=work, uri=uri, result=result, client=client, runs=runs)
 
 
@@ -37,7 +73,13 @@ def test_every_method_ran_and_chose_on_val(swept):
     by_method = {m: [r for r in swept["runs"] if r.data.params["method"] == m] for m in METHODS}
     # per dataset: 2 shots x 1 seed for trained methods, one zero-shot trial per seed
     assert {m: len(rs) for m, rs in by_method.items()} == {
-        "clip-adapter": 4, "zero-shot": 2, "linear-probe": 4, "tip-adapter": 4, "tip-adapter-f": 4, "gda": 4}
+        "clip-adapter": 4,
+        "zero-shot": 2,
+        "linear-probe": 4,
+        "tip-adapter": 4,
+        "tip-adapter-f": 4,
+        "gda": 4,
+    }
     for method, rs in by_method.items():
         for r in rs:
             assert r.info.status == "FINISHED" and CHOSEN.get(method, set()) <= set(r.data.params)
@@ -55,9 +97,16 @@ def test_the_sweep_prints_one_table_per_method(swept):
 def best(runs, dataset, methods):
     """The documented rule, written out: best val_acc; ties more shots, lower seed, lower alpha."""
     mine = [r for r in runs if r.data.params["dataset"] == dataset and r.data.params["method"] in methods]
-    return sorted(mine, key=lambda r: (-r.data.metrics["val_acc"], -int(r.data.params["shots"]),
-                                       int(r.data.params["seed"]), float(r.data.params.get("alpha", 0.0)),
-                                       r.info.run_id))[0]
+    return sorted(
+        mine,
+        key=lambda r: (
+            -r.data.metrics["val_acc"],
+            -int(r.data.params["shots"]),
+            int(r.data.params["seed"]),
+            float(r.data.params.get("alpha", 0.0)),
+            r.info.run_id,
+        ),
+    )[0]
 
 
 def test_report_paper_promote_predict(swept):
@@ -79,14 +128,18 @@ def test_report_paper_promote_predict(swept):
     from oracles import clip_adapter_top
 
     image = next((work / "data" / "imagenet" / "images" / "val").rglob("*.JPEG"))
-    predicted = runner.invoke(app, ["predict", "--dataset", "imagenet", "--tracking-uri", uri, "--json", str(image)])
+    predicted = runner.invoke(
+        app, ["predict", "--dataset", "imagenet", "--tracking-uri", uri, "--json", str(image)]
+    )
     assert predicted.exit_code == 0, predicted.output + predicted.stderr
     (got,) = json.loads(predicted.stdout)["predictions"]
     version = client.get_model_version_by_alias("clip-adapter-imagenet", "champion")
     folder = client.download_artifacts(version.run_id, "adapter", str(work / "oracle"))
     want = clip_adapter_top(folder, image, 3)
     assert [t["label"] for t in got["top"]] == [c for c, _ in want]
-    assert [t["score"] for t in got["top"]] == pytest.approx([s for _, s in want], abs=1e-5)  # JSON has 6 places
+    assert [t["score"] for t in got["top"]] == pytest.approx(
+        [s for _, s in want], abs=1e-5
+    )  # JSON has 6 places
     # Naming every method lets the best of all of them in, if it beats the champion on val_acc.
     promote = runner.invoke(app, ["promote", "--tracking-uri", uri, "--methods", ",".join(METHODS), "--json"])
     assert promote.exit_code == 0, promote.output + promote.stderr
@@ -95,11 +148,15 @@ def test_report_paper_promote_predict(swept):
         overall = best(swept["runs"], p["dataset"], set(METHODS))
         moved = overall.data.metrics["val_acc"] > champion.data.metrics["val_acc"]
         assert p["run_id"] == overall.info.run_id
-        assert p["action"].startswith("moved v1 -> v2" if moved else ("already" if overall is champion else "kept v1"))
+        assert p["action"].startswith(
+            "moved v1 -> v2" if moved else ("already" if overall is champion else "kept v1")
+        )
     # Consistency, whatever method is champion now: predict equals the library's classifier on its files.
     from clip_adapter import AdapterClassifier
 
-    predicted = runner.invoke(app, ["predict", "--dataset", "imagenet", "--tracking-uri", uri, "--json", str(image)])
+    predicted = runner.invoke(
+        app, ["predict", "--dataset", "imagenet", "--tracking-uri", uri, "--json", str(image)]
+    )
     (got,) = json.loads(predicted.stdout)["predictions"]
     version = client.get_model_version_by_alias("clip-adapter-imagenet", "champion")
     folder = client.download_artifacts(version.run_id, "adapter", str(work / "oracle-any"))

@@ -1,6 +1,7 @@
 """The recorder's contract, on a real Ray and a real MLflow store: a record a trial handed over is
 written even when the trial's worker is gone a moment later and the store is slow to answer; a grid
 point whose record never arrived fails the sweep instead of passing as "0 failed"."""
+
 from __future__ import annotations
 
 import os
@@ -16,13 +17,20 @@ from workflows.point import TrialPoint
 from workflows.recorder import Recorder
 from workflows.trial import hand_over
 
-ADAPTER = os.urandom(2 * 2 ** 20)  # large enough to travel through the object store, not inline
+ADAPTER = os.urandom(2 * 2**20)  # large enough to travel through the object store, not inline
 SOURCE = dict(name="colours", digest="abc123", source="/data/colours", source_type="local")
 
 
 def point(key: str) -> TrialPoint:
-    return TrialPoint(key=key, name=f"colours-{key}", dataset="colours", method="clip-adapter", shots=1, seed=1,
-                      weights="random")
+    return TrialPoint(
+        key=key,
+        name=f"colours-{key}",
+        dataset="colours",
+        method="clip-adapter",
+        shots=1,
+        seed=1,
+        weights="random",
+    )
 
 
 @pytest.fixture
@@ -50,8 +58,16 @@ def test_a_record_handed_over_is_written_after_its_worker_died(ray_local, store)
     class Trial:
         def run(self, recorder, t):
             hand_over(recorder.start, t, 1_000)
-            hand_over(recorder.finish, t.key, {"shots": 1}, {"val_acc": 0.5, "test_acc": 0.25},
-                      [1.0, 0.5], {"adapter.safetensors": ADAPTER}, SOURCE, 2_000)
+            hand_over(
+                recorder.finish,
+                t.key,
+                {"shots": 1},
+                {"val_acc": 0.5, "test_acc": 0.25},
+                [1.0, 0.5],
+                {"adapter.safetensors": ADAPTER},
+                SOURCE,
+                2_000,
+            )
             os._exit(0)  # as Tune ends a trial's actor once its trial returned
 
     with pytest.raises(ray.exceptions.RayActorError):
@@ -74,10 +90,20 @@ def test_a_grid_point_whose_record_never_arrived_fails_the_sweep(store, tmp_path
     uri, client, exp_id, parent = store
     client.set_tag(parent, tracking.SWEEP_ID, "sweep-1")
     t1, t2 = (replace(point(k), hparams={"alpha": 0.2}) for k in ("k1", "k2"))
-    run = tracking.create_trial_run(client, dict(exp_id=exp_id, parent_id=parent, sweep_id="sweep-1"), t1, 1_000)
-    client.log_batch(run, params=[Param("dataset", "colours"), Param("method", "clip-adapter"),
-                                  Param("shots", "1"), Param("seed", "1"), Param("alpha", "0.2")],
-                     metrics=[Metric("val_acc", 1.0, 0, 0), Metric("test_acc", 1.0, 0, 0)])
+    run = tracking.create_trial_run(
+        client, dict(exp_id=exp_id, parent_id=parent, sweep_id="sweep-1"), t1, 1_000
+    )
+    client.log_batch(
+        run,
+        params=[
+            Param("dataset", "colours"),
+            Param("method", "clip-adapter"),
+            Param("shots", "1"),
+            Param("seed", "1"),
+            Param("alpha", "0.2"),
+        ],
+        metrics=[Metric("val_acc", 1.0, 0, 0), Metric("test_acc", 1.0, 0, 0)],
+    )
     client.set_terminated(run, "FINISHED")
     spec = SweepSpec(datasets="colours", results_dir=str(tmp_path / "results"))
     planned = SweepPlan(spec, [], [], [t1, t2], "random")

@@ -1,6 +1,7 @@
 """The report: selection on validation, the table and its published numbers, the CSV and the figure.
 
 Frames are built by hand here (the columns `runs_table.frame` gives), oracles written out in the test."""
+
 import csv
 import math
 
@@ -30,17 +31,27 @@ def frame(rows):
 
 
 def trial(dataset, method, shots, seed, alpha, val, test):
-    return dict(dataset=dataset, method=method, shots=shots, seed=seed, alpha=alpha, val_acc=val, test_acc=test)
+    return dict(
+        dataset=dataset, method=method, shots=shots, seed=seed, alpha=alpha, val_acc=val, test_acc=test
+    )
 
 
 def adapter_sweep(datasets, shots, test=0.80):
     """CLIP-Adapter on `datasets` x `shots`, seeds 1 and 2, test accuracy `test` everywhere."""
-    return frame([trial(d, "clip-adapter", k, s, 0.2, 0.5, test) for d in datasets for k in shots for s in (1, 2)])
+    return frame(
+        [trial(d, "clip-adapter", k, s, 0.2, 0.5, test) for d in datasets for k in shots for s in (1, 2)]
+    )
 
 
 def test_selection_reads_val_only_and_ties_go_to_the_smaller_alpha():
-    f = frame([trial("d", "clip-adapter", 1, 1, 0.2, 0.5, 0.10), trial("d", "clip-adapter", 1, 1, 0.6, 0.5, 0.90),
-               trial("d", "clip-adapter", 1, 2, 0.2, 0.4, 0.90), trial("d", "clip-adapter", 1, 2, 0.6, 0.7, 0.20)])
+    f = frame(
+        [
+            trial("d", "clip-adapter", 1, 1, 0.2, 0.5, 0.10),
+            trial("d", "clip-adapter", 1, 1, 0.6, 0.5, 0.90),
+            trial("d", "clip-adapter", 1, 2, 0.2, 0.4, 0.90),
+            trial("d", "clip-adapter", 1, 2, 0.6, 0.7, 0.20),
+        ]
+    )
     chosen = select_on_val(f.drop(columns=["test_acc", "zs_test_acc"]))  # works without any test column
     assert chosen.set_index("seed")["alpha"].to_dict() == {1: 0.2, 2: 0.6}
     s = summary(f).iloc[0]
@@ -51,9 +62,18 @@ def test_selection_reads_val_only_and_ties_go_to_the_smaller_alpha():
 def test_summary_is_the_mean_and_sample_std_over_three_seeds():
     # 50, 52, 60 %: mean 54 (the median is 52), sample std sqrt((16 + 4 + 36) / 2) = sqrt(28)
     # (the population std would be sqrt(56 / 3)); each seed's val-chosen alpha is the one tested.
-    f = frame([trial("d", "clip-adapter", 4, s, a, v, t) for s, a, v, t in
-               ((1, 0.2, 0.6, 0.50), (1, 0.6, 0.5, 0.99), (2, 0.2, 0.6, 0.52), (3, 0.6, 0.7, 0.60),
-                (3, 0.2, 0.4, 0.01))])
+    f = frame(
+        [
+            trial("d", "clip-adapter", 4, s, a, v, t)
+            for s, a, v, t in (
+                (1, 0.2, 0.6, 0.50),
+                (1, 0.6, 0.5, 0.99),
+                (2, 0.2, 0.6, 0.52),
+                (3, 0.6, 0.7, 0.60),
+                (3, 0.2, 0.4, 0.01),
+            )
+        ]
+    )
     s = summary(f).iloc[0]
     assert s["mean"] == pytest.approx(54.0) and s["std"] == pytest.approx(math.sqrt(28))
     assert s["n_seeds"] == 3
@@ -63,9 +83,15 @@ def test_summary_is_the_mean_and_sample_std_over_three_seeds():
 
 
 def test_table_has_average_row_and_untrained_methods_fill_every_shots_column():
-    f = frame([trial(d, "clip-adapter", k, s, 0.2, 0.5, acc) for d, acc in (("a", 0.6), ("b", 0.8))
-               for k in (1, 2) for s in (1, 2)]
-              + [trial(d, "zero-shot", 2, s, float("nan"), 0.3, 0.4) for d in ("a", "b") for s in (1, 2)])
+    f = frame(
+        [
+            trial(d, "clip-adapter", k, s, 0.2, 0.5, acc)
+            for d, acc in (("a", 0.6), ("b", 0.8))
+            for k in (1, 2)
+            for s in (1, 2)
+        ]
+        + [trial(d, "zero-shot", 2, s, float("nan"), 0.3, 0.4) for d in ("a", "b") for s in (1, 2)]
+    )
     blocks = paper_table(f)
     mean, _ = blocks["clip-adapter"]
     assert mean.loc["average", 1] == pytest.approx(70.0)
@@ -75,9 +101,12 @@ def test_table_has_average_row_and_untrained_methods_fill_every_shots_column():
 
 # -- the published numbers: per dataset, and an average only over what both have ---------------------
 
+
 def test_one_dataset_compares_per_dataset_and_its_average_only_with_that_dataset():
     # Was: the average row of a one-dataset sweep set against the 11-dataset average (74.44, "+9.99").
-    f = frame([trial("eurosat", "clip-adapter", 16, s, 0.2, 0.5, 0.8443 + d) for s, d in ((1, 0.01), (2, -0.01))])
+    f = frame(
+        [trial("eurosat", "clip-adapter", 16, s, 0.2, 0.5, 0.8443 + d) for s, d in ((1, 0.01), (2, -0.01))]
+    )
     text = cells(paper_table(f), paper=True)["clip-adapter"]
     assert text.loc["eurosat", 16] == "84.43 +- 1.41 (paper 84.43, +0.00)"
     assert text.loc["average", 16] == "84.43 +- 1.41 (paper 84.43 over eurosat, +0.00)"
@@ -90,14 +119,21 @@ def test_two_datasets_average_over_those_two_and_names_them():
     paper = (PAPER_16_SHOT["clip-adapter"]["dtd"] + PAPER_16_SHOT["clip-adapter"]["eurosat"]) / 2  # 75.195
     assert text.loc["dtd", 16] == f"80.00 +- 0.00 (paper 65.96, {80 - 65.96:+.2f})"
     assert text.loc["eurosat", 16] == f"80.00 +- 0.00 (paper 84.43, {80 - 84.43:+.2f})"
-    assert text.loc["average", 16] == f"80.00 +- 0.00 (paper {paper:.2f} over dtd, eurosat, {80 - paper:+.2f})"
+    assert (
+        text.loc["average", 16] == f"80.00 +- 0.00 (paper {paper:.2f} over dtd, eurosat, {80 - paper:+.2f})"
+    )
     ref, over = paper_average("clip-adapter", 16, ["dtd", "eurosat"])
     assert ref == pytest.approx(paper) and over == ["dtd", "eurosat"]
 
 
 def test_a_dataset_the_papers_lack_is_left_out_of_the_average_and_the_row_says_over_which():
-    f = frame([trial(d, "clip-adapter", 16, s, 0.2, 0.5, acc) for d, acc in (("eurosat", 0.80), ("colours", 0.40))
-               for s in (1, 2)])
+    f = frame(
+        [
+            trial(d, "clip-adapter", 16, s, 0.2, 0.5, acc)
+            for d, acc in (("eurosat", 0.80), ("colours", 0.40))
+            for s in (1, 2)
+        ]
+    )
     text = cells(paper_table(f), paper=True)["clip-adapter"]
     assert text.loc["colours", 16] == "40.00 +- 0.00"  # no published figure for a user's own folder
     # ca-flow's own average (60) stays first; the comparison uses eurosat alone, on both sides.
@@ -109,7 +145,9 @@ def test_all_11_datasets_compare_with_the_published_11_dataset_average():
     text = cells(paper_table(f), paper=True)["clip-adapter"]
     for shots in (4, 16):
         ref = PAPER_AVERAGE["clip-adapter"][shots]
-        assert text.loc["average", shots] == f"80.00 +- 0.00 (paper {ref:.2f} over 11 datasets, {80 - ref:+.2f})"
+        assert (
+            text.loc["average", shots] == f"80.00 +- 0.00 (paper {ref:.2f} over 11 datasets, {80 - ref:+.2f})"
+        )
         assert paper_average("clip-adapter", shots, sorted(ALL_11)) == (ref, sorted(ALL_11))
     assert text.loc["average", 16].startswith("80.00 +- 0.00 (paper 74.44 over 11 datasets")
 
@@ -125,13 +163,22 @@ def test_shots_without_per_dataset_numbers_and_fewer_than_11_datasets_show_no_pa
 
 
 def test_zero_shot_publishes_every_dataset_so_a_subset_compares_at_every_shots():
-    f = frame([trial(d, "zero-shot", 4, s, float("nan"), 0.3, 0.5) for d in ("dtd", "eurosat") for s in (1, 2)]
-              + [trial(d, "clip-adapter", k, s, 0.2, 0.5, 0.8) for d in ("dtd", "eurosat") for k in (1, 4)
-                 for s in (1, 2)])
+    f = frame(
+        [trial(d, "zero-shot", 4, s, float("nan"), 0.3, 0.5) for d in ("dtd", "eurosat") for s in (1, 2)]
+        + [
+            trial(d, "clip-adapter", k, s, 0.2, 0.5, 0.8)
+            for d in ("dtd", "eurosat")
+            for k in (1, 4)
+            for s in (1, 2)
+        ]
+    )
     text = cells(paper_table(f), paper=True)["zero-shot"]
     paper = (PAPER_ZERO_SHOT["dtd"] + PAPER_ZERO_SHOT["eurosat"]) / 2
     for shots in (1, 4):
-        assert text.loc["average", shots] == f"50.00 +- 0.00 (paper {paper:.2f} over dtd, eurosat, {50 - paper:+.2f})"
+        assert (
+            text.loc["average", shots]
+            == f"50.00 +- 0.00 (paper {paper:.2f} over dtd, eurosat, {50 - paper:+.2f})"
+        )
 
 
 def test_without_paper_no_published_figure_is_shown():
@@ -158,10 +205,17 @@ def two_methods():
     The seeds' offsets 0, 1 and 5 points are uneven: their mean (2) is not their median (1), and their
     sample std is sqrt(((0-2)^2 + (1-2)^2 + (5-2)^2) / (3-1)) = sqrt(7), not the population std sqrt(14/3).
     """
-    rows = [trial(d, "clip-adapter", k, s, 0.2, 0.5, base + 0.02 * k + SEED_OFFSET[s])
-            for d, base in (("a", 0.5), ("b", 0.6)) for k in (1, 2, 4) for s in (1, 2, 3)]
-    rows += [trial(d, "zero-shot", 4, s, float("nan"), 0.3, acc) for d, acc in (("a", 0.40), ("b", 0.46))
-             for s in (1, 2, 3)]
+    rows = [
+        trial(d, "clip-adapter", k, s, 0.2, 0.5, base + 0.02 * k + SEED_OFFSET[s])
+        for d, base in (("a", 0.5), ("b", 0.6))
+        for k in (1, 2, 4)
+        for s in (1, 2, 3)
+    ]
+    rows += [
+        trial(d, "zero-shot", 4, s, float("nan"), 0.3, acc)
+        for d, acc in (("a", 0.40), ("b", 0.46))
+        for s in (1, 2, 3)
+    ]
     return frame(rows)
 
 
@@ -224,12 +278,20 @@ def test_figure_has_error_bars_and_zero_shot_as_a_horizontal_line():
 
 def test_gda_published_numbers_are_its_logs():
     # mrflogs/ICLR24 560fe21 exp.log, row "ours" (RN50, mean of seeds 1-3): DTD and EuroSAT, 1..16 shots.
-    f = frame([trial(d, "gda", k, s, float("nan"), 0.5, 0.80) for d in ("dtd", "eurosat")
-               for k in (1, 16) for s in (1, 2)])
+    f = frame(
+        [
+            trial(d, "gda", k, s, float("nan"), 0.5, 0.80)
+            for d in ("dtd", "eurosat")
+            for k in (1, 16)
+            for s in (1, 2)
+        ]
+    )
     text = cells(paper_table(f), paper=True)["gda"]
     assert text.loc["dtd", 1] == "80.00 +- 0.00 (paper 46.26, +33.74)"
     assert text.loc["eurosat", 16] == "80.00 +- 0.00 (paper 86.12, -6.12)"
     # 11 datasets at 16 shots: the 76.05 the log's rows average to.
-    text = cells(paper_table(frame([trial(d, "gda", 16, 1, float("nan"), 0.5, 0.80) for d in sorted(ALL_11)])),
-                 paper=True)["gda"]
+    text = cells(
+        paper_table(frame([trial(d, "gda", 16, 1, float("nan"), 0.5, 0.80) for d in sorted(ALL_11)])),
+        paper=True,
+    )["gda"]
     assert text.loc["average", 16] == "80.00 +- 0.00 (paper 76.05 over 11 datasets, +3.95)"

@@ -5,6 +5,7 @@ worker exactly N more attempts.
 Each trial attempt waits at the test barrier (workflows/barrier.py, point `trial`) right after its run
 is started; the test releases it, or kills its worker there (benchmarks/faults.py Bench).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,18 +24,48 @@ import procs  # noqa: E402
 
 
 def sweep_args(b: faults.Bench, datasets: str, alphas: str, *extra: str) -> list[str]:
-    return ["sweep", "--datasets", datasets, *procs.TINY_SWEEP, "--methods", "clip-adapter", "--shots", "1",
-            "--seeds", "1", "--alphas", alphas, "--epochs", "3", "--augment-views", "1",
-            "--experiment", b.experiment, "--tracking-uri", b.uri, "--cache-dir", str(b.cache),
-            "--results-dir", str(b.work / "results"), "--storage-path", str(b.work / "tune"), *extra]
+    return [
+        "sweep",
+        "--datasets",
+        datasets,
+        *procs.TINY_SWEEP,
+        "--methods",
+        "clip-adapter",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+        "--alphas",
+        alphas,
+        "--epochs",
+        "3",
+        "--augment-views",
+        "1",
+        "--experiment",
+        b.experiment,
+        "--tracking-uri",
+        b.uri,
+        "--cache-dir",
+        str(b.cache),
+        "--results-dir",
+        str(b.work / "results"),
+        "--storage-path",
+        str(b.work / "tune"),
+        *extra,
+    ]
 
 
 def finished_record(client, run) -> dict:
     """What a retrain would change: the run, its attempt, status, end time, metrics and loss curve."""
     history = client.get_metric_history(run.info.run_id, "train_loss")
-    return dict(run_id=run.info.run_id, status=run.info.status, end_time=run.info.end_time,
-                attempt=run.data.tags.get(faults.ATTEMPT), metrics=dict(run.data.metrics),
-                losses=[(m.step, m.value, m.timestamp) for m in sorted(history, key=lambda m: m.step)])
+    return dict(
+        run_id=run.info.run_id,
+        status=run.info.status,
+        end_time=run.info.end_time,
+        attempt=run.data.tags.get(faults.ATTEMPT),
+        metrics=dict(run.data.metrics),
+        losses=[(m.step, m.value, m.timestamp) for m in sorted(history, key=lambda m: m.step)],
+    )
 
 
 @pytest.mark.slow
@@ -57,7 +88,9 @@ def test_resume_leaves_every_finished_run_of_a_multi_dataset_sweep_untouched(tmp
             held = [k for k, v in b.waiting().items() if v["dataset"] == "tints"]
             return b.done() == 3 and held and held[0]
 
-        unfinished = procs.wait_for("colours done, one tints trial done and one at the barrier", step, 300, [sweep])
+        unfinished = procs.wait_for(
+            "colours done, one tints trial done and one at the barrier", step, 300, [sweep]
+        )
         sweep.signal(signal.SIGINT)
         assert sweep.wait(120) == 130, sweep.output()[-3000:]
 
@@ -65,8 +98,11 @@ def test_resume_leaves_every_finished_run_of_a_multi_dataset_sweep_untouched(tmp
         _, children = b.runs()
         assert len(children) == 4, [c.info.run_name for c in children]
         before = {c.data.tags[faults.KEY]: finished_record(client, c) for c in children if faults.is_done(c)}
-        assert sorted(c.data.tags["ca_flow.dataset"] for c in children if faults.is_done(c)) == \
-            ["colours", "colours", "tints"]
+        assert sorted(c.data.tags["ca_flow.dataset"] for c in children if faults.is_done(c)) == [
+            "colours",
+            "colours",
+            "tints",
+        ]
         assert unfinished not in before and all(r["attempt"] == "1" for r in before.values())
         assert all(len(r["losses"]) == 3 for r in before.values())  # --epochs 3: one loss per epoch
 
@@ -86,6 +122,7 @@ def kill_attempts(b: faults.Bench, sweep: procs.Proc, key: str, n: int) -> list[
     """kill -9 the worker of each of the first `n` attempts of trial `key`, at its barrier."""
     killed: list[int] = []
     for attempt in range(1, n + 1):
+
         def next_attempt():
             found = b.waiting().get(key)
             return found and found["pid"] not in killed and found["pid"]
@@ -102,16 +139,28 @@ def test_max_retries_n_gives_a_lost_worker_exactly_n_retries(tmp_path, retries):
     make_colour_tree(tmp_path / "data" / "colours", per_class=4)
     with faults.Bench(tmp_path, f"retries-{retries}") as b:
         env = b.barrier_env()
-        sweep = b.start("sweep", sweep_args(b, "colours", "0.2", "--max-retries", str(retries),
-                                            "--data-root", str(tmp_path / "data")), env)
-        killed = kill_attempts(b, sweep, key := procs.wait_for("the trial at the barrier",
-                                                                lambda: next(iter(b.waiting()), None), 240,
-                                                                [sweep]), retries + 1)
+        sweep = b.start(
+            "sweep",
+            sweep_args(
+                b, "colours", "0.2", "--max-retries", str(retries), "--data-root", str(tmp_path / "data")
+            ),
+            env,
+        )
+        killed = kill_attempts(
+            b,
+            sweep,
+            key := procs.wait_for(
+                "the trial at the barrier", lambda: next(iter(b.waiting()), None), 240, [sweep]
+            ),
+            retries + 1,
+        )
         # Tune must give up now: an attempt after the last allowed one would reach the barrier again.
         deadline = time.monotonic() + 240
         while sweep.alive() and time.monotonic() < deadline:
             again = b.waiting().get(key)
-            assert not (again and again["pid"] not in killed), f"attempt {retries + 2}: {sweep.output()[-2000:]}"
+            assert not (again and again["pid"] not in killed), (
+                f"attempt {retries + 2}: {sweep.output()[-2000:]}"
+            )
             time.sleep(0.2)
         rc = sweep.wait(10)
         out = sweep.output()

@@ -5,6 +5,7 @@ on data chosen so that a plausible wrong version of the rule gives another answe
 beside the allowed one that shares its prefix, weights that differ on one cache dir, class labels that
 are not in the order the images are listed, a registry champion on other weights.
 """
+
 from __future__ import annotations
 
 import random
@@ -88,13 +89,15 @@ def test_the_feature_store_never_serves_features_or_text_of_other_weights(tmp_pa
     from clip_adapter.images import crops, decode, image_id
 
     blobs = [open(i.path, "rb").read() for i in split.test]
-    expected = np.stack([other.encode_pixels(crops(decode(b), image_id(b), [0], False, other.preprocess))[0]
-                         for b in blobs])
+    expected = np.stack(
+        [other.encode_pixels(crops(decode(b), image_id(b), [0], False, other.preprocess))[0] for b in blobs]
+    )
     np.testing.assert_allclose(feats[:, 0], expected, rtol=1e-4, atol=1e-5)
     assert not np.allclose(feats, random_feats)
     # and back: the random weights' entries are still the random weights' own
-    again = FeatureStore(cache, TINY, "random").images("colours", split.root, split.test, 1, False,
-                                                       lambda r: pytest.fail(f"re-encoded {len(r)}"))
+    again = FeatureStore(cache, TINY, "random").images(
+        "colours", split.root, split.test, 1, False, lambda r: pytest.fail(f"re-encoded {len(r)}")
+    )
     np.testing.assert_array_equal(again.features, random_feats)
     text, _ = FeatureStore(cache, TINY, "random").text(names, template)
     np.testing.assert_allclose(text, text_classifier(tiny, names, template))
@@ -141,8 +144,15 @@ def test_champion_never_moves_to_a_better_run_on_other_weights_or_backbone(tmp_p
 
     def run(backbone, weights_id, val_acc):
         r = client.create_run(exp)
-        for k, v in dict(backbone=backbone, weights=weights_id, weights_id=weights_id, shots=4, seed=1, alpha=0.2,
-                         method="clip-adapter").items():
+        for k, v in dict(
+            backbone=backbone,
+            weights=weights_id,
+            weights_id=weights_id,
+            shots=4,
+            seed=1,
+            alpha=0.2,
+            method="clip-adapter",
+        ).items():
             client.log_param(r.info.run_id, k, v)
         client.log_metric(r.info.run_id, "val_acc", val_acc)
         client.set_terminated(r.info.run_id)
@@ -151,22 +161,29 @@ def test_champion_never_moves_to_a_better_run_on_other_weights_or_backbone(tmp_p
     name = model_name("colours")
     champion = run("RN50-quickgelu", "tag-openai", 0.50)
     client.create_registered_model(name)
-    mv = client.create_model_version(name, f"runs:/{champion.info.run_id}/adapter", run_id=champion.info.run_id,
-                                     tags=dict(backbone="RN50-quickgelu", weights="openai", weights_id="tag-openai",
-                                               val_acc="0.5"))
+    mv = client.create_model_version(
+        name,
+        f"runs:/{champion.info.run_id}/adapter",
+        run_id=champion.info.run_id,
+        tags=dict(backbone="RN50-quickgelu", weights="openai", weights_id="tag-openai", val_acc="0.5"),
+    )
     client.set_registered_model_alias(name, "champion", mv.version)
 
     for backbone, weights_id in (("RN50-quickgelu", "random-seed0"), ("ViT-B-32-quickgelu", "tag-openai")):
         better = run(backbone, weights_id, 0.99)
         decision = promote(client, "colours", better, "champion")
-        assert decision.action.startswith(f"kept v{mv.version} (") and "is not comparable with" in decision.action
+        assert (
+            decision.action.startswith(f"kept v{mv.version} (")
+            and "is not comparable with" in decision.action
+        )
         assert client.get_model_version_by_alias(name, "champion").version == mv.version
     # the same backbone and weights, better on val: that one would move it (the rule is not "never move")
     same = run("RN50-quickgelu", "tag-openai", 0.60)
     moving = promote(client, "colours", same, "champion", dry_run=True).action
     assert moving == f"would register, moving from v{mv.version}"
-    assert promote(client, "colours", run("RN50-quickgelu", "tag-openai", 0.40), "champion").action.startswith(
-        f"kept v{mv.version} (val_acc 0.5000 >= 0.4000")
+    assert promote(
+        client, "colours", run("RN50-quickgelu", "tag-openai", 0.40), "champion"
+    ).action.startswith(f"kept v{mv.version} (val_acc 0.5000 >= 0.4000")
 
 
 # -- prediction: a saved adapter predicts CLIP-Adapter's released forward pass, written out ---------
@@ -186,10 +203,22 @@ def test_a_saved_adapter_predicts_what_clip_adapters_formula_gives(tmp_path, tin
     torch.manual_seed(3)
     for p in method.parameters():  # far from zero-shot, so that a wrong blend shows
         torch.nn.init.normal_(p, std=0.5)
-    save_adapter(tmp_path, method.eval(), text, AdapterMeta(
-        method="clip-adapter", config=method.config(), backbone=TINY, weights="random",
-        weights_id=weights_identity("random"), classnames=names, template="a photo of a {}.",
-        logit_scale=tiny.logit_scale, dataset="colours"))
+    save_adapter(
+        tmp_path,
+        method.eval(),
+        text,
+        AdapterMeta(
+            method="clip-adapter",
+            config=method.config(),
+            backbone=TINY,
+            weights="random",
+            weights_id=weights_identity("random"),
+            classnames=names,
+            template="a photo of a {}.",
+            logit_scale=tiny.logit_scale,
+            dataset="colours",
+        ),
+    )
     image = next((colour_root / "colours" / "green").iterdir())
     got = AdapterClassifier(tmp_path, device="cpu").predict([image], 3)[0]
     want = clip_adapter_top(tmp_path, image, 3)

@@ -5,6 +5,7 @@ The references written here (`released_search_hp`, `dassl_lr_per_epoch`) restate
 code's logic from reading it (gaopengcuhk/Tip-Adapter utils.py, KaiyangZhou/Dassl.pytorch
 dassl/optim/lr_scheduler.py); they share no code with the product.
 """
+
 import math
 
 import numpy as np
@@ -18,8 +19,16 @@ from clip_adapter.methods.tip_adapter import ALPHAS, BETAS, cache_keys, search
 C, D = 3, 8
 
 
-def released_search_hp(features, cache_keys_t, cache_values, labels, clip_weights, logit_scale=100.0,
-                       search_scale=(7, 3), search_step=(200, 20)):
+def released_search_hp(
+    features,
+    cache_keys_t,
+    cache_values,
+    labels,
+    clip_weights,
+    logit_scale=100.0,
+    search_scale=(7, 3),
+    search_step=(200, 20),
+):
     """Tip-Adapter's search_hp as released: beta outer, alpha inner, best from 0, strict '>'.
 
     Takes the released layouts: normalised features [n, D], keys [D, N], values [N, C], weights [D, C].
@@ -41,6 +50,7 @@ def released_search_hp(features, cache_keys_t, cache_values, labels, clip_weight
 
 
 # -- Tip-Adapter: cache keys ------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def uneven_views():
@@ -69,15 +79,19 @@ def test_both_methods_build_their_cache_from_raw_views(uneven_views, name):
     text = F.normalize(torch.from_numpy(rng.normal(size=(C, D)).astype(np.float32)), dim=-1).numpy()
     data = FewShot(views, labels, rng.normal(size=(6, D)).astype(np.float32), labels, text, 100.0)
     # lr 0: Tip-Adapter-F's trained keys stay its initial cache (AdamW moves nothing at lr 0).
-    method = make(name, text, 100.0, search=False, **({"lr": 0.0, "epochs": 1} if name == "tip-adapter-f" else {}))
+    method = make(
+        name, text, 100.0, search=False, **({"lr": 0.0, "epochs": 1} if name == "tip-adapter-f" else {})
+    )
     method.fit(data, seed=1)
     mean = views.mean(axis=1)
-    np.testing.assert_allclose(method.keys.numpy(), mean / np.linalg.norm(mean, axis=-1, keepdims=True),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        method.keys.numpy(), mean / np.linalg.norm(mean, axis=-1, keepdims=True), rtol=1e-5, atol=1e-6
+    )
     assert torch.equal(method.values, F.one_hot(torch.from_numpy(labels), C).float())
 
 
 # -- Tip-Adapter: the (alpha, beta) search -----------------------------------------------------------
+
 
 def test_search_grid_is_the_released_lists():
     assert list(BETAS) == [i * (7 - 0.1) / 200 + 0.1 for i in range(200)]
@@ -150,6 +164,7 @@ def test_tip_adapter_uses_the_backbone_logit_scale():
 
 # -- Other protocol claims ----------------------------------------------------------------------------
 
+
 def test_augment_views_default_to_ten_as_the_released_augment_epoch():
     from workflows.grid import SweepSpec
 
@@ -172,7 +187,7 @@ def test_clip_adapter_draws_one_cached_view_per_image_per_epoch():
     assert [len(x) for x in seen] == [3, 3, 1] * 4
     picked = set()
     for epoch in range(4):
-        rows = torch.cat(seen[3 * epoch:3 * epoch + 3]).numpy()
+        rows = torch.cat(seen[3 * epoch : 3 * epoch + 3]).numpy()
         where = [tuple(zip(*np.nonzero((feats == row).all(-1))))[0] for row in rows]  # (image, view)
         assert sorted(i for i, _ in where) == list(range(n))
         picked |= {v for _, v in where}
@@ -257,8 +272,10 @@ def test_linear_probe_c_grid_decades_and_ties_keep_the_smaller_c(monkeypatch):
 
     monkeypatch.setattr(sklearn.linear_model, "LogisticRegression", Probe)
     rng = np.random.default_rng(7)
-    train = (5.0 * rng.uniform(0.5, 2.0, size=(6, 4, 1)) * np.eye(C, D)[np.arange(6) % C][:, None, :]
-             + 0.01 * rng.normal(size=(6, 4, D))).astype(np.float32)
+    train = (
+        5.0 * rng.uniform(0.5, 2.0, size=(6, 4, 1)) * np.eye(C, D)[np.arange(6) % C][:, None, :]
+        + 0.01 * rng.normal(size=(6, 4, D))
+    ).astype(np.float32)
     val = np.eye(C, D, dtype=np.float32) * 3.0
     data = FewShot(train, np.arange(6) % C, val, np.arange(C), np.eye(C, D, dtype=np.float32), 100.0)
     probe = make("linear-probe", data.text, data.logit_scale)
@@ -284,6 +301,7 @@ def test_imagenet_images_within_a_class_are_sorted(tmp_path):
                 (root / "images" / split / wnid / name).write_bytes(b"")
     (found,) = resolve("imagenet", tmp_path)
     split = load(found)
-    assert [p.rsplit("/", 2)[-2:] for p in (i.path for i in split.train)] == \
-        [[w, n] for w in ("n01", "n02") for n in sorted(names)]
+    assert [p.rsplit("/", 2)[-2:] for p in (i.path for i in split.train)] == [
+        [w, n] for w in ("n01", "n02") for n in sorted(names)
+    ]
     assert [i.label for i in split.train] == [0] * 5 + [1] * 5

@@ -1,6 +1,7 @@
 """The MLflow UI without a browser: what every experiment ca-flow writes to holds from its first sweep
 on, the link a sweep prints, and `ca-flow ui`'s answers to what it cannot do.
 (tests/test_browser.py opens the pages in Chromium.)"""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,13 @@ def assert_set_up(exp) -> None:
     """The UI's model-training view, and ca-flow's view of the runs table under the key the link names."""
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(exp.tags["mlflow.sharedViewState.ca-flow"])
-    assert {"metrics.`val_acc`", "metrics.`test_acc`", "params.`shots`", "params.`seed`",
-            "attributes.`Dataset`"} <= set(view["selectedColumns"])
+    assert {
+        "metrics.`val_acc`",
+        "metrics.`test_acc`",
+        "params.`shots`",
+        "params.`seed`",
+        "attributes.`Dataset`",
+    } <= set(view["selectedColumns"])
     assert [k["groupByData"] for k in view["groupBy"]["groupByKeys"]] == ["dataset", "method"]
 
 
@@ -35,22 +41,28 @@ def test_a_new_experiment_has_the_view_the_link_names(client, tmp_path):
 
 def test_an_experiment_made_elsewhere_or_with_an_older_view_gets_it(client):
     bare = client.create_experiment("bare")
-    older = client.create_experiment("older", tags={"mlflow.sharedViewState.ca-flow": json.dumps(
-        {"selectedColumns": ["metrics.`val_acc`"]})})
+    older = client.create_experiment(
+        "older",
+        tags={"mlflow.sharedViewState.ca-flow": json.dumps({"selectedColumns": ["metrics.`val_acc`"]})},
+    )
     for exp_id in (bare, older):
-        assert tracking.experiment_id(client, client.get_experiment(exp_id).name, client.tracking_uri) == exp_id
+        assert (
+            tracking.experiment_id(client, client.get_experiment(exp_id).name, client.tracking_uri) == exp_id
+        )
         assert_set_up(client.get_experiment(exp_id))
 
 
 def test_the_printed_link_names_the_view_and_how_to_open_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     here = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert tracking.ui_link(here, "7") == ("http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=ca-flow "
-                                           "(open it: ca-flow ui)")
+    assert tracking.ui_link(here, "7") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=ca-flow (open it: ca-flow ui)"
+    )
     other = "sqlite:////elsewhere/mlflow.db"
     assert tracking.ui_link(other, "7").endswith(f"(open it: ca-flow ui --tracking-uri {other})")
-    assert tracking.ui_link("http://mlflow:5000/", "7") == ("http://mlflow:5000/#/experiments/7/runs"
-                                                            "?viewStateShareKey=ca-flow")
+    assert tracking.ui_link("http://mlflow:5000/", "7") == (
+        "http://mlflow:5000/#/experiments/7/runs?viewStateShareKey=ca-flow"
+    )
 
 
 @pytest.mark.slow
@@ -64,11 +76,13 @@ def test_ui_on_a_busy_port_or_a_store_without_sweeps_says_so(tmp_path):
         port = taken.getsockname()[1]
         done = run_cli(["ui", "--port", str(port)], env, tmp_path, timeout=120)
     assert done.returncode == 1 and not done.stdout, done.stdout + done.stderr
-    assert done.stderr.strip() == (f"error: port {port} on 127.0.0.1 is in use (another MLflow UI?); pass --port "
-                                   f"with a free one"), done.stderr
+    assert done.stderr.strip() == (
+        f"error: port {port} on 127.0.0.1 is in use (another MLflow UI?); pass --port with a free one"
+    ), done.stderr
     done = run_cli(["ui", "--port", str(port)], env, tmp_path, timeout=120)
-    assert done.returncode == 1 and done.stderr.strip() == ("error: no sweep in this tracking store; run `ca-flow "
-                                                            "sweep` first, or pass --tracking-uri"), done.stderr
+    assert done.returncode == 1 and done.stderr.strip() == (
+        "error: no sweep in this tracking store; run `ca-flow sweep` first, or pass --tracking-uri"
+    ), done.stderr
     done = run_cli(["ui"], env, tmp_path / "home", timeout=120)
     assert done.returncode == 1 and done.stderr.strip().startswith("error: no MLflow store at "), done.stderr
 

@@ -5,6 +5,7 @@ the model was loaded with `model_config={"image_root": DIR}` and only under DIR,
 opens a path a client names. Output per image: the top class, its probability, the top_k classes.
 Bad input raises MlflowException(INVALID_PARAMETER_VALUE): a server's 400 says the cause in one line.
 """
+
 import base64
 import binascii
 from pathlib import Path
@@ -37,7 +38,9 @@ class ClipAdapterModel(PythonModel):
         if isinstance(value, (bytes, bytearray)):
             return bytes(value)
         if not isinstance(value, str) or not value:
-            raise bad_input(f"row {row}: 'image' must be base64-encoded image bytes, got {type(value).__name__}")
+            raise bad_input(
+                f"row {row}: 'image' must be base64-encoded image bytes, got {type(value).__name__}"
+            )
         if self.image_root is not None and len(value) < 4096:
             path = Path(value).resolve()
             if path.is_file():
@@ -47,8 +50,10 @@ class ClipAdapterModel(PythonModel):
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise bad_input(f"row {row}: 'image' is not base64-encoded image bytes (file paths are not "
-                            f"accepted by a served model; send the file's bytes, base64-encoded)") from None
+            raise bad_input(
+                f"row {row}: 'image' is not base64-encoded image bytes (file paths are not "
+                f"accepted by a served model; send the file's bytes, base64-encoded)"
+            ) from None
 
     def predict(self, context, model_input, params=None):
         from clip_adapter.images import ImageError, decode
@@ -66,12 +71,14 @@ class ClipAdapterModel(PythonModel):
             except ImageError as exc:
                 raise bad_input(f"row {row}: {exc}") from None
         preds = self.classifier.predict(images, top_k)
-        return pd.DataFrame({
-            "label": [p[0][0] for p in preds],
-            "score": [p[0][1] for p in preds],
-            "top_labels": [[c for c, _ in p] for p in preds],
-            "top_scores": [[s for _, s in p] for p in preds],
-        })
+        return pd.DataFrame(
+            {
+                "label": [p[0][0] for p in preds],
+                "score": [p[0][1] for p in preds],
+                "top_labels": [[c for c, _ in p] for p in preds],
+                "top_scores": [[s for _, s in p] for p in preds],
+            }
+        )
 
 
 mlflow.models.set_model(ClipAdapterModel())

@@ -6,6 +6,7 @@ its start), the code writes <dir>/<point>/<name>.started (JSON: its pid and `inf
 <dir>/<point>/release or <dir>/<point>/<name>.release exists. Unset (always, outside tests), it
 returns at once.
 """
+
 from __future__ import annotations
 
 import json

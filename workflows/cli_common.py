@@ -2,6 +2,7 @@
 
 Nothing here imports torch, Ray or MLflow at import time: a wrong flag answers at once.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,12 @@ from .cli_errors import fail
 from .grid import SweepSpec
 
 URI = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="default: ./mlflow.db")
-EXPERIMENT = typer.Option(None, "--experiment", envvar="MLFLOW_EXPERIMENT_NAME",
-                          help="default: the experiment of the latest sweep in the store")
+EXPERIMENT = typer.Option(
+    None,
+    "--experiment",
+    envvar="MLFLOW_EXPERIMENT_NAME",
+    help="default: the experiment of the latest sweep in the store",
+)
 ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray address; default: a new local Ray")
 JSON = typer.Option(False, "--json", help="one JSON document on stdout")
 
@@ -29,7 +34,6 @@ def console():
 
 def emit(document) -> None:
     typer.echo(json.dumps(document, indent=2, default=str))
-
 
 
 def open_store(uri: Optional[str], must_exist: bool = True):
@@ -49,7 +53,9 @@ def experiment_or_latest(client, experiment: Optional[str]) -> str:
 
     found = runs_table.parents(client)
     if not found:
-        fail("no sweep in this tracking store; run `ca-flow sweep` first, or pass --experiment / --tracking-uri")
+        fail(
+            "no sweep in this tracking store; run `ca-flow sweep` first, or pass --experiment / --tracking-uri"
+        )
     return client.get_experiment(found[0].info.experiment_id).name
 
 

@@ -4,6 +4,7 @@ Errors ca-flow expects (bad input, a store or cluster that does not answer) are 
 error raised inside a Ray task or trial is unwrapped to its cause. Anything else is its type and last
 line, plus the path of a log file with the full traceback (`ca-flow --debug` prints it instead).
 """
+
 from __future__ import annotations
 
 import sys

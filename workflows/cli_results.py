@@ -2,6 +2,7 @@
 
 workflows/cli.py registers them on the app.
 """
+
 from __future__ import annotations
 
 import base64
@@ -44,7 +45,9 @@ def report(
     _, client = open_store(tracking_uri)
     parent = runs_table.find(client, sweep, experiment)
     sweep_id = parent.data.tags[tracking.SWEEP_ID]
-    frame = runs_table.frame(sweep_id, tracking.children(client, parent.info.experiment_id, parent.info.run_id))
+    frame = runs_table.frame(
+        sweep_id, tracking.children(client, parent.info.experiment_id, parent.info.run_id)
+    )
     if not (frame["status"] == "FINISHED").any():
         fail(f"sweep {sweep_id} has no finished trial runs to report; see `ca-flow status {sweep_id}`")
     spec = json.loads(parent.data.tags[tracking.SPEC])
@@ -55,10 +58,17 @@ def report(
     for path in paths:
         client.log_artifact(parent.info.run_id, str(path), "report")
     if as_json:
-        return emit(dict(sweep_id=sweep_id, parent_run_id=parent.info.run_id, unit="test accuracy, %",
-                         paper=why_not or show_paper, files=[str(p) for p in paths],
-                         rows=numbers(frame).to_dict("records"),
-                         **({"side_by_side": side_by_side(frame, show_paper).to_dict("records")} if paper else {})))
+        return emit(
+            dict(
+                sweep_id=sweep_id,
+                parent_run_id=parent.info.run_id,
+                unit="test accuracy, %",
+                paper=why_not or show_paper,
+                files=[str(p) for p in paths],
+                rows=numbers(frame).to_dict("records"),
+                **({"side_by_side": side_by_side(frame, show_paper).to_dict("records")} if paper else {}),
+            )
+        )
     con = console()
     for table in rich_tables(cells(paper_table(frame), show_paper), title):
         con.print(table)
@@ -66,8 +76,11 @@ def report(
         con.print(side_by_side_markdown(side_by_side(frame, show_paper)), markup=False, highlight=False)
     if why_not:
         con.print(f"--paper: {why_not}", markup=False, highlight=False)
-    con.print(f"wrote {', '.join(str(p) for p in paths)}; logged under report/ on run {parent.info.run_id}",
-              markup=False, highlight=False)
+    con.print(
+        f"wrote {', '.join(str(p) for p in paths)}; logged under report/ on run {parent.info.run_id}",
+        markup=False,
+        highlight=False,
+    )
 
 
 ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
@@ -92,29 +105,66 @@ def promote(
     if bad:
         fail(f"unknown method {bad[0]!r} in --methods; choose from {', '.join(NAMES)}")
     if not ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
-        fail(f"--alias {alias!r} is not a registry alias: letters, digits, _ and -, not 'latest' or v<number>")
+        fail(
+            f"--alias {alias!r} is not a registry alias: letters, digits, _ and -, not 'latest' or v<number>"
+        )
     from . import promote as p
 
     _, client = open_store(tracking_uri)
     exp = experiment_or_latest(client, experiment)
     wanted = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
-    decisions = [p.promote(client, d, run, alias, force, dry_run)
-                 for d, run in p.choose(client, exp, wanted, chosen_methods).items()]
-    rows = [dict(dataset=d.dataset, model=d.name, alias=alias, version=d.version, action=d.action,
-                 run_id=d.run.info.run_id, method=d.run.data.params.get("method"),
-                 val_acc=d.run.data.metrics["val_acc"], test_acc=d.run.data.metrics.get("test_acc"),
-                 shots=int(d.run.data.params["shots"]), seed=int(d.run.data.params["seed"]),
-                 alpha=d.run.data.params.get("alpha")) for d in decisions]
+    decisions = [
+        p.promote(client, d, run, alias, force, dry_run)
+        for d, run in p.choose(client, exp, wanted, chosen_methods).items()
+    ]
+    rows = [
+        dict(
+            dataset=d.dataset,
+            model=d.name,
+            alias=alias,
+            version=d.version,
+            action=d.action,
+            run_id=d.run.info.run_id,
+            method=d.run.data.params.get("method"),
+            val_acc=d.run.data.metrics["val_acc"],
+            test_acc=d.run.data.metrics.get("test_acc"),
+            shots=int(d.run.data.params["shots"]),
+            seed=int(d.run.data.params["seed"]),
+            alpha=d.run.data.params.get("alpha"),
+        )
+        for d in decisions
+    ]
     if as_json:
         return emit(dict(experiment=exp, dry_run=dry_run, promotions=rows))
     from rich.table import Table
 
     table = Table(title=f"{'dry run: ' if dry_run else ''}@{alias} in {exp} (val_acc, test_acc as fractions)")
-    for col in ("dataset", "model", "action", "run", "method", "val_acc", "test_acc", "shots", "seed", "alpha"):
+    for col in (
+        "dataset",
+        "model",
+        "action",
+        "run",
+        "method",
+        "val_acc",
+        "test_acc",
+        "shots",
+        "seed",
+        "alpha",
+    ):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["dataset"], r["model"], r["action"], r["run_id"][:12], r["method"], f"{r['val_acc']:.4f}",
-                      f"{r['test_acc']:.4f}", str(r["shots"]), str(r["seed"]), r["alpha"] or "-")
+        table.add_row(
+            r["dataset"],
+            r["model"],
+            r["action"],
+            r["run_id"][:12],
+            r["method"],
+            f"{r['val_acc']:.4f}",
+            f"{r['test_acc']:.4f}",
+            str(r["shots"]),
+            str(r["seed"]),
+            r["alpha"] or "-",
+        )
     console().print(table)
 
 
@@ -148,13 +198,18 @@ def predict(
     try:
         client.get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException:
-        fail(f"no model {name}@{alias} in {uri}; run `ca-flow promote --datasets {shlex.quote(dataset)}` first")
+        fail(
+            f"no model {name}@{alias} in {uri}; run `ca-flow promote --datasets {shlex.quote(dataset)}` first"
+        )
     model = mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
     # The files travel as their bytes, as they would to `mlflow models serve`: no paths cross over.
-    out = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in blobs]}),
-                        params={"top_k": top_k})
-    rows = [dict(image=str(path), top=[dict(label=c, score=round(float(s), 6)) for c, s in zip(labels, scores)])
-            for path, labels, scores in zip(images, out["top_labels"], out["top_scores"])]
+    out = model.predict(
+        pd.DataFrame({"image": [base64.b64encode(b).decode() for b in blobs]}), params={"top_k": top_k}
+    )
+    rows = [
+        dict(image=str(path), top=[dict(label=c, score=round(float(s), 6)) for c, s in zip(labels, scores)])
+        for path, labels, scores in zip(images, out["top_labels"], out["top_scores"])
+    ]
     if as_json:
         return emit(dict(model=f"{name}@{alias}", predictions=rows))
     for r in rows:
@@ -162,7 +217,9 @@ def predict(
 
 
 def list_datasets(
-    data_root: Optional[str] = typer.Option(None, envvar="CA_FLOW_DATA_ROOT", help=f"default: {settings.DATA_ROOT.default}"),
+    data_root: Optional[str] = typer.Option(
+        None, envvar="CA_FLOW_DATA_ROOT", help=f"default: {settings.DATA_ROOT.default}"
+    ),
     as_json: bool = JSON,
 ):
     """The datasets found: name, layout, where, classes and image counts; and what is not usable, and why."""
@@ -177,11 +234,22 @@ def list_datasets(
         except ds.DatasetError as exc:
             broken.append(dict(name=f.name, location=str(f.path), reason=str(exc)))
             continue
-        rows.append(dict(name=f.name, layout=f.kind, location=str(f.path), classes=len(split.classnames),
-                         train=len(split.train), val=None if split.val_from_train else len(split.val),
-                         test=len(split.test)))
-    missing = [dict(name=k.name, expected=k.layout) for k in ds.REGISTRY.values()
-               if k.folder and not (root / k.folder).exists()]
+        rows.append(
+            dict(
+                name=f.name,
+                layout=f.kind,
+                location=str(f.path),
+                classes=len(split.classnames),
+                train=len(split.train),
+                val=None if split.val_from_train else len(split.val),
+                test=len(split.test),
+            )
+        )
+    missing = [
+        dict(name=k.name, expected=k.layout)
+        for k in ds.REGISTRY.values()
+        if k.folder and not (root / k.folder).exists()
+    ]
     if as_json:
         return emit(dict(data_root=str(root), datasets=rows, not_usable=broken, not_found=missing))
     from rich.table import Table
@@ -190,8 +258,15 @@ def list_datasets(
     for col in ("name", "layout", "location", "classes", "train", "val", "test"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["layout"], r["location"], str(r["classes"]), str(r["train"]),
-                      "from train" if r["val"] is None else str(r["val"]), str(r["test"]))
+        table.add_row(
+            r["name"],
+            r["layout"],
+            r["location"],
+            str(r["classes"]),
+            str(r["train"]),
+            "from train" if r["val"] is None else str(r["val"]),
+            str(r["test"]),
+        )
     con = console()
     con.print(table)
     for b in broken:

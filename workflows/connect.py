@@ -1,4 +1,5 @@
 """Joining Ray: a new local cluster by default, or the one at --address / RAY_ADDRESS, checked fast."""
+
 from __future__ import annotations
 
 import logging
@@ -16,22 +17,30 @@ CONNECT_TIMEOUT_S = 10
 def check_address(address: str) -> None:
     """Refuse addresses Tune cannot drive, and fail within seconds where nothing answers."""
     if address.startswith("ray://"):
-        raise SweepError(f"--address {address}: Ray Client (ray://) cannot run Tune; submit the sweep as a "
-                         f"Ray job instead: ca-flow sweep ... --submit --address http://HEAD:8265")
+        raise SweepError(
+            f"--address {address}: Ray Client (ray://) cannot run Tune; submit the sweep as a "
+            f"Ray job instead: ca-flow sweep ... --submit --address http://HEAD:8265"
+        )
     if address.startswith(("http://", "https://")):
-        raise SweepError(f"--address {address} is a Ray job API address: add --submit to send the sweep "
-                         f"there, or give the cluster's GCS address (HEAD:6379) to drive it from here")
+        raise SweepError(
+            f"--address {address} is a Ray job API address: add --submit to send the sweep "
+            f"there, or give the cluster's GCS address (HEAD:6379) to drive it from here"
+        )
     if address in ("auto", "local"):
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise SweepError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379), auto, or an "
-                         f"http://HEAD:8265 job API address with --submit")
+        raise SweepError(
+            f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379), auto, or an "
+            f"http://HEAD:8265 job API address with --submit"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        raise SweepError(f"nothing answers at Ray address {address} ({exc.strerror or exc}); start the "
-                         f"cluster (ray start --head) or fix --address / RAY_ADDRESS") from None
+        raise SweepError(
+            f"nothing answers at Ray address {address} ({exc.strerror or exc}); start the "
+            f"cluster (ray start --head) or fix --address / RAY_ADDRESS"
+        ) from None
 
 
 def connect_ray(address: str | None) -> None:
@@ -58,13 +67,19 @@ def connect_ray(address: str | None) -> None:
             with _held_fd2():
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(
+                address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+            )
     except Exception as exc:
         if _refused_for_auth(exc):
-            raise SweepError(f"the Ray cluster at {address} refused this client: it needs the cluster's token "
-                             f"and token mode, see cluster/README.md (Token authentication)") from None
-        raise SweepError(f"cannot connect to Ray at {address or 'a new local cluster'}: {first_line(exc, 10_000)}; "
-                         f"check --address / RAY_ADDRESS") from None
+            raise SweepError(
+                f"the Ray cluster at {address} refused this client: it needs the cluster's token "
+                f"and token mode, see cluster/README.md (Token authentication)"
+            ) from None
+        raise SweepError(
+            f"cannot connect to Ray at {address or 'a new local cluster'}: {first_line(exc, 10_000)}; "
+            f"check --address / RAY_ADDRESS"
+        ) from None
 
 
 @contextmanager
@@ -103,8 +118,11 @@ def check_resources(cpus: float, gpus: float) -> int:
     fits = [n for n in nodes if n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus]
     if not fits:
         total = ray.cluster_resources()
-        raise SweepError(f"no Ray node can give a trial {cpus:g} CPU and {gpus:g} GPU (cluster: "
-                         f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU); lower "
-                         f"--cpus-per-trial / --gpus-per-trial or add nodes")
-    return max(1, sum(int(min(n.get("CPU", 0) / cpus, n.get("GPU", 0) / gpus if gpus else math.inf))
-                      for n in fits))
+        raise SweepError(
+            f"no Ray node can give a trial {cpus:g} CPU and {gpus:g} GPU (cluster: "
+            f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU); lower "
+            f"--cpus-per-trial / --gpus-per-trial or add nodes"
+        )
+    return max(
+        1, sum(int(min(n.get("CPU", 0) / cpus, n.get("GPU", 0) / gpus if gpus else math.inf)) for n in fits)
+    )

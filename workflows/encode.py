@@ -8,6 +8,7 @@ The driver holds paths, references to the blocks queued on encoders and one outp
 Ray Data's streaming executor, not the driver's memory, bounds what is in flight. Only what the feature
 store lacks is ever requested.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,10 +23,10 @@ from clip_adapter.protocol import RELEASED_CROP_SCALE, RELEASED_CROPS
 
 from .trial import DatasetFeatures, zero_shot_accuracy
 
-CROP_BATCH = 64      # images per CPU task call: fewer, larger tasks keep Ray's per-task cost small
-ENCODE_BATCH = 64    # crops per forward pass of the backbone
-CROP_MEMORY = 512 * 2 ** 20
-IN_FLIGHT = 2        # blocks queued per encoder: one encoding, the next already there
+CROP_BATCH = 64  # images per CPU task call: fewer, larger tasks keep Ray's per-task cost small
+ENCODE_BATCH = 64  # crops per forward pass of the backbone
+CROP_MEMORY = 512 * 2**20
+IN_FLIGHT = 2  # blocks queued per encoder: one encoding, the next already there
 
 
 def crop_batch(batch: dict, preprocess_cfg: dict) -> dict:
@@ -40,8 +41,9 @@ def crop_batch(batch: dict, preprocess_cfg: dict) -> dict:
     pre = Preprocess(preprocess_cfg)
     out = dict(request=[], image_id=[], view=[], pixels=[], error=[])
     blank = np.zeros((*pre.size, 3), dtype=np.uint8)
-    for r, path, views, augment, scale in zip(batch["request"], batch["path"], batch["views"], batch["augment"],
-                                              batch["scale"]):
+    for r, path, views, augment, scale in zip(
+        batch["request"], batch["path"], batch["views"], batch["augment"], batch["scale"]
+    ):
         try:
             blob = read_bytes(str(path))
             img = image_id(blob)
@@ -78,10 +80,15 @@ class Encoder:
         ok = np.flatnonzero(batch["error"] == "")
         feats = np.zeros((len(batch["error"]), self.backbone.width), dtype=np.float32)
         for start in range(0, len(ok), ENCODE_BATCH):
-            rows = ok[start:start + ENCODE_BATCH]
+            rows = ok[start : start + ENCODE_BATCH]
             feats[rows] = self.backbone.encode_pixels(batch["pixels"][rows])
-        return dict(request=batch["request"], image_id=batch["image_id"], view=batch["view"], feature=feats,
-                    error=batch["error"])
+        return dict(
+            request=batch["request"],
+            image_id=batch["image_id"],
+            view=batch["view"],
+            feature=feats,
+            error=batch["error"],
+        )
 
 
 def wait(ref, check_stop: Callable[[], None]):
@@ -93,39 +100,59 @@ def wait(ref, check_stop: Callable[[], None]):
     return ray.get(ref)
 
 
-def pipeline(requests: list[Request], backbone: str, weights: str, preprocess_cfg: dict, gpus: float,
-             encoders: int, threads: int, check_stop: Callable[[], None] = lambda: None) -> Iterator[dict]:
+def pipeline(
+    requests: list[Request],
+    backbone: str,
+    weights: str,
+    preprocess_cfg: dict,
+    gpus: float,
+    encoders: int,
+    threads: int,
+    check_stop: Callable[[], None] = lambda: None,
+) -> Iterator[dict]:
     """Rows (request, image_id, view, feature, error) for `requests`: crops streamed from Ray Data, each
     block of them encoded by one of `encoders` actors, at most IN_FLIGHT blocks queued on each.
     `check_stop` is called between blocks and while waiting: it ends the encoding by raising."""
     import ray
 
-    items = [dict(request=i, path=r.path, views=r.views, augment=r.augment, scale=r.scale)
-             for i, r in enumerate(requests)]
+    items = [
+        dict(request=i, path=r.path, views=r.views, augment=r.augment, scale=r.scale)
+        for i, r in enumerate(requests)
+    ]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // CROP_BATCH, 200)))
     # Crop tasks declare the memory a batch of decoded images needs. Half a CPU each: an encoder waiting
     # on crops (a small model, a GPU) leaves its CPU idle, and two croppers fill it (on 2 CPUs, 0.94x
     # the in-process loop's steady rate instead of 0.63x, measured with Ray Data's actor pool as the
     # encoder: benchmarks/encode.py).
-    ds = ds.map_batches(crop_batch, fn_kwargs=dict(preprocess_cfg=preprocess_cfg), batch_size=CROP_BATCH,
-                        batch_format="numpy", num_cpus=0.5, memory=CROP_MEMORY)
+    ds = ds.map_batches(
+        crop_batch,
+        fn_kwargs=dict(preprocess_cfg=preprocess_cfg),
+        batch_size=CROP_BATCH,
+        batch_format="numpy",
+        num_cpus=0.5,
+        memory=CROP_MEMORY,
+    )
     # Restarted on a lost worker or node, its calls retried, as Ray Data's own pool would be.
-    actor = ray.remote(Encoder).options(num_cpus=threads, num_gpus=1 if gpus else 0, max_restarts=-1,
-                                        max_task_retries=-1)
+    actor = ray.remote(Encoder).options(
+        num_cpus=threads, num_gpus=1 if gpus else 0, max_restarts=-1, max_task_retries=-1
+    )
     pool = [actor.remote(backbone, weights, "cuda" if gpus else "cpu", threads) for _ in range(encoders)]
     free, running = pool * IN_FLIGHT, {}
 
     def done(wait: bool) -> Iterator[dict]:
         """Rows of the encoded blocks: at least one block's when `wait`, else only what is ready."""
-        ready, _ = ray.wait(list(running), num_returns=1 if wait else len(running), timeout=0.25 if wait else 0)
+        ready, _ = ray.wait(
+            list(running), num_returns=1 if wait else len(running), timeout=0.25 if wait else 0
+        )
         while wait and not ready:
             check_stop()
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.25)
         for ref in ready:
             free.append(running.pop(ref))
             batch = ray.get(ref)
-            for r, img, v, f, e in zip(batch["request"], batch["image_id"], batch["view"], batch["feature"],
-                                       batch["error"]):
+            for r, img, v, f, e in zip(
+                batch["request"], batch["image_id"], batch["view"], batch["feature"], batch["error"]
+            ):
                 yield dict(request=int(r), image_id=str(img), view=int(v), feature=f, error=str(e))
 
     try:
@@ -144,8 +171,13 @@ def pipeline(requests: list[Request], backbone: str, weights: str, preprocess_cf
             ray.kill(encoder)
 
 
-def model_and_text(backbone: str, weights: str, gpus: float, prompts: list[tuple[list[str], object]],
-                   check_stop: Callable[[], None]):
+def model_and_text(
+    backbone: str,
+    weights: str,
+    gpus: float,
+    prompts: list[tuple[list[str], object]],
+    check_stop: Callable[[], None],
+):
     """(model facts, text classifiers) from one Ray task: the driver never loads a backbone."""
     import ray
 
@@ -188,11 +220,21 @@ def few_shot_items(split: Split, spec) -> tuple[list, list]:
     return train, val_items(split, spec, subs) + split.test
 
 
-def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float, encoders: int, threads: int,
-                     on_bad, check_stop: Callable[[], None] = lambda: None) -> dict[str, DatasetFeatures]:
+def dataset_features(
+    splits: list[Split],
+    spec,
+    store: FeatureStore,
+    gpus: float,
+    encoders: int,
+    threads: int,
+    on_bad,
+    check_stop: Callable[[], None] = lambda: None,
+) -> dict[str, DatasetFeatures]:
     """Each dataset's features for the sweep's few-shot subsets, encoding only what the store lacks."""
     subs = {s.name: subsets(s, spec) for s in splits}
-    train_items = {s.name: list(dict.fromkeys(i for tr, _ in subs[s.name].values() for i in tr)) for s in splits}
+    train_items = {
+        s.name: list(dict.fromkeys(i for tr, _ in subs[s.name].values() for i in tr)) for s in splits
+    }
     vals = {s.name: val_items(s, spec, subs[s.name]) for s in splits}
 
     texts = {s.name: store.text(s.classnames, s.template) for s in splits}
@@ -210,8 +252,9 @@ def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float
         if info is None:
             info = model_and_text(spec.backbone, spec.pretrained, gpus, [], check_stop)[0]
             store.put_model_info(info)
-        return pipeline(requests, spec.backbone, spec.pretrained, info["preprocess"], gpus, encoders, threads,
-                        check_stop)
+        return pipeline(
+            requests, spec.backbone, spec.pretrained, info["preprocess"], gpus, encoders, threads, check_stop
+        )
 
     # Under the released protocol Tip-Adapter, Tip-Adapter-F and GDA train on views cropped from 0.5.
     tip_crops = "released" in spec.protocol and bool(set(spec.methods) & RELEASED_CROPS)
@@ -220,7 +263,9 @@ def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float
         groups.append(Group(s.name, s.root, train_items[s.name], spec.augment_views, True))
         groups.append(Group(s.name, s.root, vals[s.name] + s.test, 1, False))
         if tip_crops:
-            groups.append(Group(s.name, s.root, train_items[s.name], spec.augment_views, True, RELEASED_CROP_SCALE))
+            groups.append(
+                Group(s.name, s.root, train_items[s.name], spec.augment_views, True, RELEASED_CROP_SCALE)
+            )
     feats = store.images_of(groups, encode, on_bad)
     per = 3 if tip_crops else 2
 
@@ -232,18 +277,37 @@ def dataset_features(splits: list[Split], spec, store: FeatureStore, gpus: float
         ok = train.ok & tip.ok if tip is not None else train.ok  # a row is used only with both its views
         train_row = {item: r for r, item in enumerate(train_items[s.name]) if ok[r]}
         val_row = {item: r for r, item in enumerate(vals[s.name]) if held.ok[r]}
-        rows = {key: (np.array([train_row[i] for i in tr if i in train_row], dtype=np.int64),
-                      np.array([val_row[i] for i in va if i in val_row], dtype=np.int64))
-                for key, (tr, va) in subs[s.name].items()}
-        n_val, test_ok = len(vals[s.name]), held.ok[len(vals[s.name]):]
+        rows = {
+            key: (
+                np.array([train_row[i] for i in tr if i in train_row], dtype=np.int64),
+                np.array([val_row[i] for i in va if i in val_row], dtype=np.int64),
+            )
+            for key, (tr, va) in subs[s.name].items()
+        }
+        n_val, test_ok = len(vals[s.name]), held.ok[len(vals[s.name]) :]
         test, test_labels = held.features[n_val:, 0][test_ok], held.labels[n_val:][test_ok]
-        source = dict(name=s.name, digest=split_digest(s), source=str(s.root),
-                      source_type="local" if s.root.is_local else s.root.prefix.rstrip(":/"))
+        source = dict(
+            name=s.name,
+            digest=split_digest(s),
+            source=str(s.root),
+            source_type="local" if s.root.is_local else s.root.prefix.rstrip(":/"),
+        )
         out[s.name] = DatasetFeatures(
-            s.name, s.classnames, s.template, text, scale, train.features, train.labels,
-            held.features[:n_val, 0], held.labels[:n_val], test, test_labels,
-            zero_shot_accuracy(test, test_labels, text, scale), rows, source,
+            s.name,
+            s.classnames,
+            s.template,
+            text,
+            scale,
+            train.features,
+            train.labels,
+            held.features[:n_val, 0],
+            held.labels[:n_val],
+            test,
+            test_labels,
+            zero_shot_accuracy(test, test_labels, text, scale),
+            rows,
+            source,
             whole_val=np.array([val_row[i] for i in s.val if i in val_row], dtype=np.int64),
-            train_released=tip.features if tip is not None else None)
+            train_released=tip.features if tip is not None else None,
+        )
     return out
-

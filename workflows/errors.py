@@ -3,6 +3,7 @@
 Nothing here imports more than the library's error module: the grid, the connection to Ray and the
 job submission raise these without loading each other.
 """
+
 from __future__ import annotations
 
 from clip_adapter.errors import CaFlowError, FinalError, first_line, last_line  # noqa: F401

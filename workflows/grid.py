@@ -4,6 +4,7 @@ one trial per grid point with a key that stays the same for the same point.
 Nothing here imports torch, Ray or MLflow (nor numpy, until a spec is checked): every argument error
 answers at once, and the command line reads its help's defaults from SweepSpec.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -27,6 +28,7 @@ from .point import FEW_SHOT, Pack, TrialPoint
 @dataclass
 class SweepSpec:
     """Every `ca-flow sweep` flag, named as the flag with underscores (the keys of sweep.toml)."""
+
     datasets: str = "all"
     data_root: str = field(default_factory=default_data_root)
     shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
@@ -37,7 +39,7 @@ class SweepSpec:
     adapter: list[str] = field(default_factory=lambda: ["visual"])
     backbone: str = "RN50-quickgelu"
     pretrained: str = "openai"
-    epochs: int | None = None       # None: CoOp's 50/100/200 by shots
+    epochs: int | None = None  # None: CoOp's 50/100/200 by shots
     augment_views: int = 10
     lr: float = 0.002
     batch_size: int = 32
@@ -50,23 +52,31 @@ class SweepSpec:
     results_dir: str = "ca-flow-results"
     storage_path: str = "~/ray_results"  # Tune's own state; MLflow is the record of what is done
     protocol: list[str] = field(default_factory=lambda: ["few-shot"])  # few-shot, released (README: Protocol)
-    pack: bool = False              # CLIP-Adapter points that differ only in alpha/beta: one Tune trial
+    pack: bool = False  # CLIP-Adapter points that differ only in alpha/beta: one Tune trial
 
     def validate(self) -> SweepSpec:
         for name, values in (("alpha", self.alphas), ("beta", self.betas)):
             bad = [v for v in values if not 0.0 <= v <= 1.0]
             if bad:
-                raise SweepError(f"{name} {bad[0]:g} is outside [0, 1]; residual ratios are fractions, "
-                                 f"e.g. --{name}s 0.2,0.6")
+                raise SweepError(
+                    f"{name} {bad[0]:g} is outside [0, 1]; residual ratios are fractions, "
+                    f"e.g. --{name}s 0.2,0.6"
+                )
         for flag in ("shots", "seeds", "alphas", "methods", "adapter", "protocol"):
             if not getattr(self, flag):
                 raise SweepError(f"--{flag} needs at least one value")
         if min(self.shots) < 1:
             raise SweepError(f"shots must be >= 1, got {min(self.shots)}; e.g. --shots 1,2,4,8,16")
-        if any(not 0 <= s < 2 ** 32 for s in self.seeds):
-            raise SweepError(f"seeds must be in 0..4294967295, got {[s for s in self.seeds if not 0 <= s < 2 ** 32][0]}")
-        for flag, value, low in (("epochs", self.epochs, 1), ("augment-views", self.augment_views, 1),
-                                 ("batch-size", self.batch_size, 1), ("max-retries", self.max_retries, 0)):
+        if any(not 0 <= s < 2**32 for s in self.seeds):
+            raise SweepError(
+                f"seeds must be in 0..4294967295, got {[s for s in self.seeds if not 0 <= s < 2**32][0]}"
+            )
+        for flag, value, low in (
+            ("epochs", self.epochs, 1),
+            ("augment-views", self.augment_views, 1),
+            ("batch-size", self.batch_size, 1),
+            ("max-retries", self.max_retries, 0),
+        ):
             if value is not None and value < low:
                 raise SweepError(f"--{flag} must be >= {low}, got {value}")
         if not self.lr > 0:
@@ -76,8 +86,10 @@ class SweepSpec:
         from clip_adapter.backbone import TINY, model_names
 
         if self.backbone not in model_names():
-            raise SweepError(f"unknown backbone {self.backbone!r}; see open_clip.list_models(), e.g. "
-                             f"RN50-quickgelu, ViT-B-32-quickgelu, or {TINY} for tests")
+            raise SweepError(
+                f"unknown backbone {self.backbone!r}; see open_clip.list_models(), e.g. "
+                f"RN50-quickgelu, ViT-B-32-quickgelu, or {TINY} for tests"
+            )
         unknown = [m for m in self.methods if m not in METHOD_NAMES]
         if unknown:
             raise SweepError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHOD_NAMES)}")
@@ -91,14 +103,24 @@ class SweepSpec:
             raise SweepError("--experiment must not be empty")
         for flag in ("cache_dir", "results_dir", "storage_path"):  # found out only after the trials
             folder = getattr(self, flag)
-            if "://" not in folder and Path(folder).expanduser().exists() and not Path(folder).expanduser().is_dir():
-                raise SweepError(f"--{flag.replace('_', '-')} {folder} is a file, not a folder; pass a folder "
-                                 f"(it is created if missing)")
+            if (
+                "://" not in folder
+                and Path(folder).expanduser().exists()
+                and not Path(folder).expanduser().is_dir()
+            ):
+                raise SweepError(
+                    f"--{flag.replace('_', '-')} {folder} is a file, not a folder; pass a folder "
+                    f"(it is created if missing)"
+                )
         weights = Path(self.pretrained).expanduser()
-        if (any(sep in self.pretrained for sep in "/\\") or self.pretrained.endswith((".pt", ".bin", ".safetensors"))) \
-                and not weights.is_file():  # as load_backbone tells a file from a tag
-            raise SweepError(f"weights file {self.pretrained} does not exist; pass an existing file, a pretrained "
-                             f"tag (e.g. openai) or 'random'")
+        if (
+            any(sep in self.pretrained for sep in "/\\")
+            or self.pretrained.endswith((".pt", ".bin", ".safetensors"))
+        ) and not weights.is_file():  # as load_backbone tells a file from a tag
+            raise SweepError(
+                f"weights file {self.pretrained} does not exist; pass an existing file, a pretrained "
+                f"tag (e.g. openai) or 'random'"
+            )
         return self
 
     # -- files ---------------------------------------------------------------------------------
@@ -131,8 +153,15 @@ def _toml_value(value) -> str:
     return json.dumps(str(value))  # a TOML basic string is a JSON string
 
 
-LIST_TYPES = {"shots": int, "seeds": int, "alphas": float, "betas": float, "methods": str, "adapter": str,
-              "protocol": str}
+LIST_TYPES = {
+    "shots": int,
+    "seeds": int,
+    "alphas": float,
+    "betas": float,
+    "methods": str,
+    "adapter": str,
+    "protocol": str,
+}
 
 
 def parse_list(value, kind, key: str) -> list:
@@ -142,8 +171,10 @@ def parse_list(value, kind, key: str) -> list:
         out = [kind(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
     except (TypeError, ValueError):
         example = "1,2,4" if kind is int else "0.2,0.6" if kind is float else "a,b"
-        raise SweepError(f"--{key.replace('_', '-')} expects comma-separated {kind.__name__}s, e.g. "
-                         f"--{key.replace('_', '-')} {example}; got {value!r}") from None
+        raise SweepError(
+            f"--{key.replace('_', '-')} expects comma-separated {kind.__name__}s, e.g. "
+            f"--{key.replace('_', '-')} {example}; got {value!r}"
+        ) from None
     if kind is int and isinstance(value, list) and any(isinstance(v, float) for v in value):
         raise SweepError(f"{key} in the config expects integers, got {value!r}")
     return list(dict.fromkeys(out))
@@ -155,8 +186,9 @@ def read_config(path: str | Path) -> dict:
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise SweepError(f"config file {path} does not exist; pass an existing sweep.toml "
-                         f"(see examples/demo.toml)") from None
+        raise SweepError(
+            f"config file {path} does not exist; pass an existing sweep.toml (see examples/demo.toml)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SweepError(f"cannot read config file {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -164,8 +196,10 @@ def read_config(path: str | Path) -> dict:
     known = {f.name for f in fields(SweepSpec)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise SweepError(f"config file {path}: unknown key {unknown[0]!r}; keys are the sweep flags "
-                         f"with underscores: {', '.join(sorted(known))}")
+        raise SweepError(
+            f"config file {path}: unknown key {unknown[0]!r}; keys are the sweep flags "
+            f"with underscores: {', '.join(sorted(known))}"
+        )
     return raw
 
 
@@ -187,8 +221,16 @@ def build_spec(config: str | Path | None, flags: dict) -> SweepSpec:
     for key in ("lr", "cpus_per_trial", "gpus_per_trial"):
         if key in values and not isinstance(values[key], (int, float)):
             raise SweepError(f"{key} expects a number, got {values[key]!r}")
-    for key in ("datasets", "data_root", "backbone", "pretrained", "experiment", "cache_dir", "results_dir",
-                "storage_path"):
+    for key in (
+        "datasets",
+        "data_root",
+        "backbone",
+        "pretrained",
+        "experiment",
+        "cache_dir",
+        "results_dir",
+        "storage_path",
+    ):
         if key in values and not isinstance(values[key], str):
             raise SweepError(f"{key} expects a string, got {values[key]!r} ({scalar[key]})")
         if key in values and key.endswith(("_dir", "_root")) and "://" not in values[key]:
@@ -198,23 +240,42 @@ def build_spec(config: str | Path | None, flags: dict) -> SweepSpec:
 
 # -- the trials ------------------------------------------------------------------------------------
 
+
 def _points(spec: SweepSpec, method: str, protocol: str = "few-shot", dataset: str = ""):
     """(shots, hparams) per trial of one method on one dataset and seed, under `protocol`."""
     released = protocol == "released"
     if method == "clip-adapter":
         for k, variant, alpha, beta in itertools.product(spec.shots, spec.adapter, spec.alphas, spec.betas):
-            if (variant == "visual" and beta != spec.betas[0]) or (variant == "text" and alpha != spec.alphas[0]):
+            if (variant == "visual" and beta != spec.betas[0]) or (
+                variant == "text" and alpha != spec.alphas[0]
+            ):
                 continue  # a ratio the variant does not use: one trial is enough
             epochs = IMAGENET_EPOCHS if released and dataset == "imagenet" else epochs_for_shots(k)
-            yield k, dict(variant=variant, alpha=alpha, beta=beta, epochs=spec.epochs or epochs,
-                          lr=spec.lr, batch_size=spec.batch_size)
+            yield (
+                k,
+                dict(
+                    variant=variant,
+                    alpha=alpha,
+                    beta=beta,
+                    epochs=spec.epochs or epochs,
+                    lr=spec.lr,
+                    batch_size=spec.batch_size,
+                ),
+            )
     elif not trains(method):
         # Nothing is fitted: one trial per (dataset, seed) is enough; it validates on the largest K.
         yield max(spec.shots), {}
     else:
         for k in spec.shots:
             hparams = released_hparams(protocol, method, dataset)  # the released config of the dataset
-            yield k, ({**hparams, "epochs": spec.epochs} if spec.epochs and method == "tip-adapter-f" else hparams)
+            yield (
+                k,
+                (
+                    {**hparams, "epochs": spec.epochs}
+                    if spec.epochs and method == "tip-adapter-f"
+                    else hparams
+                ),
+            )
 
 
 def grid(spec: SweepSpec, names: list[str], weights_id: str | None = None) -> list[TrialPoint]:
@@ -225,11 +286,25 @@ def grid(spec: SweepSpec, names: list[str], weights_id: str | None = None) -> li
     trials = []
     for dataset, method, seed, protocol in itertools.product(names, spec.methods, spec.seeds, spec.protocol):
         for shots, hparams in _points(spec, method, protocol, dataset):
-            released = {} if protocol == FEW_SHOT else dict(protocol=protocol,
-                                                             select=selection(protocol, method, dataset))
-            trials.append(TrialPoint.keyed(dataset=dataset, method=method, shots=shots, seed=seed, hparams=hparams,
-                                           backbone=spec.backbone, weights=spec.pretrained, weights_id=weights_id,
-                                           views=spec.augment_views, **released))
+            released = (
+                {}
+                if protocol == FEW_SHOT
+                else dict(protocol=protocol, select=selection(protocol, method, dataset))
+            )
+            trials.append(
+                TrialPoint.keyed(
+                    dataset=dataset,
+                    method=method,
+                    shots=shots,
+                    seed=seed,
+                    hparams=hparams,
+                    backbone=spec.backbone,
+                    weights=spec.pretrained,
+                    weights_id=weights_id,
+                    views=spec.augment_views,
+                    **released,
+                )
+            )
     return trials
 
 
@@ -242,8 +317,10 @@ def packs(trials: list[TrialPoint], pack: bool) -> list[Pack]:
         same = None
         if pack and point.method == "clip-adapter":
             rest = {k: v for k, v in point.hparams.items() if k not in ("alpha", "beta")}
-            same = json.dumps(dict(point.params(), hparams=rest, protocol=point.protocol, select=point.select),
-                              sort_keys=True)  # one FewShot for the pack
+            same = json.dumps(
+                dict(point.params(), hparams=rest, protocol=point.protocol, select=point.select),
+                sort_keys=True,
+            )  # one FewShot for the pack
         out.setdefault(same or point.key, []).append(point)
     return list(out.values())
 
@@ -265,10 +342,14 @@ def check_shots(spec: SweepSpec, split) -> dict[str, int]:
     short = {split.classnames[c]: n for c, n in sorted(per_class.items()) if n < max(spec.shots)}
     missing = [name for c, name in enumerate(split.classnames) if per_class.get(c, 0) == 0]
     if missing:
-        raise SweepError(f"{split.name}: class {missing[0]!r} has no train images; fix the split or the folder")
+        raise SweepError(
+            f"{split.name}: class {missing[0]!r} has no train images; fix the split or the folder"
+        )
     if short and not spec.allow_fewer_shots:
         name, n = min(short.items(), key=lambda kv: kv[1])
-        raise SweepError(f"{split.name}: class {name!r} has {n} train images, fewer than --shots "
-                         f"{max(spec.shots)}; lower --shots, or pass --allow-fewer-shots to train on what "
-                         f"there is (the real per-class counts are then logged)")
+        raise SweepError(
+            f"{split.name}: class {name!r} has {n} train images, fewer than --shots "
+            f"{max(spec.shots)}; lower --shots, or pass --allow-fewer-shots to train on what "
+            f"there is (the real per-class counts are then logged)"
+        )
     return short

@@ -3,6 +3,7 @@
 A first SIGINT/SIGTERM stops launching trials and closes the sweep; a second one exits at once. The
 parent run's heartbeat tag tells `ca-flow sweeps` and `resume` that a driver is still at work.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,11 @@ class Signals:
         self.received = signum
         if not self.polled:
             raise Interrupted(signum)
-        print(f"{signal.Signals(signum).name}: stopping once the step under way ends (again: exit at once)",
-              file=sys.stderr, flush=True)
+        print(
+            f"{signal.Signals(signum).name}: stopping once the step under way ends (again: exit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class Heartbeat(threading.Thread):

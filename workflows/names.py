@@ -3,6 +3,7 @@
 A name written in one module (a trial's params, the parent's tags) and read in another (the results
 table, promote, status) is spelled once, here.
 """
+
 from __future__ import annotations
 
 import re
@@ -12,7 +13,12 @@ import uuid
 from .errors import TrackingError
 
 # -- tags -------------------------------------------------------------------------------------------
-SWEEP_ID, TRIAL_KEY, DATASET, METHOD = "ca_flow.sweep_id", "ca_flow.trial_key", "ca_flow.dataset", "ca_flow.method"
+SWEEP_ID, TRIAL_KEY, DATASET, METHOD = (
+    "ca_flow.sweep_id",
+    "ca_flow.trial_key",
+    "ca_flow.dataset",
+    "ca_flow.method",
+)
 RANDOM_WEIGHTS, ATTEMPT, ERROR = "ca_flow.random_weights", "ca_flow.attempt", "ca_flow.error"
 SPEC, TOTALS, HEARTBEAT, DRIVER = "ca_flow.spec", "ca_flow.trials", "ca_flow.heartbeat", "ca_flow.driver"
 WEIGHTS_ID_TAG = "ca_flow.weights_id"  # the parent's: `resume` refuses weights that changed since
@@ -43,5 +49,6 @@ def new_sweep_id() -> str:
 def check_sweep_id(sweep_id: str | None) -> None:
     """A malformed sweep id is an argument error: it answers before MLflow loads."""
     if sweep_id is not None and not SWEEP_ID_FORM.match(sweep_id):
-        raise TrackingError(f"{sweep_id!r} is not a sweep id (they look like 20261127-101500-1a2b3c); "
-                            f"see `ca-flow sweeps`")
+        raise TrackingError(
+            f"{sweep_id!r} is not a sweep id (they look like 20261127-101500-1a2b3c); see `ca-flow sweeps`"
+        )

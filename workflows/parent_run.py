@@ -1,5 +1,6 @@
 """A sweep's parent run: what it holds from the start (the spec, the grid, the command) and what it
 says at the end (the best run per dataset and method, the results table in its description)."""
+
 from __future__ import annotations
 
 import re
@@ -26,12 +27,22 @@ def start(client, exp_id: str, sweep_id: str, plan) -> str:
     """A new sweep's parent run: its spec (what `resume` rebuilds from), its grid and the command."""
     spec = plan.spec
     record = dict(spec.record(), datasets=",".join(s.name for s in plan.splits))  # resume: the same datasets
-    params = {f"grid.{k}": ",".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v)
-              for k, v in record.items()}
+    params = {
+        f"grid.{k}": ",".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v)
+        for k, v in record.items()
+    }
     params["grid.trials"] = len(plan.trials)
     command = " ".join(shlex.quote(a) for a in ["ca-flow", *sys.argv[1:]])
-    parent_id = tracking.start_parent(client, exp_id, sweep_id, record, counts(plan.trials), params,
-                                      spec.pretrained == RANDOM, describe_grid(plan, command))
+    parent_id = tracking.start_parent(
+        client,
+        exp_id,
+        sweep_id,
+        record,
+        counts(plan.trials),
+        params,
+        spec.pretrained == RANDOM,
+        describe_grid(plan, command),
+    )
     client.set_tag(parent_id, WEIGHTS_ID_TAG, plan.weights_id)
     return parent_id
 
@@ -40,21 +51,29 @@ def adopt(client, parent, plan) -> tuple[str, str]:
     """(sweep id, parent run id) of a resumed sweep, whose weights must be the ones it started with."""
     recorded = parent.data.tags.get(WEIGHTS_ID_TAG)
     if recorded and recorded != plan.weights_id:
-        raise SweepError(f"the weights {plan.spec.pretrained} changed since sweep "
-                         f"{parent.data.tags[SWEEP_ID]} started ({recorded} -> {plan.weights_id}); "
-                         f"restore them, or start a new sweep")
+        raise SweepError(
+            f"the weights {plan.spec.pretrained} changed since sweep "
+            f"{parent.data.tags[SWEEP_ID]} started ({recorded} -> {plan.weights_id}); "
+            f"restore them, or start a new sweep"
+        )
     tracking.adopt_parent(client, parent.info.run_id)
     return parent.data.tags[SWEEP_ID], parent.info.run_id
 
 
 def describe_grid(plan, command: str) -> str:
     spec, per = plan.spec, counts(plan.trials)
-    lines = [f"**ca-flow sweep** of {len(plan.trials)} trials: {spec.backbone} with {spec.pretrained} weights, "
-             f"shots {', '.join(map(str, spec.shots))}, seeds {', '.join(map(str, spec.seeds))}, "
-             f"methods {', '.join(spec.methods)}.", "",
-             "| dataset | " + " | ".join(spec.methods) + " |", "|---|" + "---|" * len(spec.methods)]
+    lines = [
+        f"**ca-flow sweep** of {len(plan.trials)} trials: {spec.backbone} with {spec.pretrained} weights, "
+        f"shots {', '.join(map(str, spec.shots))}, seeds {', '.join(map(str, spec.seeds))}, "
+        f"methods {', '.join(spec.methods)}.",
+        "",
+        "| dataset | " + " | ".join(spec.methods) + " |",
+        "|---|" + "---|" * len(spec.methods),
+    ]
     lines += [f"| {d} | " + " | ".join(str(m.get(x, 0)) for x in spec.methods) + " |" for d, m in per.items()]
-    return "\n".join(lines + ["", f"Command: `{command}`", "", "The spec is in `sweep.toml` among this run's artifacts."])
+    return "\n".join(
+        lines + ["", f"Command: `{command}`", "", "The spec is in `sweep.toml` among this run's artifacts."]
+    )
 
 
 def log_spec(client, parent_id: str, spec: SweepSpec) -> None:
@@ -73,10 +92,12 @@ def summarise(client, parent_id: str, results: pd.DataFrame) -> None:
     for (dataset, method), part in done.groupby(["dataset", "method"]):
         best = rank_runs(part).iloc[0]
         key = re.sub(r"[^\w\-. /]", "_", f"{dataset}.{method}")
-        points += [Metric(f"best_{VAL_ACC}.{key}", float(best[VAL_ACC]), now, 0),
-                   Metric(f"best_{TEST_ACC}.{key}", float(best[TEST_ACC]), now, 0)]
+        points += [
+            Metric(f"best_{VAL_ACC}.{key}", float(best[VAL_ACC]), now, 0),
+            Metric(f"best_{TEST_ACC}.{key}", float(best[TEST_ACC]), now, 0),
+        ]
     for start_at in range(0, len(points), 1000):
-        client.log_batch(parent_id, metrics=points[start_at:start_at + 1000])
+        client.log_batch(parent_id, metrics=points[start_at : start_at + 1000])
     client.log_metric(parent_id, "trials_finished", float(len(done)))
 
 
@@ -87,7 +108,11 @@ def describe_results(client, parent_id: str, results: pd.DataFrame) -> None:
     note = client.get_run(parent_id).data.tags.get(NOTE, "").split("\n\n# Results")[0]
     if (results["status"] == "FINISHED").any():
         table = markdown(cells(paper_table(results)), "Results")
-        note += "\n\n" + table + "\n\nTest accuracy (%) at the point chosen on validation, mean +- std over seeds."
+        note += (
+            "\n\n"
+            + table
+            + "\n\nTest accuracy (%) at the point chosen on validation, mean +- std over seeds."
+        )
     if len(note) > NOTE_LIMIT:  # the whole table is in report/ and the Parquet
-        note = note[:NOTE_LIMIT - 80] + "\n\n(table cut here: see `ca-flow report` for all of it)"
+        note = note[: NOTE_LIMIT - 80] + "\n\n(table cut here: see `ca-flow report` for all of it)"
     client.set_tag(parent_id, NOTE, note)

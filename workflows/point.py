@@ -3,6 +3,7 @@
 Frozen: the same point is a Tune trial's config, the recorder's record and a row of the results
 table, and none of them may change it. Its key hashes everything that changes the trial's result.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,9 +25,9 @@ class TrialPoint:
     seed: int
     hparams: dict = field(default_factory=dict)  # the method's keyword arguments (clip_adapter.methods.make)
     backbone: str = ""
-    weights: str = ""          # the pretrained tag or weights file, as given
-    weights_id: str = ""       # what the weights are (clip_adapter.backbone.weights_identity)
-    views: int = 1             # augmented views per train image
+    weights: str = ""  # the pretrained tag or weights file, as given
+    weights_id: str = ""  # what the weights are (clip_adapter.backbone.weights_identity)
+    views: int = 1  # augmented views per train image
     protocol: str = FEW_SHOT
     select: dict | None = None  # where the released protocol makes its choices; None: few-shot
     key: str = ""
@@ -37,10 +38,15 @@ class TrialPoint:
         """The point with its key and its run's name."""
         point = cls(**fields)
         key = hashlib.sha1(json.dumps(point.identity(), sort_keys=True).encode()).hexdigest()[:16]
-        ratios = [f"{k}{v:g}" if isinstance(v, float) else str(v)
-                  for k, v in point.hparams.items() if k in ("variant", "alpha", "beta")]
-        name = "-".join([point.dataset, point.method, f"{point.shots}shot", f"seed{point.seed}", *ratios]
-                        + ([point.protocol] if point.protocol != FEW_SHOT else []))
+        ratios = [
+            f"{k}{v:g}" if isinstance(v, float) else str(v)
+            for k, v in point.hparams.items()
+            if k in ("variant", "alpha", "beta")
+        ]
+        name = "-".join(
+            [point.dataset, point.method, f"{point.shots}shot", f"seed{point.seed}", *ratios]
+            + ([point.protocol] if point.protocol != FEW_SHOT else [])
+        )
         return cls(**fields, key=key, name=name)
 
     def identity(self) -> dict:

@@ -1,4 +1,5 @@
 """A live progress bar for a sweep, fed by Ray Tune's driver-side callbacks."""
+
 from __future__ import annotations
 
 from ray.tune import Callback
@@ -17,10 +18,18 @@ from .trial import ERROR_RESULT
 class TrialProgress(Callback):
     def __init__(self, total: int, console):
         self.total, self.failed = total, 0
-        self.bar = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("failed {task.fields[failed]}"), TextColumn("elapsed"),
-                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            console=console, transient=False)
+        self.bar = Progress(
+            TextColumn("trials"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("failed {task.fields[failed]}"),
+            TextColumn("elapsed"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
         self.task = self.bar.add_task("trials", total=total, failed=0)
 
     def __getstate__(self):

@@ -3,6 +3,7 @@
 The registered version is a pyfunc built here from the run's adapter files (safetensors + JSON) with
 the library's code inside it and pinned requirements: `mlflow models serve` runs it as it is.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -17,7 +18,16 @@ from .tracking import DATASET, METHOD, SWEEP_ID
 ADAPTER_MODEL_CODE = str(Path(__file__).with_name("adapter_model.py"))
 LIBRARY = str(Path(__file__).resolve().parents[1] / "clip_adapter")
 # What the served model imports; pinned to the versions it was promoted with.
-REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "safetensors", "pillow", "numpy", "pandas", "pyarrow")
+REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "open_clip_torch",
+    "safetensors",
+    "pillow",
+    "numpy",
+    "pandas",
+    "pyarrow",
+)
 
 
 def signature():
@@ -28,9 +38,16 @@ def signature():
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score"),
-                        ColSpec(Array("string"), "top_labels"), ColSpec(Array("double"), "top_scores")]),
-        params=ParamSchema([ParamSpec("top_k", "long", 3)]))
+        outputs=Schema(
+            [
+                ColSpec("string", "label"),
+                ColSpec("double", "score"),
+                ColSpec(Array("string"), "top_labels"),
+                ColSpec(Array("double"), "top_scores"),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("top_k", "long", 3)]),
+    )
 
 
 def model_name(dataset: str) -> str:
@@ -49,8 +66,10 @@ def choose(client, experiment: str, datasets: list[str] | None, methods: list[st
     """dataset -> the best finished trial run of `methods` in the experiment."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise PromoteError(f"no experiment {experiment!r} in this tracking store; run `ca-flow sweep` first "
-                           f"or pass --experiment")
+        raise PromoteError(
+            f"no experiment {experiment!r} in this tracking store; run `ca-flow sweep` first "
+            f"or pass --experiment"
+        )
     by_dataset: dict[str, list] = {}
     for run in tracking.all_runs(client, [exp.experiment_id], "attributes.status = 'FINISHED'"):
         if tracking.PARENT in run.data.tags and tracking.is_done(run):
@@ -59,20 +78,28 @@ def choose(client, experiment: str, datasets: list[str] | None, methods: list[st
         raise PromoteError(f"experiment {experiment!r} has no finished trial runs; run `ca-flow sweep` first")
     missing = [d for d in (datasets or []) if d not in by_dataset]
     if missing:
-        raise PromoteError(f"no finished runs for dataset {missing[0]} in {experiment!r} "
-                           f"(have: {', '.join(sorted(by_dataset))})")
+        raise PromoteError(
+            f"no finished runs for dataset {missing[0]} in {experiment!r} "
+            f"(have: {', '.join(sorted(by_dataset))})"
+        )
     chosen = {}
     for dataset, runs in sorted(by_dataset.items()):
         if datasets and dataset not in datasets:
             continue
         # A run whose choices were made on test (the released protocol, where its code does) is an
         # oracle: never a champion.
-        mine = [r for r in runs if r.data.params.get("method", r.data.tags.get(METHOD)) in methods
-                and r.data.params.get("selection_split", "val") == "val"]
+        mine = [
+            r
+            for r in runs
+            if r.data.params.get("method", r.data.tags.get(METHOD)) in methods
+            and r.data.params.get("selection_split", "val") == "val"
+        ]
         if not mine:
             if datasets:
-                raise PromoteError(f"dataset {dataset} has no finished {' or '.join(methods)} runs in {experiment!r}; "
-                                   f"pass --methods naming the methods it has")
+                raise PromoteError(
+                    f"dataset {dataset} has no finished {' or '.join(methods)} runs in {experiment!r}; "
+                    f"pass --methods naming the methods it has"
+                )
             continue
         chosen[dataset] = best_run(mine)
     if not chosen:
@@ -85,8 +112,8 @@ class Decision:
     dataset: str
     name: str
     run: object
-    version: str | None   # the champion after this promotion (None for a dry run of a new model)
-    action: str           # what happened, in words
+    version: str | None  # the champion after this promotion (None for a dry run of a new model)
+    action: str  # what happened, in words
 
 
 def _champion(client, name: str, alias: str):
@@ -108,9 +135,14 @@ def decide(client, dataset: str, run, alias: str, force: bool) -> tuple[str, obj
     if force:
         return "move", current
     p = run.data.params
-    if (current.tags.get("backbone"), current.tags.get("weights_id")) != (p.get("backbone"), p.get("weights_id")):
+    if (current.tags.get("backbone"), current.tags.get("weights_id")) != (
+        p.get("backbone"),
+        p.get("weights_id"),
+    ):
         return "keep", current
-    return ("move" if run.data.metrics["val_acc"] > float(current.tags.get("val_acc", "-1")) else "keep"), current
+    return (
+        "move" if run.data.metrics["val_acc"] > float(current.tags.get("val_acc", "-1")) else "keep"
+    ), current
 
 
 def promote(client, dataset: str, run, alias: str, force: bool = False, dry_run: bool = False) -> Decision:
@@ -120,21 +152,35 @@ def promote(client, dataset: str, run, alias: str, force: bool = False, dry_run:
         return Decision(dataset, name, run, current.version, f"already v{current.version}")
     if verdict == "keep":
         p, ct = run.data.params, current.tags
-        why = (f"val_acc {float(ct.get('val_acc', 'nan')):.4f} >= {val:.4f}"
-               if (ct.get("backbone"), ct.get("weights_id")) == (p.get("backbone"), p.get("weights_id"))
-               else f"{ct.get('backbone')}/{ct.get('weights')} is not comparable with {p.get('backbone')}/"
-                    f"{p.get('weights')}")
-        return Decision(dataset, name, run, current.version, f"kept v{current.version} ({why}; --force moves it)")
+        why = (
+            f"val_acc {float(ct.get('val_acc', 'nan')):.4f} >= {val:.4f}"
+            if (ct.get("backbone"), ct.get("weights_id")) == (p.get("backbone"), p.get("weights_id"))
+            else f"{ct.get('backbone')}/{ct.get('weights')} is not comparable with {p.get('backbone')}/"
+            f"{p.get('weights')}"
+        )
+        return Decision(
+            dataset, name, run, current.version, f"kept v{current.version} ({why}; --force moves it)"
+        )
     if dry_run:
-        return Decision(dataset, name, run, current.version if current else None,
-                        "would register" + (f", moving from v{current.version}" if current else ""))
+        return Decision(
+            dataset,
+            name,
+            run,
+            current.version if current else None,
+            "would register" + (f", moving from v{current.version}" if current else ""),
+        )
     version = register(client, dataset, run)
     client.set_registered_model_alias(name, alias, version)
     if current is None:
         return Decision(dataset, name, run, version, f"new v{version}")
-    return Decision(dataset, name, run, version,
-                    f"moved v{current.version} -> v{version} (val_acc {float(current.tags.get('val_acc', 'nan')):.4f}"
-                    f" -> {val:.4f}{', forced' if force else ''})")
+    return Decision(
+        dataset,
+        name,
+        run,
+        version,
+        f"moved v{current.version} -> v{version} (val_acc {float(current.tags.get('val_acc', 'nan')):.4f}"
+        f" -> {val:.4f}{', forced' if force else ''})",
+    )
 
 
 def register(client, dataset: str, run) -> str:
@@ -146,20 +192,35 @@ def register(client, dataset: str, run) -> str:
         if mv.name == name:
             return str(mv.version)
     p, m = run.data.params, run.data.metrics
-    evidence = dict(run_id=run.info.run_id, sweep_id=run.data.tags.get(SWEEP_ID, ""), val_acc=m["val_acc"],
-                    test_acc=m.get("test_acc", ""), shots=p["shots"], seed=p["seed"],
-                    method=p.get("method", "clip-adapter"), alpha=p.get("alpha", ""), beta=p.get("beta", ""),
-                    adapter=p.get("adapter", ""), backbone=p.get("backbone", ""), weights=p.get("weights", ""),
-                    weights_id=p.get("weights_id", ""),
-                    random_weights=run.data.tags.get(tracking.RANDOM_WEIGHTS, ""))
+    evidence = dict(
+        run_id=run.info.run_id,
+        sweep_id=run.data.tags.get(SWEEP_ID, ""),
+        val_acc=m["val_acc"],
+        test_acc=m.get("test_acc", ""),
+        shots=p["shots"],
+        seed=p["seed"],
+        method=p.get("method", "clip-adapter"),
+        alpha=p.get("alpha", ""),
+        beta=p.get("beta", ""),
+        adapter=p.get("adapter", ""),
+        backbone=p.get("backbone", ""),
+        weights=p.get("weights", ""),
+        weights_id=p.get("weights_id", ""),
+        random_weights=run.data.tags.get(tracking.RANDOM_WEIGHTS, ""),
+    )
     try:
         client.create_registered_model(name, description=f"CLIP-Adapter for {dataset}, promoted by ca-flow")
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     model_uri, model_id = log_pyfunc(client, run)
-    mv = client.create_model_version(name, model_uri, run_id=run.info.run_id, model_id=model_id,
-                                     tags={k: str(v) for k, v in evidence.items()})
+    mv = client.create_model_version(
+        name,
+        model_uri,
+        run_id=run.info.run_id,
+        model_id=model_id,
+        tags={k: str(v) for k, v in evidence.items()},
+    )
     return str(mv.version)
 
 
@@ -173,19 +234,28 @@ def log_pyfunc(client, run) -> tuple[str, str]:
     # "No artifacts found to download" (a new model) and "no input example" (the signature is explicit).
     logging.getLogger("mlflow.store.artifact.artifact_repo").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-    model = client.create_logged_model(run.info.experiment_id, name="adapter", source_run_id=run.info.run_id,
-                                       model_type="ca-flow-adapter")
+    model = client.create_logged_model(
+        run.info.experiment_id, name="adapter", source_run_id=run.info.run_id, model_type="ca-flow-adapter"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         adapter = client.download_artifacts(run.info.run_id, tracking.ADAPTER_DIR, tmp)
-        mlflow.pyfunc.log_model(name="adapter", model_id=model.model_id, python_model=ADAPTER_MODEL_CODE,
-                                artifacts={"adapter": adapter}, signature=signature(), code_paths=[LIBRARY],
-                                pip_requirements=requirements(),
-                                # Declared (off), so that a load's model_config={"image_root": DIR} may set it:
-                                # MLflow drops load-time keys the logged model does not declare.
-                                model_config={"image_root": None})
+        mlflow.pyfunc.log_model(
+            name="adapter",
+            model_id=model.model_id,
+            python_model=ADAPTER_MODEL_CODE,
+            artifacts={"adapter": adapter},
+            signature=signature(),
+            code_paths=[LIBRARY],
+            pip_requirements=requirements(),
+            # Declared (off), so that a load's model_config={"image_root": DIR} may set it:
+            # MLflow drops load-time keys the logged model does not declare.
+            model_config={"image_root": None},
+        )
     return f"models:/{model.model_id}", model.model_id
 
 
 def requirements() -> list[str]:
     """Exact versions of what the model imports; the library itself travels inside the model."""
-    return [f"{pkg}=={metadata.version(pkg)}" for pkg in REQUIREMENTS] + [f"mlflow=={metadata.version('mlflow')}"]
+    return [f"{pkg}=={metadata.version(pkg)}" for pkg in REQUIREMENTS] + [
+        f"mlflow=={metadata.version('mlflow')}"
+    ]

@@ -12,6 +12,7 @@ A run still becomes FINISHED only after its metrics are written, in that order, 
 What could not be written (the store went away) is reported by `drain`, which the driver calls
 before it closes the sweep; those trials stay unfinished and `resume` runs them again.
 """
+
 from __future__ import annotations
 
 import queue
@@ -33,11 +34,11 @@ class Recorder:
         settings.for_mlflow()  # in the recorder's own process: it writes the adapters' files
         self.client = mlflow.MlflowClient(uri)
         self.uri, self.sweep = uri, dict(exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id)
-        self.runs: dict[str, str] = {}       # trial key -> run id
+        self.runs: dict[str, str] = {}  # trial key -> run id
         self.attempts: dict[str, int] = {}
-        self.errored: set[str] = set()       # runs carrying an error tag from a failed attempt
+        self.errored: set[str] = set()  # runs carrying an error tag from a failed attempt
         self.unwritten: dict[str, str] = {}  # trial key -> why its record could not be written
-        self.done: set[str] = set()          # keys whose result is held: handed over, or FINISHED in the store
+        self.done: set[str] = set()  # keys whose result is held: handed over, or FINISHED in the store
         self.down_since: float | None = None
         for run in tracking.children(self.client, exp_id, parent_id):
             key = run.data.tags.get(tracking.TRIAL_KEY)
@@ -86,10 +87,19 @@ class Recorder:
             else:
                 self.runs[key] = tracking.create_trial_run(self.client, self.sweep, point, start_ms)
             self.attempts[key] = attempt
+
         self._write(key, "start", write)
 
-    def _finish(self, key: str, params: dict, metrics: dict, losses: list[float], files: dict[str, bytes],
-               dataset: dict, end_ms: int) -> None:
+    def _finish(
+        self,
+        key: str,
+        params: dict,
+        metrics: dict,
+        losses: list[float],
+        files: dict[str, bytes],
+        dataset: dict,
+        end_ms: int,
+    ) -> None:
         if key not in self.runs:
             self.unwritten.setdefault(key, "finish not recorded: the trial's run was never created")
             return
@@ -99,7 +109,10 @@ class Recorder:
             if key in self.errored:  # a failed attempt's tag, written after the retry started
                 self.client.delete_tag(self.runs[key], tracking.ERROR)
                 self.errored.discard(key)
-            tracking.finish_trial(self.client, self.runs[key], params, metrics, losses, str(folder), dataset, end_ms)
+            tracking.finish_trial(
+                self.client, self.runs[key], params, metrics, losses, str(folder), dataset, end_ms
+            )
+
         try:
             for name, data in files.items():
                 (folder / name).write_bytes(data)
@@ -155,9 +168,16 @@ def start_recorder(uri: str, exp_id: str, parent_id: str, sweep_id: str):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
-    actor = ray.remote(Recorder).options(
-        num_cpus=0, max_restarts=0, name=f"ca-flow-recorder-{sweep_id}",
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(uri, exp_id, parent_id, sweep_id)
+    actor = (
+        ray.remote(Recorder)
+        .options(
+            num_cpus=0,
+            max_restarts=0,
+            name=f"ca-flow-recorder-{sweep_id}",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        )
+        .remote(uri, exp_id, parent_id, sweep_id)
+    )
     return actor
 
 

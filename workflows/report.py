@@ -2,6 +2,7 @@
 
 Accuracies are fractions in MLflow and percentages here, in tables made for people (labelled %).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,19 +29,47 @@ PAPER_AVERAGE = {
 # GDA's own log (mrflogs/ICLR24 560fe21, exp.log, row "ours"; RN50, mean of seeds 1-3): the 16-shot
 # average over the 11 datasets is 76.05, per dataset and shots below.
 GDA_LOG = {
-    "oxford_pets": (85.49, 86.69, 87.19, 89.12, 88.81), "oxford_flowers": (72.11, 82.91, 89.73, 93.23, 95.72),
-    "fgvc_aircraft": (17.29, 22.45, 28.24, 34.07, 40.61), "dtd": (46.26, 51.26, 57.47, 62.77, 66.51),
-    "eurosat": (58.30, 67.88, 75.40, 81.70, 86.12), "stanford_cars": (56.77, 59.30, 62.75, 68.93, 75.12),
-    "food101": (77.42, 77.87, 77.83, 78.43, 79.05), "sun397": (59.95, 63.64, 65.27, 68.58, 70.70),
-    "caltech101": (87.28, 88.63, 90.62, 91.35, 92.55), "ucf101": (62.61, 66.28, 71.31, 75.74, 77.53),
-    "imagenet": (60.64, 61.23, 61.71, 62.46, 63.82)}
+    "oxford_pets": (85.49, 86.69, 87.19, 89.12, 88.81),
+    "oxford_flowers": (72.11, 82.91, 89.73, 93.23, 95.72),
+    "fgvc_aircraft": (17.29, 22.45, 28.24, 34.07, 40.61),
+    "dtd": (46.26, 51.26, 57.47, 62.77, 66.51),
+    "eurosat": (58.30, 67.88, 75.40, 81.70, 86.12),
+    "stanford_cars": (56.77, 59.30, 62.75, 68.93, 75.12),
+    "food101": (77.42, 77.87, 77.83, 78.43, 79.05),
+    "sun397": (59.95, 63.64, 65.27, 68.58, 70.70),
+    "caltech101": (87.28, 88.63, 90.62, 91.35, 92.55),
+    "ucf101": (62.61, 66.28, 71.31, 75.74, 77.53),
+    "imagenet": (60.64, 61.23, 61.71, 62.46, 63.82),
+}
 PAPER_AVERAGE["gda"] = {1: 62.19, 2: 66.19, 4: 69.77, 8: 73.31, 16: 76.05}  # the mean of GDA_LOG's rows
-PAPER_16_SHOT = {"clip-adapter": {
-    "imagenet": 63.59, "sun397": 69.55, "oxford_pets": 87.84, "eurosat": 84.43, "caltech101": 92.49, "dtd": 65.96,
-    "fgvc_aircraft": 32.10, "food101": 78.25, "oxford_flowers": 93.90, "ucf101": 76.76, "stanford_cars": 74.01}}
+PAPER_16_SHOT = {
+    "clip-adapter": {
+        "imagenet": 63.59,
+        "sun397": 69.55,
+        "oxford_pets": 87.84,
+        "eurosat": 84.43,
+        "caltech101": 92.49,
+        "dtd": 65.96,
+        "fgvc_aircraft": 32.10,
+        "food101": 78.25,
+        "oxford_flowers": 93.90,
+        "ucf101": 76.76,
+        "stanford_cars": 74.01,
+    }
+}
 PAPER_ZERO_SHOT = {
-    "imagenet": 60.32, "sun397": 58.52, "oxford_pets": 85.83, "eurosat": 37.52, "caltech101": 85.92, "dtd": 42.20,
-    "fgvc_aircraft": 17.10, "food101": 77.32, "oxford_flowers": 66.02, "ucf101": 61.35, "stanford_cars": 55.74}
+    "imagenet": 60.32,
+    "sun397": 58.52,
+    "oxford_pets": 85.83,
+    "eurosat": 37.52,
+    "caltech101": 85.92,
+    "dtd": 42.20,
+    "fgvc_aircraft": 17.10,
+    "food101": 77.32,
+    "oxford_flowers": 66.02,
+    "ucf101": 61.35,
+    "stanford_cars": 55.74,
+}
 ALL_11 = frozenset(PAPER_ZERO_SHOT)
 
 
@@ -58,8 +87,10 @@ def select_on_val(frame: pd.DataFrame) -> pd.DataFrame:
     0.2 trial where the sweep has one: its released trainer fixes alpha 0.2 and chooses nothing.
     """
     frame = with_protocol(frame)
-    done = frame.loc[frame["status"] == "FINISHED",
-                     PICK + ["adapter", "alpha", "beta", "val_acc", "run_id", "selection_split"]]
+    done = frame.loc[
+        frame["status"] == "FINISHED",
+        PICK + ["adapter", "alpha", "beta", "val_acc", "run_id", "selection_split"],
+    ]
     fixed = (done["protocol"] == "released") & (done["method"] == "clip-adapter")
     at_fixed = fixed & (done["alpha"] == CLIP_ADAPTER_ALPHA)
     group = done[PICK].apply(tuple, axis=1) if len(done) else pd.Series(dtype=object)
@@ -80,9 +111,12 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     # A method that fits nothing has one trial per seed: the same figure stands in every shots column.
     picked = pd.concat([picked[trained]] + [picked[~trained].assign(shots=k) for k in shots])
     out = picked.groupby(["dataset", "method", "shots", "protocol"], as_index=False).agg(
-        n_seeds=("seed", "nunique"), mean=("test_acc", "mean"), std=("test_acc", "std"),
+        n_seeds=("seed", "nunique"),
+        mean=("test_acc", "mean"),
+        std=("test_acc", "std"),
         alphas=("alpha", lambda a: ",".join(f"{x:g}" for x in a if not math.isnan(x))),
-        test_selected=("selection_split", lambda x: bool((x == "test").any())))
+        test_selected=("selection_split", lambda x: bool((x == "test").any())),
+    )
     out[["mean", "std"]] = 100 * out[["mean", "std"]].fillna({"std": 0.0})
     return out
 
@@ -130,7 +164,11 @@ def paper_table(frame: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFra
             part = s[(s["method"] == method) & (s["protocol"] == protocol)]
             mean = part.pivot(index="dataset", columns="shots", values="mean")
             std = part.pivot(index="dataset", columns="shots", values="std")
-            marks = part.pivot(index="dataset", columns="shots", values="test_selected").fillna(False).astype(bool)
+            marks = (
+                part.pivot(index="dataset", columns="shots", values="test_selected")
+                .fillna(False)
+                .astype(bool)
+            )
             mean.loc["average"], std.loc["average"] = mean.mean(), std.mean()
             marks.loc["average"] = marks.any()
             mean.attrs["test_selected"] = marks
@@ -162,8 +200,9 @@ def cells(blocks, paper: bool = False) -> dict[str, pd.DataFrame]:
                     where = "11 datasets" if len(over) == len(ALL_11) else ", ".join(over)
                     text.loc["average", shots] += f" (paper {ref:.2f} over {where}, {ours - ref:+.2f})"
                 else:
-                    text.loc["average", shots] += (f" (over {', '.join(over)}: {ours:.2f}, paper {ref:.2f}, "
-                                                   f"{ours - ref:+.2f})")
+                    text.loc["average", shots] += (
+                        f" (over {', '.join(over)}: {ours:.2f}, paper {ref:.2f}, {ours - ref:+.2f})"
+                    )
         out[name] = text
     return out
 
@@ -177,26 +216,55 @@ def side_by_side(frame: pd.DataFrame, comparable: bool) -> pd.DataFrame:
     rows = []
     for method in [m for m in NAMES if m in set(s["method"])]:
         part = s[s["method"] == method]
-        by = {p: part[part["protocol"] == p].set_index(["dataset", "shots"]) for p in ("released", "few-shot")}
+        by = {
+            p: part[part["protocol"] == p].set_index(["dataset", "shots"]) for p in ("released", "few-shot")
+        }
         for shots in sorted(part["shots"].unique()):
             datasets = sorted(set(part.loc[part["shots"] == shots, "dataset"]))
             both = [d for d in datasets if all((d, shots) in b.index for b in by.values())]
             for dataset in datasets + (["average"] if both else []):
                 over = both if dataset == "average" else [dataset]
                 released, few = (_mean_over(by[p], over, shots) for p in ("released", "few-shot"))
-                marked = any(bool(by["released"].loc[(d, shots), "test_selected"]) for d in over
-                             if (d, shots) in by["released"].index)
+                marked = any(
+                    bool(by["released"].loc[(d, shots), "test_selected"])
+                    for d in over
+                    if (d, shots) in by["released"].index
+                )
                 ref = None
                 if comparable:
                     avg = paper_average(method, shots, both) if dataset == "average" else None
-                    ref = (avg[0] if avg and avg[1] == both else None) if dataset == "average" \
+                    ref = (
+                        (avg[0] if avg and avg[1] == both else None)
+                        if dataset == "average"
                         else published(method, dataset, shots)
-                rows.append(dict(method=method, dataset=dataset, shots=int(shots),
-                                 paper=float("nan") if ref is None else ref, released=released, few_shot=few,
-                                 released_gap=released - ref if ref is not None else float("nan"),
-                                 protocol_gap=few - released, test_selected=marked))
-    return pd.DataFrame(rows, columns=["method", "dataset", "shots", "paper", "released", "few_shot",
-                                       "released_gap", "protocol_gap", "test_selected"])
+                    )
+                rows.append(
+                    dict(
+                        method=method,
+                        dataset=dataset,
+                        shots=int(shots),
+                        paper=float("nan") if ref is None else ref,
+                        released=released,
+                        few_shot=few,
+                        released_gap=released - ref if ref is not None else float("nan"),
+                        protocol_gap=few - released,
+                        test_selected=marked,
+                    )
+                )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "method",
+            "dataset",
+            "shots",
+            "paper",
+            "released",
+            "few_shot",
+            "released_gap",
+            "protocol_gap",
+            "test_selected",
+        ],
+    )
 
 
 def _mean_over(by_dataset: pd.DataFrame, datasets: list[str], shots: int) -> float:
@@ -209,23 +277,31 @@ def side_by_side_markdown(table: pd.DataFrame) -> str:
     def num(x, sign=False):
         return "-" if x != x else (f"{x:+.2f}" if sign else f"{x:.2f}")
 
-    lines = ["## published vs released protocol vs few-shot protocol", "",
-             f"Test accuracy (%), mean over seeds. {TEST_MARK} = chosen on test, as the released code does "
-             f"(an oracle; never a champion).", "",
-             "| method | dataset | shots | paper | released | few-shot | released - paper | few-shot - released |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## published vs released protocol vs few-shot protocol",
+        "",
+        f"Test accuracy (%), mean over seeds. {TEST_MARK} = chosen on test, as the released code does "
+        f"(an oracle; never a champion).",
+        "",
+        "| method | dataset | shots | paper | released | few-shot | released - paper | few-shot - released |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in table.itertuples():
         mark = TEST_MARK if r.test_selected else ""
-        lines.append(f"| {r.method} | {r.dataset} | {r.shots} | {num(r.paper)} | {num(r.released)}{mark} | "
-                     f"{num(r.few_shot)} | {num(r.released_gap, True)} | {num(r.protocol_gap, True)} |")
+        lines.append(
+            f"| {r.method} | {r.dataset} | {r.shots} | {num(r.paper)} | {num(r.released)}{mark} | "
+            f"{num(r.few_shot)} | {num(r.released_gap, True)} | {num(r.protocol_gap, True)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def comparable_to_paper(backbone: str, weights: str) -> str | None:
     """None if ca-flow's numbers can stand beside the published RN50 ones, else why not."""
     if backbone not in ("RN50", "RN50-quickgelu") or weights != "openai":
-        return (f"published numbers are RN50 with OpenAI weights; this sweep used {backbone} with "
-                f"{weights} weights, so they are not comparable")
+        return (
+            f"published numbers are RN50 with OpenAI weights; this sweep used {backbone} with "
+            f"{weights} weights, so they are not comparable"
+        )
     return None
 
 
@@ -247,8 +323,12 @@ def rich_tables(blocks: dict[str, pd.DataFrame], title: str) -> list:
 def markdown(blocks: dict[str, pd.DataFrame], title: str) -> str:
     lines = [f"# {title}", ""]
     for method, block in blocks.items():
-        lines += [f"## {method}", "", "| dataset | " + " | ".join(f"{k} shots" for k in block.columns) + " |",
-                  "|---|" + "---|" * len(block.columns)]
+        lines += [
+            f"## {method}",
+            "",
+            "| dataset | " + " | ".join(f"{k} shots" for k in block.columns) + " |",
+            "|---|" + "---|" * len(block.columns),
+        ]
         lines += [f"| {d} | " + " | ".join(row) + " |" for d, row in block.iterrows()] + [""]
     return "\n".join(lines)
 
@@ -258,10 +338,14 @@ def numbers(frame: pd.DataFrame) -> pd.DataFrame:
     test_selected (chosen on test)."""
     s = summary(frame)
     order = {m: i for i, m in enumerate(NAMES)}
-    s = s.sort_values(["protocol", "method", "dataset", "shots"],
-                      key=lambda c: c.map(order) if c.name == "method" else c)
-    return s[["method", "dataset", "shots", "mean", "std", "n_seeds", "protocol", "test_selected"]].round(4) \
+    s = s.sort_values(
+        ["protocol", "method", "dataset", "shots"], key=lambda c: c.map(order) if c.name == "method" else c
+    )
+    return (
+        s[["method", "dataset", "shots", "mean", "std", "n_seeds", "protocol", "test_selected"]]
+        .round(4)
         .reset_index(drop=True)
+    )
 
 
 def figure(frame: pd.DataFrame, path: Path, title: str) -> Path:
@@ -295,13 +379,23 @@ def draw(frame: pd.DataFrame, title: str):
             part = s[(s["method"] == method) & (s["protocol"] == "few-shot")]
             if part.empty:  # a released-only sweep draws its released figures
                 part = s[s["method"] == method]
-            part = (part.groupby("shots", as_index=False)[["mean", "std"]].mean() if dataset == "average"
-                    else part[part["dataset"] == dataset])
+            part = (
+                part.groupby("shots", as_index=False)[["mean", "std"]].mean()
+                if dataset == "average"
+                else part[part["dataset"] == dataset]
+            )
             if part.empty:
                 continue
             if trains(method):
-                ax.errorbar(part["shots"], part["mean"], yerr=part["std"], marker="o", capsize=3, label=method,
-                            color=f"C{i}")
+                ax.errorbar(
+                    part["shots"],
+                    part["mean"],
+                    yerr=part["std"],
+                    marker="o",
+                    capsize=3,
+                    label=method,
+                    color=f"C{i}",
+                )
             else:
                 ax.axhline(part["mean"].iloc[0], linestyle="--", color=f"C{i}", label=method)
         ax.set_xscale("log", base=2)
@@ -310,7 +404,7 @@ def draw(frame: pd.DataFrame, title: str):
         ax.set_xlabel("shots per class")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(datasets):]:
+    for ax in list(axes.flat)[len(datasets) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(textwrap.fill(title, 40 * cols), fontsize=10)
@@ -318,7 +412,9 @@ def draw(frame: pd.DataFrame, title: str):
     return fig
 
 
-def write_report(frame: pd.DataFrame, out_dir: Path, title: str, paper: bool, compare: bool = False) -> list[Path]:
+def write_report(
+    frame: pd.DataFrame, out_dir: Path, title: str, paper: bool, compare: bool = False
+) -> list[Path]:
     """The table as Markdown (cells as printed) and CSV (numbers), the figure as PNG; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "table.md"

@@ -7,6 +7,7 @@ A sweep's state comes from its parent run and the driver's heartbeat:
     finished     FINISHED: every grid point has a FINISHED run with metrics
     failed       FAILED: some trials failed after their retries (resume reruns them)
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,23 @@ from .names import (
 from .point import FEW_SHOT, TrialPoint
 from .tracking import TrackingError
 
-RESULT_COLUMNS = ["sweep_id", "key", "run_id", "dataset", "method", "shots", "seed", ADAPTER, ALPHA, BETA,
-                  *RESULT_METRICS, "status", "error", PROTOCOL, SELECTION_SPLIT]
+RESULT_COLUMNS = [
+    "sweep_id",
+    "key",
+    "run_id",
+    "dataset",
+    "method",
+    "shots",
+    "seed",
+    ADAPTER,
+    ALPHA,
+    BETA,
+    *RESULT_METRICS,
+    "status",
+    "error",
+    PROTOCOL,
+    SELECTION_SPLIT,
+]
 
 
 def heartbeat_seconds() -> float:
@@ -73,7 +89,9 @@ def state(parent) -> str:
     status = parent.info.status
     if status == "RUNNING":
         return "running" if driver_alive(parent) else "interrupted"
-    return {"FINISHED": "finished", "FAILED": "failed", "KILLED": "interrupted", "SCHEDULED": "submitted"}[status]
+    return {"FINISHED": "finished", "FAILED": "failed", "KILLED": "interrupted", "SCHEDULED": "submitted"}[
+        status
+    ]
 
 
 def parents(client, experiment: str | None = None, sweep_id: str | None = None) -> list:
@@ -81,8 +99,10 @@ def parents(client, experiment: str | None = None, sweep_id: str | None = None) 
     if experiment:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            raise TrackingError(f"no experiment {experiment!r} in this tracking store; run `ca-flow sweep` first "
-                                f"or pass another --experiment")
+            raise TrackingError(
+                f"no experiment {experiment!r} in this tracking store; run `ca-flow sweep` first "
+                f"or pass another --experiment"
+            )
         exp_ids = [exp.experiment_id]
     else:
         exp_ids = [e.experiment_id for e in client.search_experiments()]
@@ -130,15 +150,29 @@ def describe(client, parent) -> dict:
     info = parent.info
     runs = tracking.children(client, info.experiment_id, info.run_id)
     prog = progress(parent, runs)
-    end = info.end_time or (None if state(parent) == "running" else max(
-        [r.info.end_time or 0 for r in runs] + [int(float(parent.data.tags.get(HEARTBEAT, 0)) * 1000),
-                                                info.start_time]))
+    end = info.end_time or (
+        None
+        if state(parent) == "running"
+        else max(
+            [r.info.end_time or 0 for r in runs]
+            + [int(float(parent.data.tags.get(HEARTBEAT, 0)) * 1000), info.start_time]
+        )
+    )
     started = info.start_time / 1000
-    return dict(sweep_id=parent.data.tags[SWEEP_ID], experiment=client.get_experiment(info.experiment_id).name,
-                status=state(parent), finished=prog["finished"], failed=prog["failed"], running=prog["running"],
-                total=prog["total"], started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-                seconds=round(((end / 1000) if end else time.time()) - started, 1),
-                parent_run_id=info.run_id, driver=parent.data.tags.get(DRIVER, ""), datasets=prog["datasets"])
+    return dict(
+        sweep_id=parent.data.tags[SWEEP_ID],
+        experiment=client.get_experiment(info.experiment_id).name,
+        status=state(parent),
+        finished=prog["finished"],
+        failed=prog["failed"],
+        running=prog["running"],
+        total=prog["total"],
+        started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        seconds=round(((end / 1000) if end else time.time()) - started, 1),
+        parent_run_id=info.run_id,
+        driver=parent.data.tags.get(DRIVER, ""),
+        datasets=prog["datasets"],
+    )
 
 
 def frame(sweep_id: str, runs: list, trials: list[TrialPoint] | None = None) -> pd.DataFrame:
@@ -154,7 +188,9 @@ def frame(sweep_id: str, runs: list, trials: list[TrialPoint] | None = None) -> 
     out.insert(0, "sweep_id", sweep_id)
     if trials:  # the grid's points only (a run whose key left the grid is not this sweep's any more)
         out = out[out["key"].isin(set(points))]
-    return out.sort_values(["dataset", "method", "shots", "seed", "adapter", "alpha", "beta"], ignore_index=True)
+    return out.sort_values(
+        ["dataset", "method", "shots", "seed", "adapter", "alpha", "beta"], ignore_index=True
+    )
 
 
 def _run_row(run, point: TrialPoint | None) -> dict:
@@ -165,16 +201,22 @@ def _run_row(run, point: TrialPoint | None) -> dict:
     def ratio(name):  # a ratio the method chose itself is no grid value
         return float(params[name]) if name in params and CHOSEN + name not in params else float("nan")
 
-    row = dict(key=tags.get(TRIAL_KEY, ""), run_id=run.info.run_id,
-               dataset=params.get("dataset", tags.get(DATASET)), method=params.get("method", tags.get(METHOD)),
-               shots=int(params["shots"]) if "shots" in params else point and point.shots,
-               seed=int(params["seed"]) if "seed" in params else point and point.seed,
-               adapter=params.get(ADAPTER, ""), alpha=ratio(ALPHA), beta=ratio(BETA),
-               **{k: metrics.get(k, float("nan")) for k in RESULT_METRICS},
-               status="FINISHED" if done else ("FAILED" if status == "FINISHED" else status),
-               error=tags.get(ERROR, "" if done else ("no metrics" if status == "FINISHED" else "")),
-               protocol=params.get(PROTOCOL, point.protocol if point else FEW_SHOT),
-               selection_split=params.get(SELECTION_SPLIT, selection_split(point.selects if point else {})))
+    row = dict(
+        key=tags.get(TRIAL_KEY, ""),
+        run_id=run.info.run_id,
+        dataset=params.get("dataset", tags.get(DATASET)),
+        method=params.get("method", tags.get(METHOD)),
+        shots=int(params["shots"]) if "shots" in params else point and point.shots,
+        seed=int(params["seed"]) if "seed" in params else point and point.seed,
+        adapter=params.get(ADAPTER, ""),
+        alpha=ratio(ALPHA),
+        beta=ratio(BETA),
+        **{k: metrics.get(k, float("nan")) for k in RESULT_METRICS},
+        status="FINISHED" if done else ("FAILED" if status == "FINISHED" else status),
+        error=tags.get(ERROR, "" if done else ("no metrics" if status == "FINISHED" else "")),
+        protocol=params.get(PROTOCOL, point.protocol if point else FEW_SHOT),
+        selection_split=params.get(SELECTION_SPLIT, selection_split(point.selects if point else {})),
+    )
     if not done:
         row.update({VAL_ACC: float("nan"), TEST_ACC: float("nan")})
     return row
@@ -182,9 +224,21 @@ def _run_row(run, point: TrialPoint | None) -> dict:
 
 def _point_row(point: TrialPoint) -> dict:
     """A grid point without a run: SCHEDULED."""
-    return dict(key=point.key, run_id="", dataset=point.dataset, method=point.method, shots=point.shots,
-                seed=point.seed, adapter=point.variant, alpha=point.alpha, beta=point.beta, status="SCHEDULED",
-                error="", protocol=point.protocol, selection_split=selection_split(point.selects))
+    return dict(
+        key=point.key,
+        run_id="",
+        dataset=point.dataset,
+        method=point.method,
+        shots=point.shots,
+        seed=point.seed,
+        adapter=point.variant,
+        alpha=point.alpha,
+        beta=point.beta,
+        status="SCHEDULED",
+        error="",
+        protocol=point.protocol,
+        selection_split=selection_split(point.selects),
+    )
 
 
 def rank_runs(results: pd.DataFrame) -> pd.DataFrame:
@@ -193,8 +247,12 @@ def rank_runs(results: pd.DataFrame) -> pd.DataFrame:
     then the smaller alpha and beta (closer to zero-shot CLIP; a run without a ratio counts as 0, as
     zero-shot), then the run id, so that the same runs always give the same winner.
     """
-    ranked = results.assign(_val=results[VAL_ACC].fillna(-1.0), _alpha=results[ALPHA].fillna(0.0),
-                            _beta=results[BETA].fillna(0.0))
-    ranked = ranked.sort_values(["_val", "shots", "seed", "_alpha", "_beta", "run_id"],
-                                ascending=[False, False, True, True, True, True], kind="stable")
+    ranked = results.assign(
+        _val=results[VAL_ACC].fillna(-1.0), _alpha=results[ALPHA].fillna(0.0), _beta=results[BETA].fillna(0.0)
+    )
+    ranked = ranked.sort_values(
+        ["_val", "shots", "seed", "_alpha", "_beta", "run_id"],
+        ascending=[False, False, True, True, True, True],
+        kind="stable",
+    )
     return ranked.drop(columns=["_val", "_alpha", "_beta"])

@@ -4,6 +4,7 @@ The job runs the same `ca-flow sweep` with every flag resolved and the sweep id 
 command can print the id and return; `ca-flow sweeps` / `status` follow the job through MLflow, and
 `ray job stop` interrupts it like Ctrl-C (the sweep closes its runs and can be resumed).
 """
+
 from __future__ import annotations
 
 import shlex
@@ -16,7 +17,16 @@ from .settings import JOB_STOP_WAIT_S
 
 # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds: time to close the runs.
 STOP_GRACE_S = 60
-EXCLUDES = [".git", ".venv", "mlflow.db", "mlartifacts", "mlruns", "ca-flow-results", "ca-flow-report", "*.parquet"]
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "mlflow.db",
+    "mlartifacts",
+    "mlruns",
+    "ca-flow-results",
+    "ca-flow-report",
+    "*.parquet",
+]
 
 
 def as_flags(spec: SweepSpec) -> list[str]:
@@ -42,8 +52,9 @@ def submit(spec: SweepSpec, uri: str, address: str, sweep_id: str) -> str:
     from ray.job_submission import JobSubmissionClient
 
     if not address.startswith(("http://", "https://")):
-        raise SweepError(f"--submit needs the cluster's job API address, e.g. --address http://HEAD:8265; "
-                         f"got {address!r}")
+        raise SweepError(
+            f"--submit needs the cluster's job API address, e.g. --address http://HEAD:8265; got {address!r}"
+        )
     args = ["sweep", *as_flags(spec), "--tracking-uri", uri, "--sweep-id", sweep_id]
     runtime_env = {"env_vars": {JOB_STOP_WAIT_S.name: str(STOP_GRACE_S), "PYTHONUNBUFFERED": "1"}}
     checkout = source_checkout()
@@ -54,9 +65,15 @@ def submit(spec: SweepSpec, uri: str, address: str, sweep_id: str) -> str:
         entrypoint = shlex.join(["ca-flow", *args])
     try:
         client = JobSubmissionClient(address)
-        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                 submission_id=f"ca-flow-{sweep_id}", metadata={SWEEP_ID: sweep_id})
+        return client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=f"ca-flow-{sweep_id}",
+            metadata={SWEEP_ID: sweep_id},
+        )
     except Exception as exc:
-        raise SweepError(f"cannot submit to the Ray job API at {address}: {first_line(exc)}; is the head "
-                         f"running (ray start --head)? A token cluster needs its token and token mode here too, see "
-                         f"cluster/README.md (Token authentication)") from None
+        raise SweepError(
+            f"cannot submit to the Ray job API at {address}: {first_line(exc)}; is the head "
+            f"running (ray start --head)? A token cluster needs its token and token mode here too, see "
+            f"cluster/README.md (Token authentication)"
+        ) from None

@@ -5,6 +5,7 @@ MLflow has no finished run for, and an honest end (FINISHED, FAILED or KILLED, n
     -> features (feature store, Ray Data for what it lacks) -> Tune over the grid points not done
     -> close: unfinished runs KILLED / FAILED, results from MLflow, parent status
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,6 +31,7 @@ NO_RUN = "no run was recorded for this grid point"
 @dataclass
 class SweepPlan:
     """What a sweep is to do, checked before anything starts."""
+
     spec: SweepSpec
     splits: list
     skipped: list
@@ -43,24 +45,31 @@ def plan(spec: SweepSpec) -> SweepPlan:
     splits, skipped = datasets.load_splits(spec.datasets, spec.data_root)
     short = {split.name: check_shots(spec, split) for split in splits}
     weights_id = weights_identity(spec.pretrained)
-    return SweepPlan(spec, splits, skipped, grid(spec, [split.name for split in splits], weights_id), weights_id,
-                     {k: v for k, v in short.items() if v})
+    return SweepPlan(
+        spec,
+        splits,
+        skipped,
+        grid(spec, [split.name for split in splits], weights_id),
+        weights_id,
+        {k: v for k, v in short.items() if v},
+    )
 
 
 @dataclass
 class Sweep:
     """One sweep being driven: its plan, where its runs go, and what it has come to so far."""
+
     plan: SweepPlan
     client: object
     exp_id: str
     sweep_id: str
     parent_id: str
     uri: str = ""
-    slots: int = 1                 # trials at once
+    slots: int = 1  # trials at once
     signals: Signals | None = None
     console: object = None
     started: float = field(default_factory=time.perf_counter)
-    signum: int = 0                # the signal that ended it, 0 if none
+    signum: int = 0  # the signal that ended it, 0 if none
     errors: dict[str, str] = field(default_factory=dict)  # trial key -> why it has no result
     tune_seconds: float = 0.0
 
@@ -76,13 +85,13 @@ class Sweep:
 class Outcome:
     sweep_id: str
     parent_run_id: str
-    results: pd.DataFrame     # one row per grid point
+    results: pd.DataFrame  # one row per grid point
     results_path: Path | None
     seconds: float
     tune_seconds: float
-    interrupted: int = 0      # the signal that ended it, 0 if none
-    note: str = ""            # why it could not close normally (e.g. the tracking store went away)
-    browse: str = ""          # the MLflow UI's runs table for this experiment
+    interrupted: int = 0  # the signal that ended it, 0 if none
+    note: str = ""  # why it could not close normally (e.g. the tracking store went away)
+    browse: str = ""  # the MLflow UI's runs table for this experiment
 
     @property
     def total(self) -> int:
@@ -98,8 +107,9 @@ class Outcome:
         return self.results[self.results["status"] != "FINISHED"]
 
 
-def run(spec: SweepSpec, uri: str, address: str | None, console, parent=None,
-        sweep_id: str | None = None) -> Outcome:
+def run(
+    spec: SweepSpec, uri: str, address: str | None, console, parent=None, sweep_id: str | None = None
+) -> Outcome:
     """Run (or, with `parent`, resume) a sweep to its end or to an interruption."""
     started = time.perf_counter()
     settings.for_tune()
@@ -110,8 +120,16 @@ def run(spec: SweepSpec, uri: str, address: str | None, console, parent=None,
         try:
             sweep = _open(planned, uri, address, console, signals, parent, sweep_id)
         except Interrupted as stop:
-            return Outcome(getattr(stop, "sweep_id", ""), "", pd.DataFrame(), None, time.perf_counter() - started, 0.0,
-                           stop.signum, "interrupted before the sweep started: nothing recorded")
+            return Outcome(
+                getattr(stop, "sweep_id", ""),
+                "",
+                pd.DataFrame(),
+                None,
+                time.perf_counter() - started,
+                0.0,
+                stop.signum,
+                "interrupted before the sweep started: nothing recorded",
+            )
         sweep.started = started
         beat = Heartbeat(uri, sweep.parent_id)
         beat.start()
@@ -127,15 +145,21 @@ def run(spec: SweepSpec, uri: str, address: str | None, console, parent=None,
 def _announce(planned: SweepPlan, console) -> None:
     """What the plan leaves out or takes as it is, before anything starts."""
     for skipped in planned.skipped:
-        console.print(f"skipping {skipped.name} ({skipped.path}): {skipped.reason}", markup=False, highlight=False)
+        console.print(
+            f"skipping {skipped.name} ({skipped.path}): {skipped.reason}", markup=False, highlight=False
+        )
     for name, short in planned.short.items():
-        console.print(f"{name}: --allow-fewer-shots: {len(short)} classes have fewer than {max(planned.spec.shots)} "
-                      f"train images (fewest {min(short.values())}); runs log the real per-class counts",
-                      markup=False, highlight=False)
+        console.print(
+            f"{name}: --allow-fewer-shots: {len(short)} classes have fewer than {max(planned.spec.shots)} "
+            f"train images (fewest {min(short.values())}); runs log the real per-class counts",
+            markup=False,
+            highlight=False,
+        )
 
 
-def _open(planned: SweepPlan, uri: str, address: str | None, console, signals: Signals, parent,
-          sweep_id: str | None) -> Sweep:
+def _open(
+    planned: SweepPlan, uri: str, address: str | None, console, signals: Signals, parent, sweep_id: str | None
+) -> Sweep:
     """Ray, the store, the experiment and the parent run (new, or the resumed sweep's)."""
     from .connect import check_resources, connect_ray
 
@@ -185,18 +209,24 @@ def _todo(sweep: Sweep) -> list[TrialPoint]:
     done = {r.data.tags.get(TRIAL_KEY) for r in runs if tracking.is_done(r)}
     todo = [p for p in sweep.plan.trials if p.key not in done]
     if done:
-        sweep.say(f"resuming sweep {sweep.sweep_id}: {len(done)} of {len(sweep.plan.trials)} trials already done, "
-                  f"{len(todo)} to run")
+        sweep.say(
+            f"resuming sweep {sweep.sweep_id}: {len(done)} of {len(sweep.plan.trials)} trials already done, "
+            f"{len(todo)} to run"
+        )
     if sweep.spec.pretrained == RANDOM:
-        sweep.console.print("[yellow]backbone weights: random (seeded) - results say nothing about CLIP; "
-                            "for demos and tests only[/yellow]")
+        sweep.console.print(
+            "[yellow]backbone weights: random (seeded) - results say nothing about CLIP; "
+            "for demos and tests only[/yellow]"
+        )
     return todo
 
 
 def _start_recorder(sweep: Sweep):
     from .recorder import start_recorder
 
-    return start_recorder(sweep.uri, sweep.exp_id, sweep.parent_id, sweep.sweep_id)  # it starts while features load
+    return start_recorder(
+        sweep.uri, sweep.exp_id, sweep.parent_id, sweep.sweep_id
+    )  # it starts while features load
 
 
 def _stage_features(sweep: Sweep, todo: list[TrialPoint], recorder) -> dict:
@@ -207,8 +237,13 @@ def _stage_features(sweep: Sweep, todo: list[TrialPoint], recorder) -> dict:
     names = {p.dataset for p in todo}
     gpus = 1.0 if sweep.spec.gpus_per_trial > 0 else 0.0
     with sweep.signals.polling():
-        features = stage_features([s for s in sweep.plan.splits if s.name in names], sweep.spec, gpus,
-                                  sweep.console, sweep.signals.check)
+        features = stage_features(
+            [s for s in sweep.plan.splits if s.name in names],
+            sweep.spec,
+            gpus,
+            sweep.console,
+            sweep.signals.check,
+        )
         wait(recorder.ready.remote(), sweep.signals.check)  # up before the first trial hands it a record
     return features
 
@@ -239,18 +274,35 @@ def close(sweep: Sweep) -> Outcome:
         sweep.client.set_terminated(sweep.parent_id, status=status)
     except (MlflowException, OSError, tracking.TrackingError) as exc:
         results = pd.DataFrame({"key": sorted({p.key for p in sweep.plan.trials}), "status": "UNKNOWN"})
-        return Outcome(sweep.sweep_id, sweep.parent_id, results, None, seconds, sweep.tune_seconds, sweep.signum,
-                       f"the tracking store stopped answering ({tracking.error_line(exc)}); what finished is in it, "
-                       f"the rest is not recorded")
-    return Outcome(sweep.sweep_id, sweep.parent_id, results, path, seconds, sweep.tune_seconds, sweep.signum,
-                   browse=tracking.ui_link(sweep.client.tracking_uri, sweep.exp_id))
+        return Outcome(
+            sweep.sweep_id,
+            sweep.parent_id,
+            results,
+            None,
+            seconds,
+            sweep.tune_seconds,
+            sweep.signum,
+            f"the tracking store stopped answering ({tracking.error_line(exc)}); what finished is in it, "
+            f"the rest is not recorded",
+        )
+    return Outcome(
+        sweep.sweep_id,
+        sweep.parent_id,
+        results,
+        path,
+        seconds,
+        sweep.tune_seconds,
+        sweep.signum,
+        browse=tracking.ui_link(sweep.client.tracking_uri, sweep.exp_id),
+    )
 
 
 def _close_runs(sweep: Sweep) -> pd.DataFrame:
     """Unfinished runs closed, then the results table, a row per grid point."""
     errors = sweep.errors
-    tracking.close_unfinished(sweep.client, sweep.exp_id, sweep.parent_id,
-                              "KILLED" if sweep.signum else "FAILED", errors)
+    tracking.close_unfinished(
+        sweep.client, sweep.exp_id, sweep.parent_id, "KILLED" if sweep.signum else "FAILED", errors
+    )
     runs = tracking.children(sweep.client, sweep.exp_id, sweep.parent_id)
     results = runs_table.frame(sweep.sweep_id, runs, sweep.plan.trials)
     # A grid point without a run failed all the same (Tune gave up on it before it had one, or its
@@ -282,12 +334,20 @@ def dry_run(spec: SweepSpec) -> dict:
     images = {}
     for split in planned.splits:
         train, evaluated = few_shot_items(split, spec)
-        plans = (store.plan(split.name, split.root, train, spec.augment_views, True),
-                 store.plan(split.name, split.root, evaluated, 1, False))
+        plans = (
+            store.plan(split.name, split.root, train, spec.augment_views, True),
+            store.plan(split.name, split.root, evaluated, 1, False),
+        )
         total = len(train) + len(evaluated)
         to_encode, missing = sum(len(p.todo) for p in plans), sum(len(p.missing) for p in plans)
-        images[split.name] = dict(images=total, cached=total - to_encode - missing, to_encode=to_encode,
-                                  missing=missing)
-    return dict(trials=len(planned.trials), tune_trials=len(packs(planned.trials, spec.pack)),
-                per_dataset=counts(planned.trials), images=images,
-                skipped={skipped.name: skipped.reason for skipped in planned.skipped}, spec=json.loads(json.dumps(spec.record())))
+        images[split.name] = dict(
+            images=total, cached=total - to_encode - missing, to_encode=to_encode, missing=missing
+        )
+    return dict(
+        trials=len(planned.trials),
+        tune_trials=len(packs(planned.trials, spec.pack)),
+        per_dataset=counts(planned.trials),
+        images=images,
+        skipped={skipped.name: skipped.reason for skipped in planned.skipped},
+        spec=json.loads(json.dumps(spec.record())),
+    )

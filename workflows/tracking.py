@@ -5,6 +5,7 @@ recorder.py): a trial gets the run its key already has under the parent (an earl
 interrupted sweep) or a new one, so retries and resumes never duplicate a run. A run is FINISHED
 only after its metrics are written.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -52,16 +53,33 @@ SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
 # an error and the GenAI overview: every experiment ca-flow writes to has it from its first sweep on.
 VIEW_KEY = "ca-flow"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-VIEW = {"selectedColumns": ["attributes.`Dataset`", "metrics.`val_acc`", "metrics.`test_acc`", "metrics.`zs_test_acc`",
-                            "metrics.`trial_seconds`", "params.`method`", "params.`shots`", "params.`seed`",
-                            "params.`alpha`", "params.`adapter`"],
-        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "dataset"},
-                                                                    {"mode": "param", "groupByData": "method"}]}}
+VIEW = {
+    "selectedColumns": [
+        "attributes.`Dataset`",
+        "metrics.`val_acc`",
+        "metrics.`test_acc`",
+        "metrics.`zs_test_acc`",
+        "metrics.`trial_seconds`",
+        "params.`method`",
+        "params.`shots`",
+        "params.`seed`",
+        "params.`alpha`",
+        "params.`adapter`",
+    ],
+    "groupBy": {
+        "aggregateFunction": "average",
+        "groupByKeys": [
+            {"mode": "param", "groupByData": "dataset"},
+            {"mode": "param", "groupByData": "method"},
+        ],
+    },
+}
 # The UI's model-training view (not GenAI) and ca-flow's table.
 EXPERIMENT_TAGS = {KIND: "custom_model_development", VIEW_TAG: json.dumps(VIEW)}
 
 
 # -- where runs go ---------------------------------------------------------------------------------
+
 
 def resolve_uri(uri: str | None = None) -> str:
     """--tracking-uri (or MLFLOW_TRACKING_URI), else ./mlflow.db, SQLite paths made absolute."""
@@ -69,21 +87,23 @@ def resolve_uri(uri: str | None = None) -> str:
         return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # Relative SQLite paths would resolve inside each Ray trial's own working directory.
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     return uri
 
 
 def sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 def check_form(uri: str) -> None:
     """Refuse a URI MLflow cannot use, before anything starts; reads nothing."""
     scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
     if scheme not in SCHEMES:
-        raise TrackingError(f"tracking URI {uri!r} is not one ca-flow can use; pass sqlite:///path/mlflow.db, "
-                            f"http://host:5000 (mlflow/serve.sh) or a database URI "
-                            f"({', '.join(s + '://' for s in SCHEMES[3:])}...)")
+        raise TrackingError(
+            f"tracking URI {uri!r} is not one ca-flow can use; pass sqlite:///path/mlflow.db, "
+            f"http://host:5000 (mlflow/serve.sh) or a database URI "
+            f"({', '.join(s + '://' for s in SCHEMES[3:])}...)"
+        )
 
 
 def check(uri: str, must_exist: bool = False) -> None:
@@ -94,17 +114,25 @@ def check(uri: str, must_exist: bool = False) -> None:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
-                                f"(mlflow/serve.sh) or pass another --tracking-uri") from None
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+                f"(mlflow/serve.sh) or pass another --tracking-uri"
+            ) from None
     db = sqlite_path(uri)
     if db is not None:
         if not db.parent.is_dir():
-            raise TrackingError(f"folder {db.parent} for the SQLite tracking store does not exist; create it "
-                                f"or pass another --tracking-uri")
+            raise TrackingError(
+                f"folder {db.parent} for the SQLite tracking store does not exist; create it "
+                f"or pass another --tracking-uri"
+            )
         if must_exist and not db.is_file():
-            raise TrackingError(f"no MLflow store at {db}; run `ca-flow sweep` here first or pass --tracking-uri")
+            raise TrackingError(
+                f"no MLflow store at {db}; run `ca-flow sweep` here first or pass --tracking-uri"
+            )
         if db.is_file() and db.stat().st_size and not db.read_bytes()[:16].startswith(b"SQLite format 3"):
-            raise TrackingError(f"{db} is not an SQLite database; move it away or pass another --tracking-uri")
+            raise TrackingError(
+                f"{db} is not an SQLite database; move it away or pass another --tracking-uri"
+            )
 
 
 @contextmanager
@@ -157,8 +185,9 @@ def experiment_id(client, name: str, uri: str) -> str:
     if exp is None:
         db = sqlite_path(uri)
         try:
-            return client.create_experiment(name, artifact_location=str(db.parent / "mlartifacts") if db else None,
-                                            tags=EXPERIMENT_TAGS)
+            return client.create_experiment(
+                name, artifact_location=str(db.parent / "mlartifacts") if db else None, tags=EXPERIMENT_TAGS
+            )
         except MlflowException as exc:  # another sweep created it meanwhile: use that one
             if exc.error_code != "RESOURCE_ALREADY_EXISTS" or client.get_experiment_by_name(name) is None:
                 raise
@@ -209,14 +238,32 @@ def all_runs(client, exp_ids: list[str], where: str, order_by: list[str] | None 
 
 # -- the sweep's parent run --------------------------------------------------------------------------
 
-def start_parent(client, exp_id: str, sweep_id: str, record: dict, totals: dict, params: dict,
-                 random_weights: bool, note: str) -> str:
+
+def start_parent(
+    client,
+    exp_id: str,
+    sweep_id: str,
+    record: dict,
+    totals: dict,
+    params: dict,
+    random_weights: bool,
+    note: str,
+) -> str:
     """The parent run, holding what `resume` needs: the spec and the trials per dataset and method."""
     from mlflow.entities import Param
 
-    run = client.create_run(exp_id, run_name=f"sweep-{sweep_id}", tags={
-        SWEEP_ID: sweep_id, RANDOM_WEIGHTS: str(random_weights).lower(), SPEC: json.dumps(record),
-        TOTALS: json.dumps(totals), NOTE: note, **driver_tags()})
+    run = client.create_run(
+        exp_id,
+        run_name=f"sweep-{sweep_id}",
+        tags={
+            SWEEP_ID: sweep_id,
+            RANDOM_WEIGHTS: str(random_weights).lower(),
+            SPEC: json.dumps(record),
+            TOTALS: json.dumps(totals),
+            NOTE: note,
+            **driver_tags(),
+        },
+    )
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
 
@@ -239,12 +286,24 @@ def beat(client, parent_id: str) -> None:
 
 # -- one run per trial -----------------------------------------------------------------------------
 
+
 def create_trial_run(client, sweep: dict, point: TrialPoint, start_ms: int | None = None) -> str:
     """A new run for `point` under the sweep's parent (`sweep`: exp_id, parent_id, sweep_id), RUNNING from
     when the trial began, tagged with its key."""
-    run = client.create_run(sweep["exp_id"], start_time=start_ms, run_name=point.name, tags={
-        PARENT: sweep["parent_id"], SWEEP_ID: sweep["sweep_id"], TRIAL_KEY: point.key, DATASET: point.dataset,
-        METHOD: point.method, RANDOM_WEIGHTS: str(point.weights == "random").lower(), ATTEMPT: "1"})
+    run = client.create_run(
+        sweep["exp_id"],
+        start_time=start_ms,
+        run_name=point.name,
+        tags={
+            PARENT: sweep["parent_id"],
+            SWEEP_ID: sweep["sweep_id"],
+            TRIAL_KEY: point.key,
+            DATASET: point.dataset,
+            METHOD: point.method,
+            RANDOM_WEIGHTS: str(point.weights == "random").lower(),
+            ATTEMPT: "1",
+        },
+    )
     return run.info.run_id
 
 
@@ -256,8 +315,16 @@ def reopen_trial_run(client, run_id: str, attempt: int, clear_error: bool) -> No
         client.delete_tag(run_id, ERROR)
 
 
-def finish_trial(client, run_id: str, params: dict, metrics: dict, losses: list[float], adapter_dir: str,
-                 dataset: dict, end_ms: int | None = None) -> None:
+def finish_trial(
+    client,
+    run_id: str,
+    params: dict,
+    metrics: dict,
+    losses: list[float],
+    adapter_dir: str,
+    dataset: dict,
+    end_ms: int | None = None,
+) -> None:
     """The adapter's files, the dataset input, params and metrics in one batch, then FINISHED as of
     when the trial ended (the recorder may write a moment later)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
@@ -265,12 +332,13 @@ def finish_trial(client, run_id: str, params: dict, metrics: dict, losses: list[
     client.log_artifacts(run_id, adapter_dir, ADAPTER_DIR)
     client.log_inputs(run_id, [DatasetInput(Dataset(**dataset), [InputTag("mlflow.data.context", "train")])])
     now = end_ms or int(time.time() * 1000)
-    points = ([Metric(k, float(v), now, 0) for k, v in metrics.items()]
-              + [Metric(TRAIN_LOSS, float(v), now, epoch) for epoch, v in enumerate(losses)])
+    points = [Metric(k, float(v), now, 0) for k, v in metrics.items()] + [
+        Metric(TRAIN_LOSS, float(v), now, epoch) for epoch, v in enumerate(losses)
+    ]
     first = 1000 - len(params)  # MLflow takes 1000 entries a batch
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()], metrics=points[:first])
     for start in range(first, len(points), 1000):
-        client.log_batch(run_id, metrics=points[start:start + 1000])
+        client.log_batch(run_id, metrics=points[start : start + 1000])
     client.set_terminated(run_id, status="FINISHED", end_time=now)
 
 
@@ -285,7 +353,9 @@ def fail_trial(client, run_id: str, error: BaseException | str) -> None:
     client.set_terminated(run_id, status="FAILED")
 
 
-def close_unfinished(client, exp_id: str, parent_id: str, status: str, errors: dict[str, str] | None = None) -> int:
+def close_unfinished(
+    client, exp_id: str, parent_id: str, status: str, errors: dict[str, str] | None = None
+) -> int:
     """Every child run still SCHEDULED or RUNNING becomes `status`; returns how many did.
 
     `errors` (trial key -> last line) tags the failed ones whose trial could not say why itself.

@@ -2,6 +2,7 @@
 
 `train_trial` knows nothing of Ray or MLflow; `run_trial` is the Ray Tune trainable around it.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,6 +38,7 @@ class DatasetFeatures:
 
     One object per dataset goes into Ray's object store; only the trials of that dataset fetch it.
     """
+
     name: str
     classnames: list[str]
     template: str | list[str]
@@ -48,9 +50,9 @@ class DatasetFeatures:
     val_labels: np.ndarray
     test: np.ndarray
     test_labels: np.ndarray
-    zs_test_acc: float        # the same for every trial of the dataset: computed once, by the driver
+    zs_test_acc: float  # the same for every trial of the dataset: computed once, by the driver
     rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # (shots, seed) -> (train, val) rows
-    source: dict              # name, digest of the split, source: the run's MLflow dataset input
+    source: dict  # name, digest of the split, source: the run's MLflow dataset input
     whole_val: np.ndarray | None = None  # rows of the whole val split (encoded for the released protocol)
     train_released: np.ndarray | None = None  # train's views cropped from 0.5 (released Tip-Adapter, GDA)
 
@@ -91,7 +93,9 @@ def _few_shot(point: TrialPoint, data: DatasetFeatures):
     """The point's FewShot (what its protocol selects on) and the number of images it selects on."""
     train_rows, val_rows = data.rows[(point.shots, point.seed)]
     if len(train_rows) == 0:
-        raise TrialError(f"{point.dataset}: no readable train image for {point.shots} shots, seed {point.seed}")
+        raise TrialError(
+            f"{point.dataset}: no readable train image for {point.shots} shots, seed {point.seed}"
+        )
     return select_on(point, data, train_rows, val_rows)
 
 
@@ -99,8 +103,11 @@ def _evaluate(point: TrialPoint, data: DatasetFeatures, few_shot, n_select: int,
     from clip_adapter import evaluate
 
     method.eval()
-    metrics = {VAL_ACC: evaluate(method, few_shot.val, few_shot.val_labels),
-               TEST_ACC: evaluate(method, data.test, data.test_labels), ZS_TEST_ACC: data.zs_test_acc}
+    metrics = {
+        VAL_ACC: evaluate(method, few_shot.val, few_shot.val_labels),
+        TEST_ACC: evaluate(method, data.test, data.test_labels),
+        ZS_TEST_ACC: data.zs_test_acc,
+    }
     if few_shot.epoch_val is not None and "epoch_acc" in fitted.chosen:
         # Tip-Adapter main.py:141 reports max(best test epoch's accuracy, test after the val search).
         metrics[TEST_ACC] = max(metrics[TEST_ACC], fitted.chosen["epoch_acc"])
@@ -108,9 +115,16 @@ def _evaluate(point: TrialPoint, data: DatasetFeatures, few_shot, n_select: int,
         metrics[TRAIN_LOSS_FINAL] = fitted.losses[-1]
     per_class = np.bincount(few_shot.train_labels, minlength=len(data.classnames))
     params = point.params()
-    params.update({PROTOCOL: point.protocol, SELECTION_SPLIT: selection_split(point.selects), N_SELECT: n_select})
-    params.update(n_train=len(few_shot.train), n_val=len(few_shot.val_labels), n_test=len(data.test),
-                  train_per_class_min=int(per_class.min()), train_per_class_max=int(per_class.max()))
+    params.update(
+        {PROTOCOL: point.protocol, SELECTION_SPLIT: selection_split(point.selects), N_SELECT: n_select}
+    )
+    params.update(
+        n_train=len(few_shot.train),
+        n_val=len(few_shot.val_labels),
+        n_test=len(data.test),
+        train_per_class_min=int(per_class.min()),
+        train_per_class_max=int(per_class.max()),
+    )
     params.update({(ADAPTER if k == "variant" else k): v for k, v in method.config().items()})
     params.update({f"{CHOSEN}{k}": v for k, v in fitted.chosen.items()})
     return method.cpu(), fitted.losses, metrics, params
@@ -129,8 +143,10 @@ def select_on(point: TrialPoint, data: DatasetFeatures, train_rows, val_rows):
         val, val_labels = data.test, data.test_labels
     elif where["val"] == "whole":
         if data.whole_val is None or not len(data.whole_val):
-            raise TrialError(f"{point.dataset}: the released protocol searches on the whole val split, "
-                               f"and this dataset has no readable val images")
+            raise TrialError(
+                f"{point.dataset}: the released protocol searches on the whole val split, "
+                f"and this dataset has no readable val images"
+            )
         val, val_labels = data.val[data.whole_val], data.val_labels[data.whole_val]
     else:
         val, val_labels = data.val[val_rows], data.val_labels[val_rows]
@@ -138,14 +154,26 @@ def select_on(point: TrialPoint, data: DatasetFeatures, train_rows, val_rows):
     train = data.train
     if where.get("crops"):
         if data.train_released is None:
-            raise TrialError(f"{point.dataset}: the released protocol trains {point.method} on views cropped "
-                               f"from {where['crops']:g}, and they were not encoded")
+            raise TrialError(
+                f"{point.dataset}: the released protocol trains {point.method} on views cropped "
+                f"from {where['crops']:g}, and they were not encoded"
+            )
         train = data.train_released
-    few_shot = FewShot(train[train_rows], data.train_labels[train_rows], val, val_labels, data.text,
-                       data.logit_scale, epoch_val)
+    few_shot = FewShot(
+        train[train_rows],
+        data.train_labels[train_rows],
+        val,
+        val_labels,
+        data.text,
+        data.logit_scale,
+        epoch_val,
+    )
     chooses = point.method != "zero-shot"  # CLIP-Adapter's ratio is chosen across trials on val_acc
-    n_select = (len(val_labels) + (len(data.test_labels) if epoch_val is not None and where["val"] != "test" else 0)
-                if chooses else 0)
+    n_select = (
+        len(val_labels) + (len(data.test_labels) if epoch_val is not None and where["val"] != "test" else 0)
+        if chooses
+        else 0
+    )
     return few_shot, n_select
 
 
@@ -164,7 +192,9 @@ def _fetch(ref) -> DatasetFeatures:
     return _FETCHED[key]
 
 
-ERROR_RESULT = "ca_flow_error"  # the key of the result a trial that failed for good reports: its error's last line
+ERROR_RESULT = (
+    "ca_flow_error"  # the key of the result a trial that failed for good reports: its error's last line
+)
 
 
 def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -> None:
@@ -207,14 +237,29 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     try:
         if gpu and not torch.cuda.is_available():
-            raise NodeError("the trial was given a GPU but torch sees no CUDA device; fix the node's CUDA setup")
+            raise NodeError(
+                "the trial was given a GPU but torch sees no CUDA device; fix the node's CUDA setup"
+            )
         data = _fetch(features[pack[0].dataset])
         records = []
-        for point, (method, losses, metrics, params) in zip(pack, train_pack(pack, data, "cuda" if gpu else "cpu")):
-            files = adapter_files(method, torch.from_numpy(data.text.copy()), AdapterMeta(
-                method=point.method, config=method.config(), backbone=point.backbone, weights=point.weights,
-                weights_id=point.weights_id, classnames=data.classnames, template=data.template,
-                logit_scale=data.logit_scale, dataset=point.dataset))
+        for point, (method, losses, metrics, params) in zip(
+            pack, train_pack(pack, data, "cuda" if gpu else "cpu")
+        ):
+            files = adapter_files(
+                method,
+                torch.from_numpy(data.text.copy()),
+                AdapterMeta(
+                    method=point.method,
+                    config=method.config(),
+                    backbone=point.backbone,
+                    weights=point.weights,
+                    weights_id=point.weights_id,
+                    classnames=data.classnames,
+                    template=data.template,
+                    logit_scale=data.logit_scale,
+                    dataset=point.dataset,
+                ),
+            )
             records.append((point, params, metrics, losses, files))
         seconds = (time.time() - started) / len(pack)  # a pack's points share its time
     except Exception as exc:
@@ -226,8 +271,16 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
         return
     for point, params, metrics, losses, files in records:
         metrics[TRIAL_SECONDS] = seconds
-        hand_over(recorder.finish, point.key, params, metrics, losses, files, data.source,
-                  math.ceil(time.time() * 1000))
+        hand_over(
+            recorder.finish,
+            point.key,
+            params,
+            metrics,
+            losses,
+            files,
+            data.source,
+            math.ceil(time.time() * 1000),
+        )
     tune.report({"points": len(records)})
 
 

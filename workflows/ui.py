@@ -5,6 +5,7 @@ a tracking server already has its UI, so only the link is printed. Ctrl-C reache
 to its group (it shuts uvicorn down cleanly in about 3 s, where SIGINT leaves tracebacks), waited for,
 then whatever is left of the group is killed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,8 @@ from . import runs_table, tracking
 from .cli_errors import fail
 from .settings import UI_JOB_EXECUTION
 
-START_S = 120   # a cold `mlflow ui` imports for tens of seconds on a busy machine
-STOP_S = 10     # how long Ctrl-C may take before the group is killed
+START_S = 120  # a cold `mlflow ui` imports for tens of seconds on a busy machine
+STOP_S = 10  # how long Ctrl-C may take before the group is killed
 
 
 def latest_runs_link(client, base: str) -> str:
@@ -54,8 +55,18 @@ def answers(url: str) -> bool:
 
 
 def command(uri: str, port: int) -> list[str]:
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     db = tracking.sqlite_path(uri)
     if db is not None:  # where ca-flow's experiments keep their artifacts (tracking.experiment_id)
         cmd += ["--artifacts-destination", str(db.parent / "mlartifacts")]
@@ -70,15 +81,23 @@ def serve(client, uri: str, port: int, echo) -> int:
     if not port_free(port):
         fail(f"port {port} on 127.0.0.1 is in use (another MLflow UI?); pass --port with a free one")
     link = latest_runs_link(client, f"http://127.0.0.1:{port}")
-    log = tempfile.TemporaryFile()  # its log, read only to say why it stopped (a pipe could fill and block it)
+    log = (
+        tempfile.TemporaryFile()
+    )  # its log, read only to say why it stopped (a pipe could fill and block it)
     # MLflow's job runner (GenAI judges; ca-flow has none) would start nine more processes that restart
     # when signalled: they doubled the start time here and kept the group alive past 10 s.
     env = {UI_JOB_EXECUTION.name: UI_JOB_EXECUTION.default, **os.environ}
     interrupted = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _: interrupted.append(signum))
-    proc = subprocess.Popen(command(uri, port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        command(uri, port),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + START_S
         while not answers(f"http://127.0.0.1:{port}"):

@@ -1,4 +1,5 @@
 """Datasets by name: where each lives under the data root, how its split is read, its prompt."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,7 +20,7 @@ class DatasetError(CaFlowError, ValueError):
 
 @dataclass(frozen=True)
 class Item:
-    path: str   # absolute local path, or a URI (s3://...) that workers read
+    path: str  # absolute local path, or a URI (s3://...) that workers read
     label: int
 
 
@@ -43,8 +44,8 @@ class Split:
 @dataclass(frozen=True)
 class DatasetKind:
     name: str
-    folder: str                         # under the data root; "" for data shipped in a package
-    layout: str                         # what we expect to find, for error messages
+    folder: str  # under the data root; "" for data shipped in a package
+    layout: str  # what we expect to find, for error messages
     read: Callable[[Location, str], Split]  # (dataset folder, dataset name) -> Split
     locate: Callable[[Location], Location] | None = None  # overrides data_root / folder
 
@@ -79,8 +80,10 @@ def check_root(data_root: str | Path | Location) -> Location:
     """The data root as a Location, or one line saying what is wrong with it."""
     root = Location(data_root)
     if root.is_file():
-        raise DatasetError(f"data root {root} is a file, not a folder; pass the folder that holds the datasets",
-                           hint="data_root_as")
+        raise DatasetError(
+            f"data root {root} is a file, not a folder; pass the folder that holds the datasets",
+            hint="data_root_as",
+        )
     if not root.is_dir():
         raise DatasetError(f"data root {root} does not exist; create it", hint="data_root_or")
     return root
@@ -92,8 +95,11 @@ def discover(data_root: str | Path | Location) -> tuple[list[Found], list[Skippe
     from .folder import class_tree_problem  # late: folder.py registers kinds through this module
 
     data_root = Location(data_root)
-    found = [Found(k.name, k.name, _location(k, data_root)) for k in REGISTRY.values()
-             if k.name != "imagefolder" and _location(k, data_root).exists()]
+    found = [
+        Found(k.name, k.name, _location(k, data_root))
+        for k in REGISTRY.values()
+        if k.name != "imagefolder" and _location(k, data_root).exists()
+    ]
     skipped = []
     claimed = {k.folder for k in REGISTRY.values() if k.folder}
     if data_root.is_dir():
@@ -111,24 +117,36 @@ def resolve(names: str | list[str], data_root: str | Path | Location) -> list[Fo
     return resolve_all(names, data_root)[0]
 
 
-def resolve_all(names: str | list[str], data_root: str | Path | Location) -> tuple[list[Found], list[Skipped]]:
+def resolve_all(
+    names: str | list[str], data_root: str | Path | Location
+) -> tuple[list[Found], list[Skipped]]:
     """(found, skipped): with `all`, what is not a dataset is skipped with its reason; a dataset
     named explicitly must be there and valid."""
     wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
     if not wanted:
         raise DatasetError("no dataset named", hint="datasets")
-    needs_root = wanted == ["all"] or any(
-        n not in REGISTRY or REGISTRY[n].locate is None for n in wanted)
+    needs_root = wanted == ["all"] or any(n not in REGISTRY or REGISTRY[n].locate is None for n in wanted)
     data_root = check_root(data_root) if needs_root else Location(data_root)
-    listed, skipped = discover(data_root) if needs_root else (
-        [Found(n, n, _location(REGISTRY[n], data_root)) for n in wanted
-         if _location(REGISTRY[n], data_root).exists()], [])
+    listed, skipped = (
+        discover(data_root)
+        if needs_root
+        else (
+            [
+                Found(n, n, _location(REGISTRY[n], data_root))
+                for n in wanted
+                if _location(REGISTRY[n], data_root).exists()
+            ],
+            [],
+        )
+    )
     found = {f.name: f for f in listed}
     if wanted == ["all"]:
         if not found:
-            raise DatasetError(f"no dataset found under {data_root}"
-                               + (f" ({len(skipped)} folders are not datasets)" if skipped else "")
-                               + "; see `ca-flow datasets`")
+            raise DatasetError(
+                f"no dataset found under {data_root}"
+                + (f" ({len(skipped)} folders are not datasets)" if skipped else "")
+                + "; see `ca-flow datasets`"
+            )
         return list(found.values()), skipped
     out = []
     for name in wanted:
@@ -139,12 +157,15 @@ def resolve_all(names: str | list[str], data_root: str | Path | Location) -> tup
             raise DatasetError(f"dataset {name} at {problem.path} is not usable: {problem.reason}")
         elif name in REGISTRY and name != "imagefolder":
             kind = REGISTRY[name]
-            raise DatasetError(f"dataset {name} not found at {_location(kind, data_root)}; "
-                               f"expected {kind.layout}")
+            raise DatasetError(
+                f"dataset {name} not found at {_location(kind, data_root)}; expected {kind.layout}"
+            )
         else:
             known = ", ".join(sorted(set(REGISTRY) - {"imagefolder"}))
-            raise DatasetError(f"unknown dataset {name!r}: not registered ({known}) and {data_root / name} "
-                               f"is not a folder-per-class tree of images")
+            raise DatasetError(
+                f"unknown dataset {name!r}: not registered ({known}) and {data_root / name} "
+                f"is not a folder-per-class tree of images"
+            )
     return out, []
 
 
@@ -153,7 +174,9 @@ def load(found: Found) -> Split:
     return kind.read(found.path, found.name)
 
 
-def load_splits(names: str | list[str], data_root: str | Path | Location) -> tuple[list[Split], list[Skipped]]:
+def load_splits(
+    names: str | list[str], data_root: str | Path | Location
+) -> tuple[list[Split], list[Skipped]]:
     """Load what `names` asks for. With `all`, a dataset that cannot be read is skipped with its
     reason (the caller shows them); a dataset named explicitly that cannot be read is an error."""
     found, skipped = resolve_all(names, data_root)
@@ -168,7 +191,9 @@ def load_splits(names: str | list[str], data_root: str | Path | Location) -> tup
             skipped.append(Skipped(f.name, f.path, str(exc)))
     if not splits:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
-        raise DatasetError(f"no usable dataset under {Location(data_root)} ({reasons}); see `ca-flow datasets`")
+        raise DatasetError(
+            f"no usable dataset under {Location(data_root)} ({reasons}); see `ca-flow datasets`"
+        )
     return splits, skipped
 
 

@@ -1,4 +1,5 @@
 """CoOp's dataset layouts: a split JSON of [relative_path, label, classname] per split."""
+
 from __future__ import annotations
 
 import json
@@ -7,17 +8,23 @@ from . import DatasetError, DatasetKind, Item, Split, register
 from .fs import Location
 
 
-def read_split_json(split_file: Location, image_dir: Location) -> tuple[list[Item], list[Item], list[Item], list[str]]:
+def read_split_json(
+    split_file: Location, image_dir: Location
+) -> tuple[list[Item], list[Item], list[Item], list[str]]:
     """Read a CoOp split file as it is, so few-shot subsets match CoOp's for the same seed."""
     if not split_file.is_file():
-        raise DatasetError(f"split file {split_file} is missing; download it from the CoOp "
-                           f"DATASETS.md instructions and put it there")
+        raise DatasetError(
+            f"split file {split_file} is missing; download it from the CoOp "
+            f"DATASETS.md instructions and put it there"
+        )
     try:
         raw = json.loads(split_file.read_text())
         splits = {s: [(str(p), int(y), str(c)) for p, y, c in raw[s]] for s in ("train", "val", "test")}
     except (ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(f"split file {split_file} is not a CoOp split "
-                           f"({{train, val, test}}: [[path, label, classname], ...]): {exc}") from exc
+        raise DatasetError(
+            f"split file {split_file} is not a CoOp split "
+            f"({{train, val, test}}: [[path, label, classname], ...]): {exc}"
+        ) from exc
     names: dict[int, str] = {}
     for entries in splits.values():
         for _, label, classname in entries:
@@ -34,7 +41,9 @@ def prompt_names(names: list[str]) -> list[str]:
     return [n.replace("_", " ") for n in names]
 
 
-def coop_kind(name: str, folder: str, image_dir: str, split_file: str, template: str | list[str]) -> DatasetKind:
+def coop_kind(
+    name: str, folder: str, image_dir: str, split_file: str, template: str | list[str]
+) -> DatasetKind:
     def read(path: Location, dataset_name: str) -> Split:
         images = path / image_dir  # image_dir "" is the dataset folder itself (StanfordCars)
         if not images.is_dir():
@@ -48,11 +57,20 @@ def coop_kind(name: str, folder: str, image_dir: str, split_file: str, template:
 
 
 # The 9 CoOp datasets that ship a split_zhou_*.json: folder, images under, split file, prompt.
-coop_kind("caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", "a photo of a {}.")
-coop_kind("oxford_pets", "oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet.")
+coop_kind(
+    "caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", "a photo of a {}."
+)
+coop_kind(
+    "oxford_pets", "oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet."
+)
 coop_kind("stanford_cars", "stanford_cars", "", "split_zhou_StanfordCars.json", "a photo of a {}.")
-coop_kind("oxford_flowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
-          "a photo of a {}, a type of flower.")
+coop_kind(
+    "oxford_flowers",
+    "oxford_flowers",
+    "jpg",
+    "split_zhou_OxfordFlowers.json",
+    "a photo of a {}, a type of flower.",
+)
 coop_kind("food101", "food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food.")
 coop_kind("sun397", "sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}.")
 coop_kind("dtd", "dtd", "images", "split_zhou_DescribableTextures.json", "{} texture.")

@@ -1,12 +1,15 @@
 """FGVCAircraft as CoOp reads it: no split JSON, the dataset's own variant lists instead."""
+
 from __future__ import annotations
 
 from . import DatasetError, DatasetKind, Item, Split, register
 from .coop import prompt_names
 from .fs import Location
 
-LAYOUT = ("fgvc_aircraft/images/<id>.jpg, fgvc_aircraft/variants.txt and "
-          "fgvc_aircraft/images_variant_{train,val,test}.txt (CoOp layout)")
+LAYOUT = (
+    "fgvc_aircraft/images/<id>.jpg, fgvc_aircraft/variants.txt and "
+    "fgvc_aircraft/images_variant_{train,val,test}.txt (CoOp layout)"
+)
 
 
 def _lines(path: Location) -> list[str]:
@@ -32,10 +35,19 @@ def read_fgvc(path: Location, dataset_name: str) -> Split:
         raise DatasetError(f"{images} is missing; expected {LAYOUT}")
     names = _lines(path / "variants.txt")  # label = line index, in file order, as CoOp's cname2lab
     label_of = {name: i for i, name in enumerate(names)}
-    train, val, test = (_read_split(path / f"images_variant_{s}.txt", images, label_of)
-                        for s in ("train", "val", "test"))
-    return Split(dataset_name, "fgvc_aircraft", path, prompt_names(names),
-                 "a photo of a {}, a type of aircraft.", train, val, test)
+    train, val, test = (
+        _read_split(path / f"images_variant_{s}.txt", images, label_of) for s in ("train", "val", "test")
+    )
+    return Split(
+        dataset_name,
+        "fgvc_aircraft",
+        path,
+        prompt_names(names),
+        "a photo of a {}, a type of aircraft.",
+        train,
+        val,
+        test,
+    )
 
 
 register(DatasetKind(name="fgvc_aircraft", folder="fgvc_aircraft", layout=LAYOUT, read=read_fgvc))

@@ -1,4 +1,5 @@
 """Folder-per-class trees: `imagefolder` for users' own data, `textile` from conformal-clip-data."""
+
 from __future__ import annotations
 
 import random
@@ -25,7 +26,9 @@ def class_tree_problem(folder: Location) -> str | None:
     return None
 
 
-def seeded_split(by_class: list[list[Location]], fractions=(0.5, 0.2)) -> tuple[list[Item], list[Item], list[Item]]:
+def seeded_split(
+    by_class: list[list[Location]], fractions=(0.5, 0.2)
+) -> tuple[list[Item], list[Item], list[Item]]:
     rng = random.Random(SPLIT_SEED)
     train, val, test = [], [], []
     for label, paths in enumerate(by_class):
@@ -34,13 +37,19 @@ def seeded_split(by_class: list[list[Location]], fractions=(0.5, 0.2)) -> tuple[
         n_train = max(1, round(fractions[0] * len(paths)))
         n_val = round(fractions[1] * len(paths))
         train += [Item(str(p), label) for p in paths[:n_train]]
-        val += [Item(str(p), label) for p in paths[n_train:n_train + n_val]]
-        test += [Item(str(p), label) for p in paths[n_train + n_val:]]
+        val += [Item(str(p), label) for p in paths[n_train : n_train + n_val]]
+        test += [Item(str(p), label) for p in paths[n_train + n_val :]]
     return train, val, test
 
 
-def read_class_tree(root: Location, name: str, kind: str, classnames: list[str] | None = None,
-                    folders: list[str] | None = None, template: str = DEFAULT_TEMPLATE) -> Split:
+def read_class_tree(
+    root: Location,
+    name: str,
+    kind: str,
+    classnames: list[str] | None = None,
+    folders: list[str] | None = None,
+    template: str = DEFAULT_TEMPLATE,
+) -> Split:
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder; expected one sub-folder of images per class")
     splits = root.glob("split*.json")
@@ -51,17 +60,23 @@ def read_class_tree(root: Location, name: str, kind: str, classnames: list[str] 
     by_class = [_images(root / f) for f in folders]
     empty = [f for f, imgs in zip(folders, by_class) if not imgs]
     if len(folders) < 2 or empty:
-        raise DatasetError(f"{root} needs at least 2 class folders, each with images "
-                           f"({', '.join(sorted(IMAGE_SUFFIXES))}); empty: {', '.join(empty) or 'none'}")
+        raise DatasetError(
+            f"{root} needs at least 2 class folders, each with images "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))}); empty: {', '.join(empty) or 'none'}"
+        )
     names = classnames or [f.replace("_", " ") for f in folders]
     train, val, test = seeded_split(by_class)
     return Split(name, kind, root, names, template, train, val, test)
 
 
-register(DatasetKind(
-    name="imagefolder", folder="",
-    layout="DATA_ROOT/NAME/<class>/<image> (optionally with a CoOp split_*.json beside the classes)",
-    read=lambda path, name: read_class_tree(path, name, "imagefolder")))
+register(
+    DatasetKind(
+        name="imagefolder",
+        folder="",
+        layout="DATA_ROOT/NAME/<class>/<image> (optionally with a CoOp split_*.json beside the classes)",
+        read=lambda path, name: read_class_tree(path, name, "imagefolder"),
+    )
+)
 
 
 def _textile_root(_data_root: Location) -> Location:
@@ -72,11 +87,19 @@ def _textile_root(_data_root: Location) -> Location:
     return Location(conformal_clip_data.textile_simulated_root())
 
 
-register(DatasetKind(
-    name="textile", folder="",
-    layout="the conformal-clip-data package (pip install conformal-clip-data)",
-    locate=_textile_root,
-    read=lambda path, name: read_class_tree(
-        path, name, "textile", folders=["nominal", "local", "global"],
-        classnames=["nominal", "local defect", "global defect"],
-        template="a close-up photo of fabric with {}.")))
+register(
+    DatasetKind(
+        name="textile",
+        folder="",
+        layout="the conformal-clip-data package (pip install conformal-clip-data)",
+        locate=_textile_root,
+        read=lambda path, name: read_class_tree(
+            path,
+            name,
+            "textile",
+            folders=["nominal", "local", "global"],
+            classnames=["nominal", "local defect", "global defect"],
+            template="a close-up photo of fabric with {}.",
+        ),
+    )
+)

@@ -4,6 +4,7 @@
 same reader lists a local tree or a bucket. Local paths stay plain paths (str() is the path itself);
 other locations print as their URI, which is what items carry to the workers that read them.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -41,7 +42,12 @@ class Location:
             self.fs, self.path, self.prefix = _split_uri(str(where))
             self._info = None
         else:
-            self.fs, self.path, self.prefix, self._info = _LOCAL, str(Path(where).expanduser().absolute()), "", None
+            self.fs, self.path, self.prefix, self._info = (
+                _LOCAL,
+                str(Path(where).expanduser().absolute()),
+                "",
+                None,
+            )
 
     # -- names ---------------------------------------------------------------------------------
     @property
@@ -61,7 +67,7 @@ class Location:
 
     def relative(self, child: str) -> str:
         """`child` (a str() of a location under this one) relative to this location."""
-        return posixpath.relpath(child[len(self.prefix):] if self.prefix else child, self.path)
+        return posixpath.relpath(child[len(self.prefix) :] if self.prefix else child, self.path)
 
     def __str__(self) -> str:
         return f"{self.prefix}{self.path}"

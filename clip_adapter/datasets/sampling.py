@@ -1,4 +1,5 @@
 """Few-shot subsets exactly as CoOp/Dassl draw them."""
+
 from __future__ import annotations
 
 import random

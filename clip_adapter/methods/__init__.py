@@ -3,13 +3,20 @@
 Each method lives in its own module, which registers its class when imported. Modules load on first
 use: listing and validating method names needs no torch.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
 
 # name -> the module that registers it, in the order tables show them.
-_MODULES = {"clip-adapter": "clip_adapter", "zero-shot": "zero_shot", "linear-probe": "linear_probe",
-            "tip-adapter": "tip_adapter", "tip-adapter-f": "tip_adapter", "gda": "gda"}
+_MODULES = {
+    "clip-adapter": "clip_adapter",
+    "zero-shot": "zero_shot",
+    "linear-probe": "linear_probe",
+    "tip-adapter": "tip_adapter",
+    "tip-adapter-f": "tip_adapter",
+    "gda": "gda",
+}
 NAMES = tuple(_MODULES)
 # Methods that fit nothing: one trial per (dataset, seed) is enough, and its figure stands in every
 # shots column. Said here, not on the class, so a sweep can plan its grid without torch.
@@ -22,6 +29,7 @@ def get(name: str):
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(NAMES)}")
     import_module(f".{_MODULES[name]}", __name__)
     from .base import METHODS
+
     return METHODS[name]
 
 
@@ -42,5 +50,6 @@ def __getattr__(name: str):
         return {method: get(method) for method in NAMES}
     if name in ("FewShot", "Fit", "Method", "register"):
         from . import base
+
         return getattr(base, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,7 @@ and the text classifier. It is never handed the test split, so every choice it m
 epoch, a regularisation strength) is made on validation. It then maps image features to logits,
 and saves itself as tensors (safetensors) plus a JSON-able config.
 """
+
 from __future__ import annotations
 
 import abc
@@ -17,11 +18,11 @@ import torch
 
 @dataclass
 class FewShot:
-    train: np.ndarray          # [n, views, D] raw image features, augmented views
-    train_labels: np.ndarray   # [n]
-    val: np.ndarray            # [m, D] raw image features, centre crop
-    val_labels: np.ndarray     # [m]
-    text: np.ndarray           # [C, D] L2-normalised text classifier
+    train: np.ndarray  # [n, views, D] raw image features, augmented views
+    train_labels: np.ndarray  # [n]
+    val: np.ndarray  # [m, D] raw image features, centre crop
+    val_labels: np.ndarray  # [m]
+    text: np.ndarray  # [C, D] L2-normalised text classifier
     logit_scale: float
     # (features, labels) a trained method chooses its epoch on, where it is not val: only the
     # released protocol sets it (Tip-Adapter-F's released code keeps its best test epoch).
@@ -31,12 +32,14 @@ class FewShot:
 @dataclass
 class Fit:
     """What fitting found: chosen hyperparameters and, for trained methods, the loss per epoch."""
+
     chosen: dict = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
 
 
 class Method(torch.nn.Module, abc.ABC):
     """Built as `make(name, text, logit_scale, **hparams)`; its state_dict is its artifact."""
+
     name: ClassVar[str]
 
     @abc.abstractmethod
@@ -58,5 +61,3 @@ METHODS: dict[str, type[Method]] = {}
 def register(cls: type[Method]) -> type[Method]:
     METHODS[cls.name] = cls
     return cls
-
-

@@ -6,6 +6,7 @@ blended with zero-shot CLIP, logits = s * f.W_text + alpha * (f.W + b), alpha ch
 Where the paper is silent this follows the released code (mrflogs/ICLR24 560fe21, main_few_shots.py
 run(), lines 41-79). s is the backbone's logit scale, where the released code writes 100.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -29,8 +30,9 @@ def estimate(samples: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple
     centred = torch.cat([x[labels == c] - mus[c] for c in range(classes)])
     cov = centred.T.cov()
     dim = centred.shape[1]
-    cov_inv = dim * torch.linalg.pinv((centred.shape[0] - 1) * cov
-                                      + cov.trace() * torch.eye(dim, dtype=x.dtype, device=x.device))
+    cov_inv = dim * torch.linalg.pinv(
+        (centred.shape[0] - 1) * cov + cov.trace() * torch.eye(dim, dtype=x.dtype, device=x.device)
+    )
     prior = torch.full((classes,), 1.0 / classes, dtype=x.dtype, device=x.device)
     weight = mus @ cov_inv
     bias = prior.log() - (weight * mus).sum(-1) / 2
@@ -52,7 +54,9 @@ def search(clip: torch.Tensor, gda: torch.Tensor, labels: torch.Tensor) -> float
 class GDA(Method):
     name = "gda"
 
-    def __init__(self, text: torch.Tensor, logit_scale: float, alpha: float = INITIAL_ALPHA, search: bool = True):
+    def __init__(
+        self, text: torch.Tensor, logit_scale: float, alpha: float = INITIAL_ALPHA, search: bool = True
+    ):
         super().__init__()
         self.alpha, self.logit_scale, self.search = alpha, logit_scale, search
         classes, dim = text.shape
@@ -64,7 +68,9 @@ class GDA(Method):
         return F.normalize(features, dim=-1) @ self.weight.T + self.bias
 
     def forward(self, features):
-        return zero_shot_logits(features, self.text, self.logit_scale) + self.alpha * self.gda_logits(features)
+        return zero_shot_logits(features, self.text, self.logit_scale) + self.alpha * self.gda_logits(
+            features
+        )
 
     def fit(self, data, seed):
         device = self.text.device
@@ -75,8 +81,11 @@ class GDA(Method):
         if self.search and len(data.val_labels):
             with torch.no_grad():
                 val = torch.from_numpy(data.val).to(device)
-                self.alpha = search(zero_shot_logits(val, self.text, self.logit_scale), self.gda_logits(val),
-                                    torch.from_numpy(data.val_labels).to(device))
+                self.alpha = search(
+                    zero_shot_logits(val, self.text, self.logit_scale),
+                    self.gda_logits(val),
+                    torch.from_numpy(data.val_labels).to(device),
+                )
         return Fit(chosen={"alpha": self.alpha})
 
     def config(self):

@@ -7,6 +7,7 @@ epoch on test). Where the paper is silent this follows the released code (gaopen
 utils.py and main.py): how the keys are built, the search grid, its order and its tie-breaking.
 s is the backbone's logit scale, where the released code writes 100 (the same for OpenAI weights).
 """
+
 import math
 
 import numpy as np
@@ -22,8 +23,10 @@ SEARCH_SCALE, SEARCH_STEP = (7, 3), (200, 20)
 
 def search_lists(scale=SEARCH_SCALE, step=SEARCH_STEP) -> tuple[tuple, tuple]:
     """(betas, alphas) as the released search_hp builds them from search_scale [beta, alpha]."""
-    return (tuple(i * (scale[0] - 0.1) / step[0] + 0.1 for i in range(step[0])),
-            tuple(i * (scale[1] - 0.1) / step[1] + 0.1 for i in range(step[1])))
+    return (
+        tuple(i * (scale[0] - 0.1) / step[0] + 0.1 for i in range(step[0])),
+        tuple(i * (scale[1] - 0.1) / step[1] + 0.1 for i in range(step[1])),
+    )
 
 
 # The released search_hp's lists for search_scale [7, 3] (its ImageNet and OxfordPets configs): the
@@ -46,8 +49,14 @@ def cache_logits(affinity: torch.Tensor, values: torch.Tensor, beta: float) -> t
     return ((-1) * (beta - beta * affinity)).exp() @ values
 
 
-def search(clip: torch.Tensor, affinity: torch.Tensor, values: torch.Tensor,
-           labels: torch.Tensor, betas=BETAS, alphas=ALPHAS) -> tuple[float, float]:
+def search(
+    clip: torch.Tensor,
+    affinity: torch.Tensor,
+    values: torch.Tensor,
+    labels: torch.Tensor,
+    betas=BETAS,
+    alphas=ALPHAS,
+) -> tuple[float, float]:
     """(alpha, beta) as the released search_hp finds them, here on the few-shot val split.
 
     beta outer over BETAS, alpha inner over ALPHAS; the best starts at 0 correct and only a strictly
@@ -71,8 +80,16 @@ def search(clip: torch.Tensor, affinity: torch.Tensor, values: torch.Tensor,
 class TipAdapter(Method):
     name = "tip-adapter"
 
-    def __init__(self, text: torch.Tensor, logit_scale: float, alpha: float = 1.0, beta: float = 1.0,
-                 n_keys: int = 0, search: bool = True, search_scale: tuple = SEARCH_SCALE):
+    def __init__(
+        self,
+        text: torch.Tensor,
+        logit_scale: float,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        n_keys: int = 0,
+        search: bool = True,
+        search_scale: tuple = SEARCH_SCALE,
+    ):
         super().__init__()
         self.alpha, self.beta, self.logit_scale, self.search = alpha, beta, logit_scale, search
         self.search_scale = tuple(search_scale)
@@ -97,10 +114,13 @@ class TipAdapter(Method):
         if self.search and len(data.val_labels):
             with torch.no_grad():
                 val = torch.from_numpy(data.val).to(self.text.device)
-                self.alpha, self.beta = search(zero_shot_logits(val, self.text, self.logit_scale),
-                                               self.affinity(val), self.values,
-                                               torch.from_numpy(data.val_labels).to(val.device),
-                                               *search_lists(self.search_scale))
+                self.alpha, self.beta = search(
+                    zero_shot_logits(val, self.text, self.logit_scale),
+                    self.affinity(val),
+                    self.values,
+                    torch.from_numpy(data.val_labels).to(val.device),
+                    *search_lists(self.search_scale),
+                )
         return {"alpha": self.alpha, "beta": self.beta}
 
     def fit(self, data, seed):
@@ -108,17 +128,34 @@ class TipAdapter(Method):
         return Fit(chosen=self._search(data))
 
     def config(self):
-        return dict(alpha=self.alpha, beta=self.beta, n_keys=len(self.keys), search=self.search,
-                    search_scale=list(self.search_scale))
+        return dict(
+            alpha=self.alpha,
+            beta=self.beta,
+            n_keys=len(self.keys),
+            search=self.search,
+            search_scale=list(self.search_scale),
+        )
 
 
 @register
 class TipAdapterF(TipAdapter):
     """The cache keys become trainable, initialised from the cache; AdamW, cosine, batch 256."""
+
     name = "tip-adapter-f"
 
-    def __init__(self, text, logit_scale, alpha=1.0, beta=1.0, n_keys=0, search=True, search_scale=SEARCH_SCALE,
-                 epochs: int = 20, lr: float = 0.001, batch_size: int = 256):
+    def __init__(
+        self,
+        text,
+        logit_scale,
+        alpha=1.0,
+        beta=1.0,
+        n_keys=0,
+        search=True,
+        search_scale=SEARCH_SCALE,
+        epochs: int = 20,
+        lr: float = 0.001,
+        batch_size: int = 256,
+    ):
         super().__init__(text, logit_scale, alpha, beta, n_keys, search, search_scale)
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
 
@@ -140,7 +177,9 @@ class TipAdapterF(TipAdapter):
         n, views = feats.shape[:2]
         losses, best = [], (-1.0, 0, self.keys.clone())
         for epoch in range(self.epochs):
-            x = feats[torch.arange(n, device=device), torch.from_numpy(rng.integers(views, size=n)).to(device)]
+            x = feats[
+                torch.arange(n, device=device), torch.from_numpy(rng.integers(views, size=n)).to(device)
+            ]
             total = torch.zeros((), device=device)
             for idx in torch.from_numpy(rng.permutation(n)).to(device).split(self.batch_size):
                 f = F.normalize(x[idx], dim=-1)

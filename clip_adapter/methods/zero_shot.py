@@ -1,4 +1,5 @@
 """Zero-shot CLIP: the text classifier alone, nothing to fit."""
+
 import torch
 
 from ..adapter import zero_shot_logits
