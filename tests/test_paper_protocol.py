@@ -95,7 +95,12 @@ def test_the_sweep_prints_one_table_per_method(swept):
 
 
 def best(runs, dataset, methods):
-    """The documented rule, written out: best val_acc; ties more shots, lower seed, lower alpha."""
+    """The documented rule, written out: best val_acc; ties more shots, lower seed, then the smaller
+    alpha and beta the run used (chosen on val, else its grid value; none counts as 0), then run id."""
+
+    def used(p, name):
+        return float(p.get(f"chosen_{name}", p.get(name, 0.0)))
+
     mine = [r for r in runs if r.data.params["dataset"] == dataset and r.data.params["method"] in methods]
     return sorted(
         mine,
@@ -103,7 +108,8 @@ def best(runs, dataset, methods):
             -r.data.metrics["val_acc"],
             -int(r.data.params["shots"]),
             int(r.data.params["seed"]),
-            float(r.data.params.get("alpha", 0.0)),
+            used(r.data.params, "alpha"),
+            used(r.data.params, "beta"),
             r.info.run_id,
         ),
     )[0]

@@ -35,7 +35,7 @@ DONE_METRICS = frozenset({VAL_ACC, TEST_ACC})  # a FINISHED run without them is 
 POINT_PARAMS = ("dataset", "method", "shots", "seed", "backbone", "weights", "weights_id", "views")
 ADAPTER, ALPHA, BETA = "adapter", "alpha", "beta"  # the method's config; `variant` is logged as `adapter`
 PROTOCOL, SELECTION_SPLIT, N_SELECT = "protocol", "selection_split", "n_select"
-CHOSEN = "chosen_"  # prefix of what a method chose on val (chosen_alpha: alpha is no grid value then)
+CHOSEN = "chosen_"  # prefix of what a method chose on val (chosen_alpha: the alpha that run used)
 
 
 # -- a sweep's id: when it started, and a random suffix -------------------------------------------------

@@ -198,8 +198,9 @@ def _run_row(run, point: TrialPoint | None) -> dict:
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     done, status = tracking.is_done(run), run.info.status
 
-    def ratio(name):  # a ratio the method chose itself is no grid value
-        return float(params[name]) if name in params and CHOSEN + name not in params else float("nan")
+    def ratio(name):  # the ratio the run used: what its method chose on val, else its grid value
+        used = params.get(CHOSEN + name, params.get(name))
+        return float(used) if used is not None else float("nan")
 
     row = dict(
         key=tags.get(TRIAL_KEY, ""),
@@ -244,8 +245,8 @@ def _point_row(point: TrialPoint) -> dict:
 def rank_runs(results: pd.DataFrame) -> pd.DataFrame:
     """The rows best first, by the one rule every choice uses (the parent's summary, the report's
     pick per seed, promote's champion): the best val_acc; on a tie more shots, then the lower seed,
-    then the smaller alpha and beta (closer to zero-shot CLIP; a run without a ratio counts as 0, as
-    zero-shot), then the run id, so that the same runs always give the same winner.
+    then the smaller alpha and beta the run used (closer to zero-shot CLIP; a run without a ratio
+    counts as 0, as zero-shot), then the run id, so that the same runs always give the same winner.
     """
     ranked = results.assign(
         _val=results[VAL_ACC].fillna(-1.0), _alpha=results[ALPHA].fillna(0.0), _beta=results[BETA].fillna(0.0)
