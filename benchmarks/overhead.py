@@ -26,8 +26,7 @@ from rich.console import Console  # noqa: E402
 from clip_adapter import datasets as ds  # noqa: E402
 from clip_adapter.backbone import TINY  # noqa: E402
 from clip_adapter.features import FeatureStore  # noqa: E402
-from workflows import sweep as s  # noqa: E402
-from workflows import tracking  # noqa: E402
+from workflows import sweep, tracking  # noqa: E402
 from workflows.encode import dataset_features  # noqa: E402
 from workflows.grid import SweepSpec, grid  # noqa: E402
 from workflows.trial import train_trial  # noqa: E402
@@ -63,15 +62,15 @@ def main() -> None:
     torch.set_num_threads(1)  # what each trial gets in the sweep
     train_trial(trials[0], data)  # untimed: the loop is timed warm, so one-off start-up counts as overhead
     started = time.perf_counter()
-    for t in trials:
-        train_trial(t, data)
+    for point in trials:
+        train_trial(point, data)
     loop = time.perf_counter() - started
 
     quiet = Console(file=open(os.devnull, "w"))
     rows = [("plain loop (1 at a time)", loop, loop, 1)]
     for cpus, label in ((2.0, "ca-flow sweep, 1 at a time"), (1.0, "ca-flow sweep, 2 at once")):
         spec.cpus_per_trial = cpus
-        out = s.run(spec, uri, None, quiet)  # warm feature store: the trials are what is timed
+        out = sweep.run(spec, uri, None, quiet)  # warm feature store: the trials are what is timed
         assert out.done == len(trials), out.results[["status", "error"]]
         runs = tracking.children(tracking.connect(uri), *_ids(uri, out.parent_run_id))
         inside = [r.data.metrics["trial_seconds"] for r in runs]

@@ -30,7 +30,7 @@ from clip_adapter.backbone import TINY  # noqa: E402
 from clip_adapter.features import FeatureStore  # noqa: E402
 from clip_adapter.methods import make  # noqa: E402
 from clip_adapter.methods.clip_adapter import fit_packed  # noqa: E402
-from workflows import sweep as s  # noqa: E402
+from workflows import sweep  # noqa: E402
 from workflows.encode import dataset_features  # noqa: E402
 from workflows.grid import SweepSpec, grid, packs  # noqa: E402
 from workflows.trial import _few_shot  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     quiet = Console(file=open(os.devnull, "w"))
     warm = SweepSpec(**dict(base, alphas=[0.2], seeds=base["seeds"][:1])).validate()
-    assert s.run(warm, uri, None, quiet).done == len(
+    assert sweep.run(warm, uri, None, quiet).done == len(
         base["shots"]
     )  # encodes the features; warms Ray's workers
 
@@ -80,7 +80,7 @@ def main() -> None:
             points = len(grid(spec, ["textile"]))
             whole, tune = [], []
             for _ in range(args.repeat):
-                out = s.run(spec, uri, None, quiet)
+                out = sweep.run(spec, uri, None, quiet)
                 assert out.done == points, out.results[["status", "error"]]
                 whole.append(out.seconds)
                 tune.append(out.tune_seconds)
@@ -100,32 +100,25 @@ def main() -> None:
         1,
         lambda p, r: None,
     )["textile"]
-    t = grid(spec, ["textile"])[0]
-    few, _ = _few_shot(t, data)
+    point = grid(spec, ["textile"])[0]
+    few, _ = _few_shot(point, data)
     torch.set_num_threads(1)  # what each trial gets in the sweep
     loops = []
     for alphas in args.alphas:
         ratios = [float(a) for a in alphas.split(",")]
-        methods = lambda: [
-            make(
-                "clip-adapter",
-                data.text,
-                data.logit_scale,
-                alpha=a,
-                **{  # noqa: E731
-                    k: v for k, v in t["hparams"].items() if k != "alpha"
-                },
-            )
-            for a in ratios
-        ]
+
+        def methods(ratios=ratios):
+            rest = {k: v for k, v in point.hparams.items() if k != "alpha"}
+            return [make("clip-adapter", data.text, data.logit_scale, alpha=a, **rest) for a in ratios]
+
         separate, stacked = [], []
         for _ in range(args.repeat):
             started = time.perf_counter()
             for m in methods():
-                m.fit(few, t["seed"])
+                m.fit(few, point.seed)
             separate.append(time.perf_counter() - started)
             started = time.perf_counter()
-            fit_packed(methods(), few, t["seed"])
+            fit_packed(methods(), few, point.seed)
             stacked.append(time.perf_counter() - started)
         loops.append((len(ratios), separate, stacked))
 
@@ -151,7 +144,7 @@ def main() -> None:
             f"{n_alpha} alphas: packed is {w0 / w1:.2f}x faster per grid point (whole sweep), "
             f"{t0 / t1:.2f}x (Tune phase)"
         )
-    print(f"training loop alone ({t['hparams']['epochs']} epochs, {len(few.train)} images, 1 thread):")
+    print(f"training loop alone ({point.hparams['epochs']} epochs, {len(few.train)} images, 1 thread):")
     for k, separate, stacked in loops:
         print(
             f"  K={k}: {k} separate fits {spread(separate)} s, one stacked fit {spread(stacked)} s, "

@@ -105,12 +105,13 @@ def recorder_ops(work: Path, n: int = 40) -> None:
     import numpy as np
     import torch
 
-    import mlflow
     from clip_adapter.methods import make
+    from workflows import tracking
+    from workflows.point import TrialPoint
     from workflows.recorder import Recorder
 
     uri = f"sqlite:///{work / 'recorder.db'}"
-    client = mlflow.MlflowClient(uri)
+    client = tracking.connect(uri)  # as the driver does before the recorder starts
     exp_id = client.create_experiment("ops")
     parent = client.create_run(exp_id).info.run_id
     rec = Recorder(uri, exp_id, parent, "bench")
@@ -150,9 +151,9 @@ def recorder_ops(work: Path, n: int = 40) -> None:
     source = dict(name="d", digest="0" * 8, source_type="local", source="file:///d")
     started = time.perf_counter()
     for i in range(n):
-        t = dict(key=f"k{i}", name=f"trial{i}", dataset="d", method="clip-adapter", weights="random")
-        rec.start(t, int(time.time() * 1000))
-        rec.finish(t["key"], params, metrics, [1.0] * 50, files, source, int(time.time() * 1000))
+        point = TrialPoint.keyed(dataset="d", method="clip-adapter", shots=1, seed=i, weights="random")
+        rec.start(point, int(time.time() * 1000))
+        rec.finish(point.key, params, metrics, [1.0] * 50, files, source, int(time.time() * 1000))
     rec.drain()  # the writes happen on the recorder's writer thread
     total = time.perf_counter() - started
     assert not rec.unwritten, rec.unwritten

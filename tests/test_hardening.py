@@ -455,6 +455,22 @@ def test_many_processes_create_one_fresh_store_and_experiment_at_once(tmp_path):
     assert proc.stdout.strip() == "['1']", proc.stdout + proc.stderr[-3000:]
 
 
+def test_the_embedded_store_commits_to_a_write_ahead_log(tmp_path):
+    """A commit appends to the WAL instead of syncing the database file (about 10 ms each): the file
+    says WAL to any process that opens it, and MLflow's own connections commit with synchronous
+    NORMAL (1), not FULL (2)."""
+    import sqlite3
+
+    from workflows import tracking
+
+    client = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_experiment("wal")
+    with sqlite3.connect(tmp_path / "mlflow.db") as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    with client._tracking_client.store.engine.connect() as mlflows_own:
+        assert mlflows_own.exec_driver_sql("PRAGMA synchronous").scalar() == 1
+
+
 # -- the store A and B made ------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import settings, tracking
+from . import settings, sqlite_wal, tracking
 from .point import TrialPoint
 
 
@@ -32,6 +32,7 @@ class Recorder:
         import mlflow
 
         settings.for_mlflow()  # in the recorder's own process: it writes the adapters' files
+        sqlite_wal.commit_without_sync()
         self.client = mlflow.MlflowClient(uri)
         self.uri, self.sweep = uri, dict(exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id)
         self.runs: dict[str, str] = {}  # trial key -> run id

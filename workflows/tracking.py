@@ -18,7 +18,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import settings
+from . import settings, sqlite_wal
 from .errors import TrackingError, first_line, last_line
 
 # The tag names, here too: the modules that read runs find them beside the functions that write them.
@@ -129,10 +129,15 @@ def check(uri: str, must_exist: bool = False) -> None:
             raise TrackingError(
                 f"no MLflow store at {db}; run `ca-flow sweep` here first or pass --tracking-uri"
             )
-        if db.is_file() and db.stat().st_size and not db.read_bytes()[:16].startswith(b"SQLite format 3"):
+        if db.is_file() and db.stat().st_size and not _header(db).startswith(b"SQLite format 3"):
             raise TrackingError(
                 f"{db} is not an SQLite database; move it away or pass another --tracking-uri"
             )
+
+
+def _header(db: Path) -> bytes:
+    with db.open("rb") as f:
+        return f.read(16)
 
 
 @contextmanager
@@ -160,10 +165,13 @@ def connect(uri: str, must_exist: bool = False):
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables..." is no news
     settings.for_mlflow()
     check(uri, must_exist)
+    sqlite_wal.commit_without_sync()
     try:
         with _schema_lock(uri):
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)
+            if sqlite_path(uri) is not None:
+                sqlite_wal.use_wal(sqlite_path(uri))
     except Exception as exc:
         raise TrackingError(f"cannot use MLflow tracking store {uri}: {first_line(exc)}") from None
     exported = os.environ.get("MLFLOW_TRACKING_URI")
