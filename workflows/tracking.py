@@ -155,6 +155,11 @@ def _schema_lock(uri: str):
         os.close(fd)
 
 
+def load_mlflow() -> None:
+    """MLflow's modules, ahead of `connect`: a sweep loads them while Ray starts."""
+    from mlflow.store.tracking import sqlalchemy_store  # noqa: F401  (and mlflow with it)
+
+
 def connect(uri: str, must_exist: bool = False):
     """A client on a store that answers and has its schema; fails with one clear line otherwise."""
     import logging
