@@ -50,7 +50,8 @@ def main() -> None:
 
     from clip_adapter import datasets as ds
     from clip_adapter.backbone import TINY, load_backbone
-    from clip_adapter.features import Request, encode_in_process
+    from clip_adapter.encoding import encode_in_process
+    from clip_adapter.features import Request
     from workflows.encode import pipeline
 
     data = Path(args.data or tempfile.mkdtemp(prefix="ca-flow-encode-"))

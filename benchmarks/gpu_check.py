@@ -29,8 +29,9 @@ from clip_adapter import CLIPAdapter, TrainConfig, fit
 from clip_adapter import datasets as ds
 from clip_adapter.adapter import StackedCLIPAdapter
 from clip_adapter.backbone import load_backbone
-from clip_adapter.features import Request, encode_in_process
-from workflows.encode import ENCODE_BATCH, Encoder, crop_batch
+from clip_adapter.encoding import ENCODE_BATCH, encode_in_process
+from clip_adapter.features import Request
+from workflows.encode import Encoder, crop_batch
 
 
 def encode(backbone, items):

@@ -181,7 +181,8 @@ def plain_loop(data_root: Path, name: str) -> float:
     from clip_adapter import datasets as ds
     from clip_adapter.backbone import load_backbone
     from clip_adapter.datasets import few_shot
-    from clip_adapter.features import Request, encode_in_process
+    from clip_adapter.encoding import encode_in_process
+    from clip_adapter.features import Request
 
     torch.set_num_threads(2)
     split = ds.load(ds.resolve(name, data_root)[0])

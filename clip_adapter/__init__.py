@@ -20,7 +20,7 @@ _PUBLIC = {
     "Split": "datasets",
     "few_shot": "datasets",
     "FeatureStore": "features",
-    "LocalEncoder": "features",
+    "LocalEncoder": "encoding",
     "METHODS": "methods",
     "FewShot": "methods",
     "Method": "methods",

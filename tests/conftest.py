@@ -94,7 +94,8 @@ def textile_features(tmp_path_factory, tiny) -> Path:
     encode (test_features.py pins that this loop and the Ray Data pipeline give the same features)."""
     from clip_adapter import datasets as ds
     from clip_adapter.backbone import TINY
-    from clip_adapter.features import FeatureStore, Group, encode_in_process, text_classifier
+    from clip_adapter.encoding import encode_in_process, text_classifier
+    from clip_adapter.features import FeatureStore, Group
 
     root = tmp_path_factory.mktemp("textile-features")
     split = ds.load(ds.resolve("textile", root)[0])

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from clip_adapter import encoding
 from clip_adapter.datasets import Split, few_shot
 from clip_adapter.features import FeatureStore, Group, Request
 from clip_adapter.protocol import RELEASED_CROP_SCALE, RELEASED_CROPS
@@ -24,38 +25,19 @@ from clip_adapter.protocol import RELEASED_CROP_SCALE, RELEASED_CROPS
 from .trial import DatasetFeatures, zero_shot_accuracy
 
 CROP_BATCH = 64  # images per CPU task call: fewer, larger tasks keep Ray's per-task cost small
-ENCODE_BATCH = 64  # crops per forward pass of the backbone
 CROP_MEMORY = 512 * 2**20
 IN_FLIGHT = 2  # blocks queued per encoder: one encoding, the next already there
 
 
 def crop_batch(batch: dict, preprocess_cfg: dict) -> dict:
-    """Read, hash, decode and crop the images of a batch: one row per (image, view) out."""
+    """The Ray Data stage of clip_adapter.encoding.crop_batch: workers rebuild the preprocessing from
+    plain data, and a test may hold each task at the barrier."""
     from clip_adapter.backbone import Preprocess
-    from clip_adapter.datasets.fs import read_bytes
-    from clip_adapter.images import ImageError, crops, decode, image_id
 
     from .barrier import barrier
 
     barrier("encode", f"crop-{os.getpid()}")
-    pre = Preprocess(preprocess_cfg)
-    out = dict(request=[], image_id=[], view=[], pixels=[], error=[])
-    blank = np.zeros((*pre.size, 3), dtype=np.uint8)
-    for r, path, views, augment, scale in zip(
-        batch["request"], batch["path"], batch["views"], batch["augment"], batch["scale"]
-    ):
-        try:
-            blob = read_bytes(str(path))
-            img = image_id(blob)
-            pixels = crops(decode(blob), img, [int(v) for v in views], bool(augment), pre, float(scale))
-        except (OSError, ImageError) as exc:
-            out["request"].append(r), out["image_id"].append(""), out["view"].append(-1)
-            out["pixels"].append(blank), out["error"].append(getattr(exc, "strerror", None) or str(exc))
-            continue
-        for v, p in zip(views, pixels):
-            out["request"].append(r), out["image_id"].append(img), out["view"].append(int(v))
-            out["pixels"].append(p), out["error"].append("")
-    return {k: np.stack(v) if k == "pixels" else np.array(v) for k, v in out.items()}
+    return encoding.crop_batch(batch, Preprocess(preprocess_cfg))
 
 
 class Encoder:
@@ -76,19 +58,7 @@ class Encoder:
     def encode(self, block) -> dict:
         from ray.data.block import BlockAccessor
 
-        batch = BlockAccessor.for_block(block).to_batch_format("numpy")
-        ok = np.flatnonzero(batch["error"] == "")
-        feats = np.zeros((len(batch["error"]), self.backbone.width), dtype=np.float32)
-        for start in range(0, len(ok), ENCODE_BATCH):
-            rows = ok[start : start + ENCODE_BATCH]
-            feats[rows] = self.backbone.encode_pixels(batch["pixels"][rows])
-        return dict(
-            request=batch["request"],
-            image_id=batch["image_id"],
-            view=batch["view"],
-            feature=feats,
-            error=batch["error"],
-        )
+        return encoding.encode_crops(self.backbone, BlockAccessor.for_block(block).to_batch_format("numpy"))
 
 
 def wait(ref, check_stop: Callable[[], None]):
@@ -149,11 +119,7 @@ def pipeline(
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.25)
         for ref in ready:
             free.append(running.pop(ref))
-            batch = ray.get(ref)
-            for r, img, v, f, e in zip(
-                batch["request"], batch["image_id"], batch["view"], batch["feature"], batch["error"]
-            ):
-                yield dict(request=int(r), image_id=str(img), view=int(v), feature=f, error=str(e))
+            yield from encoding.rows(ray.get(ref))
 
     try:
         for bundle in ds.iter_internal_ref_bundles():
@@ -184,7 +150,7 @@ def model_and_text(
     @ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)
     def load(prompts):
         from clip_adapter.backbone import load_backbone
-        from clip_adapter.features import text_classifier
+        from clip_adapter.encoding import text_classifier
 
         b = load_backbone(backbone, weights, "cuda" if gpus else "cpu")
         info = dict(preprocess=b.preprocess_cfg, width=b.width, logit_scale=b.logit_scale)
