@@ -19,8 +19,9 @@ _PUBLIC = {
     "DatasetError": "datasets",
     "Split": "datasets",
     "few_shot": "datasets",
-    "FeatureStore": "features",
     "LocalEncoder": "encoding",
+    "zero_shot_accuracy": "encoding",
+    "FeatureStore": "features",
     "METHODS": "methods",
     "FewShot": "methods",
     "Method": "methods",
@@ -29,7 +30,6 @@ _PUBLIC = {
     "epochs_for_shots": "train",
     "evaluate": "train",
     "fit": "train",
-    "zero_shot_accuracy": "train",
 }
 __all__ = sorted(_PUBLIC)
 

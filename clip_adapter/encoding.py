@@ -107,6 +107,23 @@ def text_classifier(backbone, classnames: list[str], template: str | list[str]) 
     return torch.stack(weights).numpy().astype(np.float32)
 
 
+def zero_shot_accuracy(
+    features: np.ndarray, labels: np.ndarray, text_weights: np.ndarray, logit_scale: float
+) -> float:
+    """Top-1 accuracy of the text classifier alone on single-view features [n, D] (or [n, 1, D]).
+
+    In numpy, as F.normalize computes it: the sweep's driver computes it once per dataset and never
+    imports torch."""
+    if not len(labels):
+        return float("nan")
+    feats = _normalise(features.reshape(len(features), -1))
+    return float(((logit_scale * feats @ _normalise(text_weights).T).argmax(-1) == labels).mean())
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 @dataclass
 class LocalEncoder:
     """Encodes in this process; loads the backbone on first use only."""

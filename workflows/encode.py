@@ -22,7 +22,7 @@ from clip_adapter.datasets import Split, few_shot
 from clip_adapter.features import FeatureStore, Group, Request
 from clip_adapter.protocol import RELEASED_CROP_SCALE, RELEASED_CROPS
 
-from .trial import DatasetFeatures, zero_shot_accuracy
+from .trial import DatasetFeatures
 
 CROP_BATCH = 64  # images per CPU task call: fewer, larger tasks keep Ray's per-task cost small
 CROP_MEMORY = 512 * 2**20
@@ -270,7 +270,7 @@ def dataset_features(
             held.labels[:n_val],
             test,
             test_labels,
-            zero_shot_accuracy(test, test_labels, text, scale),
+            encoding.zero_shot_accuracy(test, test_labels, text, scale),
             rows,
             source,
             whole_val=np.array([val_row[i] for i in s.val if i in val_row], dtype=np.int64),

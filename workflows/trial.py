@@ -57,14 +57,6 @@ class DatasetFeatures:
     train_released: np.ndarray | None = None  # train's views cropped from 0.5 (released Tip-Adapter, GDA)
 
 
-def zero_shot_accuracy(features: np.ndarray, labels: np.ndarray, text: np.ndarray, scale: float) -> float:
-    """As clip_adapter.train.zero_shot_accuracy, in numpy: the driver never needs torch."""
-    if not len(labels):
-        return float("nan")
-    f = features / np.linalg.norm(features, axis=-1, keepdims=True)
-    return float(((scale * f @ text.T).argmax(-1) == labels).mean())
-
-
 def train_trial(point: TrialPoint, data: DatasetFeatures, device: str = "cpu"):
     """Fit and evaluate one grid point on in-memory features: no Ray, no MLflow."""
     from clip_adapter.methods import make
