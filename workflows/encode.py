@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from clip_adapter import encoding
 from clip_adapter.datasets import Split, few_shot
-from clip_adapter.features import FeatureStore, Group, Request
+from clip_adapter.features import Features, FeatureStore, Group, Request
 from clip_adapter.protocol import RELEASED_CROP_SCALE, RELEASED_CROPS
 
 from .trial import DatasetFeatures
@@ -168,22 +169,24 @@ def split_digest(split: Split) -> str:
     return h.hexdigest()[:12]
 
 
-def subsets(split: Split, spec) -> dict:
-    return {(k, seed): few_shot(split, k, seed) for k in spec.shots for seed in spec.seeds}
+@dataclass
+class FewShotItems:
+    """The images a sweep encodes for one dataset, each once."""
+
+    subsets: dict[tuple[int, int], tuple[list, list]]  # (shots, seed) -> few_shot's (train, val) items
+    train: list  # the train images of every subset: encoded in augmented views
+    val: list  # the val images of every subset, and under the released protocol the whole val split
+    # (its searches run there): centre-cropped, as the test split is
 
 
-def val_items(split: Split, spec, subs: dict) -> list:
-    """The val images to encode: those of the few-shot subsets, and under the released protocol the
-    whole val split (its searches run there), each once."""
-    few = (i for _, va in subs.values() for i in va)
-    return list(dict.fromkeys([*few, *(split.val if "released" in spec.protocol else [])]))
-
-
-def few_shot_items(split: Split, spec) -> tuple[list, list]:
-    """(train images of every few-shot subset, val images to encode + the test split), each once."""
-    subs = subsets(split, spec)
-    train = list(dict.fromkeys(i for tr, _ in subs.values() for i in tr))
-    return train, val_items(split, spec, subs) + split.test
+def few_shot_items(split: Split, spec) -> FewShotItems:
+    subsets = {(k, seed): few_shot(split, k, seed) for k in spec.shots for seed in spec.seeds}
+    train = (i for tr, _ in subsets.values() for i in tr)
+    val = [
+        *(i for _, va in subsets.values() for i in va),
+        *(split.val if "released" in spec.protocol else []),
+    ]
+    return FewShotItems(subsets, list(dict.fromkeys(train)), list(dict.fromkeys(val)))
 
 
 def dataset_features(
@@ -197,21 +200,8 @@ def dataset_features(
     check_stop: Callable[[], None] = lambda: None,
 ) -> dict[str, DatasetFeatures]:
     """Each dataset's features for the sweep's few-shot subsets, encoding only what the store lacks."""
-    subs = {s.name: subsets(s, spec) for s in splits}
-    train_items = {
-        s.name: list(dict.fromkeys(i for tr, _ in subs[s.name].values() for i in tr)) for s in splits
-    }
-    vals = {s.name: val_items(s, spec, subs[s.name]) for s in splits}
-
-    texts = {s.name: store.text(s.classnames, s.template) for s in splits}
-    lacking = [s for s in splits if texts[s.name] is None]
-    if lacking:
-        prompts = [(s.classnames, s.template) for s in lacking]
-        info, weights = model_and_text(spec.backbone, spec.pretrained, gpus, prompts, check_stop)
-        store.put_model_info(info)
-        for s, w in zip(lacking, weights):
-            store.put_text(s.classnames, s.template, w, info["logit_scale"])
-            texts[s.name] = (w, info["logit_scale"])
+    items = {s.name: few_shot_items(s, spec) for s in splits}
+    texts = text_classifiers(splits, spec, store, gpus, check_stop)
 
     def encode(requests):
         info = store.model_info()
@@ -226,54 +216,81 @@ def dataset_features(
     tip_crops = "released" in spec.protocol and bool(set(spec.methods) & RELEASED_CROPS)
     groups = []
     for s in splits:
-        groups.append(Group(s.name, s.root, train_items[s.name], spec.augment_views, True))
-        groups.append(Group(s.name, s.root, vals[s.name] + s.test, 1, False))
+        groups.append(Group(s.name, s.root, items[s.name].train, spec.augment_views, True))
+        groups.append(Group(s.name, s.root, items[s.name].val + s.test, 1, False))
         if tip_crops:
             groups.append(
-                Group(s.name, s.root, train_items[s.name], spec.augment_views, True, RELEASED_CROP_SCALE)
+                Group(s.name, s.root, items[s.name].train, spec.augment_views, True, RELEASED_CROP_SCALE)
             )
     feats = store.images_of(groups, encode, on_bad)
     per = 3 if tip_crops else 2
-
     out = {}
     for i, s in enumerate(splits):
-        train, held = feats[per * i], feats[per * i + 1]
-        tip = feats[per * i + 2] if tip_crops else None
+        train, held, *tip = feats[per * i : per * (i + 1)]
         text, scale = texts[s.name]
-        ok = train.ok & tip.ok if tip is not None else train.ok  # a row is used only with both its views
-        train_row = {item: r for r, item in enumerate(train_items[s.name]) if ok[r]}
-        val_row = {item: r for r, item in enumerate(vals[s.name]) if held.ok[r]}
-        rows = {
-            key: (
-                np.array([train_row[i] for i in tr if i in train_row], dtype=np.int64),
-                np.array([val_row[i] for i in va if i in val_row], dtype=np.int64),
-            )
-            for key, (tr, va) in subs[s.name].items()
-        }
-        n_val, test_ok = len(vals[s.name]), held.ok[len(vals[s.name]) :]
-        test, test_labels = held.features[n_val:, 0][test_ok], held.labels[n_val:][test_ok]
-        source = dict(
-            name=s.name,
-            digest=split_digest(s),
-            source=str(s.root),
-            source_type="local" if s.root.is_local else s.root.prefix.rstrip(":/"),
-        )
-        out[s.name] = DatasetFeatures(
-            s.name,
-            s.classnames,
-            s.template,
-            text,
-            scale,
-            train.features,
-            train.labels,
-            held.features[:n_val, 0],
-            held.labels[:n_val],
-            test,
-            test_labels,
-            encoding.zero_shot_accuracy(test, test_labels, text, scale),
-            rows,
-            source,
-            whole_val=np.array([val_row[i] for i in s.val if i in val_row], dtype=np.int64),
-            train_released=tip.features if tip is not None else None,
-        )
+        out[s.name] = assemble(s, items[s.name], text, scale, train, held, tip[0] if tip else None)
     return out
+
+
+def text_classifiers(splits: list[Split], spec, store: FeatureStore, gpus: float, check_stop) -> dict:
+    """Each dataset's (text classifier, logit scale): from the store, or made in one Ray task and stored."""
+    texts = {s.name: store.text(s.classnames, s.template) for s in splits}
+    lacking = [s for s in splits if texts[s.name] is None]
+    if lacking:
+        prompts = [(s.classnames, s.template) for s in lacking]
+        info, weights = model_and_text(spec.backbone, spec.pretrained, gpus, prompts, check_stop)
+        store.put_model_info(info)
+        for s, w in zip(lacking, weights):
+            store.put_text(s.classnames, s.template, w, info["logit_scale"])
+            texts[s.name] = (w, info["logit_scale"])
+    return texts
+
+
+def assemble(
+    split: Split,
+    items: FewShotItems,
+    text,
+    scale: float,
+    train: Features,
+    held: Features,
+    tip: Features | None,
+) -> DatasetFeatures:
+    """One dataset's DatasetFeatures from its encoded groups: train views, held-out (val, then test)
+    centre crops, and train views cropped from 0.5 where the released protocol needs them."""
+    ok = train.ok & tip.ok if tip is not None else train.ok  # a row is used only with both its views
+    train_row = {item: r for r, item in enumerate(items.train) if ok[r]}
+    val_row = {item: r for r, item in enumerate(items.val) if held.ok[r]}
+    rows = {
+        key: (
+            np.array([train_row[i] for i in tr if i in train_row], dtype=np.int64),
+            np.array([val_row[i] for i in va if i in val_row], dtype=np.int64),
+        )
+        for key, (tr, va) in items.subsets.items()
+    }
+    n_val = len(items.val)
+    test_ok = held.ok[n_val:]
+    test, test_labels = held.features[n_val:, 0][test_ok], held.labels[n_val:][test_ok]
+    source = dict(
+        name=split.name,
+        digest=split_digest(split),
+        source=str(split.root),
+        source_type="local" if split.root.is_local else split.root.prefix.rstrip(":/"),
+    )
+    return DatasetFeatures(
+        split.name,
+        split.classnames,
+        split.template,
+        text,
+        scale,
+        train.features,
+        train.labels,
+        held.features[:n_val, 0],
+        held.labels[:n_val],
+        test,
+        test_labels,
+        encoding.zero_shot_accuracy(test, test_labels, text, scale),
+        rows,
+        source,
+        whole_val=np.array([val_row[i] for i in split.val if i in val_row], dtype=np.int64),
+        train_released=tip.features if tip is not None else None,
+    )

@@ -333,7 +333,8 @@ def dry_run(spec: SweepSpec) -> dict:
     store = FeatureStore(spec.cache_dir, spec.backbone, spec.pretrained)
     images = {}
     for split in planned.splits:
-        train, evaluated = few_shot_items(split, spec)
+        items = few_shot_items(split, spec)
+        train, evaluated = items.train, items.val + split.test
         plans = (
             store.plan(split.name, split.root, train, spec.augment_views, True),
             store.plan(split.name, split.root, evaluated, 1, False),
