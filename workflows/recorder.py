@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from . import settings, tracking
@@ -66,13 +65,7 @@ class Recorder:
             self.unwritten[key] = f"{what} not recorded: {tracking.error_line(exc)}"
 
     def _reachable(self) -> bool:
-        if not self.uri.startswith(("http://", "https://")):
-            return True
-        try:
-            urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=2).read()
-            return True
-        except OSError:
-            return False
+        return not self.uri.startswith(("http://", "https://")) or tracking.unreachable(self.uri, 2) is None
 
     def _start(self, point: TrialPoint, start_ms: int) -> None:
         """The trial's run, created (or reopened) as the trial starts: RUNNING, attempt + 1."""

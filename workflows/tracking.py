@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import time
-import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,18 +105,26 @@ def check_form(uri: str) -> None:
         )
 
 
+def unreachable(url: str, timeout: float) -> str | None:
+    """Why the MLflow server at `url` does not answer its /health probe; None when it does."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as answer:
+            answer.read()
+        return None
+    except OSError as exc:  # URLError, HTTPError (an answer other than 2xx) and timeouts are OSErrors
+        return str(getattr(exc, "reason", exc))
+
+
 def check(uri: str, must_exist: bool = False) -> None:
     """Fail with one clear line if the store cannot be reached; writes nothing."""
     check_form(uri)
     if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+        reason = unreachable(uri, timeout=5)
+        if reason is not None:
             raise TrackingError(
                 f"MLflow tracking server {uri} is unreachable ({reason}); start it "
                 f"(mlflow/serve.sh) or pass another --tracking-uri"
-            ) from None
+            )
     db = sqlite_path(uri)
     if db is not None:
         if not db.parent.is_dir():

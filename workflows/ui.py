@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from . import runs_table, tracking
@@ -44,14 +43,6 @@ def port_free(port: int) -> bool:
             return True
         except OSError:
             return False
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def command(uri: str, port: int) -> list[str]:
@@ -100,7 +91,7 @@ def serve(client, uri: str, port: int, echo) -> int:
     )
     try:
         deadline = time.monotonic() + START_S
-        while not answers(f"http://127.0.0.1:{port}"):
+        while tracking.unreachable(f"http://127.0.0.1:{port}", timeout=2) is not None:
             if proc.poll() is not None:
                 fail(f"mlflow ui exited with {proc.returncode} before it answered: {last_line(log)}")
             if interrupted:
