@@ -98,12 +98,13 @@ def promote(
 ):
     """Register the best finished run per dataset (by val_acc) as clip-adapter-<dataset>@alias,
     only where it beats the current champion."""
-    from clip_adapter.methods import NAMES
+    from clip_adapter.methods import check as check_methods
 
     chosen_methods = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in chosen_methods if m not in NAMES] or ([] if chosen_methods else [""])
-    if bad:
-        fail(f"unknown method {bad[0]!r} in --methods; choose from {', '.join(NAMES)}")
+    try:
+        check_methods(chosen_methods or [""], " in --methods")
+    except ValueError as exc:
+        fail(str(exc))
     if not ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
         fail(
             f"--alias {alias!r} is not a registry alias: letters, digits, _ and -, not 'latest' or v<number>"
