@@ -30,6 +30,7 @@ from workflows import sweep as s  # noqa: E402
 from workflows import tracking  # noqa: E402
 from workflows.encode import dataset_features  # noqa: E402
 from workflows.grid import SweepSpec, grid  # noqa: E402
+from workflows.run_search import children  # noqa: E402
 from workflows.trial import train_trial  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def main() -> None:
         spec.cpus_per_trial = cpus
         out = s.run(spec, uri, None, quiet)  # warm feature store: the trials are what is timed
         assert out.done == len(trials), out.results[["status", "error"]]
-        runs = tracking.children(tracking.connect(uri), *_ids(uri, out.parent_run_id))
+        runs = children(tracking.connect(uri), *_ids(uri, out.parent_run_id))
         inside = [r.data.metrics["trial_seconds"] for r in runs]
         rows.append((label, out.tune_seconds, out.seconds, int(2 // cpus)))
         print(

@@ -354,16 +354,15 @@ def test_side_by_side_paper_released_few_shot_and_gaps():
 
 def test_choose_skips_runs_chosen_on_test(tmp_path):
     from mlflow import MlflowClient
-    from workflows import promote, tracking
+    from workflows import promote
+    from workflows.names import DATASET, METHOD, PARENT
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("e")
     parent = client.create_run(exp).info.run_id
     ids = {}
     for name, split, val in (("oracle", "test", 0.99), ("fair", "val", 0.60), ("old", None, 0.50)):
-        run = client.create_run(
-            exp, tags={tracking.PARENT: parent, tracking.DATASET: "dtd", tracking.METHOD: "tip-adapter"}
-        ).info.run_id
+        run = client.create_run(exp, tags={PARENT: parent, DATASET: "dtd", METHOD: "tip-adapter"}).info.run_id
         params = dict(method="tip-adapter", shots="16", seed="1", dataset="dtd")
         if split:  # a run from before protocols logs no selection_split: chosen on the few-shot val
             params["selection_split"] = split

@@ -29,7 +29,8 @@ def report(
     as_json: bool = JSON,
 ):
     """The paper's table and figure for a sweep: printed, written to --out, logged on its parent run."""
-    from . import runs_table, tracking
+    from . import runs_table
+    from .names import SPEC, SWEEP_ID
     from .report import (
         cells,
         comparable_to_paper,
@@ -40,17 +41,16 @@ def report(
         side_by_side_markdown,
         write_report,
     )
+    from .run_search import children
 
     check_sweep_id(sweep)
     _, client = open_store(tracking_uri)
     parent = runs_table.find(client, sweep, experiment)
-    sweep_id = parent.data.tags[tracking.SWEEP_ID]
-    frame = runs_table.frame(
-        sweep_id, tracking.children(client, parent.info.experiment_id, parent.info.run_id)
-    )
+    sweep_id = parent.data.tags[SWEEP_ID]
+    frame = runs_table.frame(sweep_id, children(client, parent.info.experiment_id, parent.info.run_id))
     if not (frame["status"] == "FINISHED").any():
         fail(f"sweep {sweep_id} has no finished trial runs to report; see `ca-flow status {sweep_id}`")
-    spec = json.loads(parent.data.tags[tracking.SPEC])
+    spec = json.loads(parent.data.tags[SPEC])
     why_not = comparable_to_paper(spec["backbone"], spec["pretrained"]) if paper else None
     show_paper = paper and why_not is None
     title = f"{TABLE_TITLE} (sweep {sweep_id}, {spec['backbone']} / {spec['pretrained']} weights)"

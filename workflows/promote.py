@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import tracking
 from .errors import PromoteError
-from .tracking import DATASET, METHOD, SWEEP_ID
+from .names import DATASET, METHOD, PARENT, RANDOM_WEIGHTS, SWEEP_ID
+from .run_search import all_runs, is_done
+from .trial_runs import ADAPTER_DIR
 
 ADAPTER_MODEL_CODE = str(Path(__file__).with_name("adapter_model.py"))
 LIBRARY = str(Path(__file__).resolve().parents[1] / "clip_adapter")
@@ -71,8 +72,8 @@ def choose(client, experiment: str, datasets: list[str] | None, methods: list[st
             f"or pass --experiment"
         )
     by_dataset: dict[str, list] = {}
-    for run in tracking.all_runs(client, [exp.experiment_id], "attributes.status = 'FINISHED'"):
-        if tracking.PARENT in run.data.tags and tracking.is_done(run):
+    for run in all_runs(client, [exp.experiment_id], "attributes.status = 'FINISHED'"):
+        if PARENT in run.data.tags and is_done(run):
             by_dataset.setdefault(run.data.tags[DATASET], []).append(run)
     if not by_dataset:
         raise PromoteError(f"experiment {experiment!r} has no finished trial runs; run `ca-flow sweep` first")
@@ -206,7 +207,7 @@ def register(client, dataset: str, run) -> str:
         backbone=p.get("backbone", ""),
         weights=p.get("weights", ""),
         weights_id=p.get("weights_id", ""),
-        random_weights=run.data.tags.get(tracking.RANDOM_WEIGHTS, ""),
+        random_weights=run.data.tags.get(RANDOM_WEIGHTS, ""),
     )
     try:
         client.create_registered_model(name, description=f"CLIP-Adapter for {dataset}, promoted by ca-flow")
@@ -238,7 +239,7 @@ def log_pyfunc(client, run) -> tuple[str, str]:
         run.info.experiment_id, name="adapter", source_run_id=run.info.run_id, model_type="ca-flow-adapter"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = client.download_artifacts(run.info.run_id, tracking.ADAPTER_DIR, tmp)
+        adapter = client.download_artifacts(run.info.run_id, ADAPTER_DIR, tmp)
         mlflow.pyfunc.log_model(
             name="adapter",
             model_id=model.model_id,

@@ -15,8 +15,8 @@ import numpy as np
 
 from clip_adapter.protocol import selection_split
 
-from . import barrier, tracking
-from .errors import FinalError, NodeError, TrialError
+from . import barrier
+from .errors import FinalError, NodeError, TrialError, error_line
 from .names import (
     ADAPTER,
     CHOSEN,
@@ -256,10 +256,10 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
         seconds = (time.time() - started) / len(pack)  # a pack's points share its time
     except Exception as exc:
         for point in pack:
-            hand_over(recorder.fail, point.key, tracking.error_line(exc))
+            hand_over(recorder.fail, point.key, error_line(exc))
         if _retryable(exc):
             raise
-        tune.report({ERROR_RESULT: tracking.error_line(exc)})
+        tune.report({ERROR_RESULT: error_line(exc)})
         return
     for point, params, metrics, losses, files in records:
         metrics[TRIAL_SECONDS] = seconds

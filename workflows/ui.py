@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import runs_table, tracking
+from . import experiments, runs_table, tracking
 from .cli_errors import fail
 from .settings import UI_JOB_EXECUTION
 
@@ -32,8 +32,8 @@ def latest_runs_link(client, base: str) -> str:
     if not found:
         fail("no sweep in this tracking store; run `ca-flow sweep` first, or pass --tracking-uri")
     exp = client.get_experiment(found[0].info.experiment_id)
-    tracking.set_up(client, exp)
-    return tracking.runs_url(base, exp.experiment_id)
+    experiments.set_up(client, exp)
+    return experiments.runs_url(base, exp.experiment_id)
 
 
 def port_free(port: int) -> bool:
@@ -59,7 +59,7 @@ def command(uri: str, port: int) -> list[str]:
         "1",
     ]
     db = tracking.sqlite_path(uri)
-    if db is not None:  # where ca-flow's experiments keep their artifacts (tracking.experiment_id)
+    if db is not None:  # where ca-flow's experiments keep their artifacts (experiments.experiment_id)
         cmd += ["--artifacts-destination", str(db.parent / "mlartifacts")]
     return cmd
 
