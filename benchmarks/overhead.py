@@ -23,7 +23,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from clip_adapter import datasets as ds  # noqa: E402
+from clip_adapter import datasets  # noqa: E402
 from clip_adapter.backbone import TINY  # noqa: E402
 from clip_adapter.features import FeatureStore  # noqa: E402
 from workflows import sweep as s  # noqa: E402
@@ -56,7 +56,7 @@ def main() -> None:
     ).validate()
     uri = f"sqlite:///{work / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    split = ds.load(ds.resolve("textile", spec.data_root)[0])
+    split = datasets.load(datasets.resolve("textile", spec.data_root)[0])
     store = FeatureStore(spec.cache_dir, spec.backbone, spec.pretrained)
     data = dataset_features([split], spec, store, 0.0, 1, 1, lambda p, r: None)["textile"]
     trials = grid(spec, ["textile"])

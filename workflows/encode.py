@@ -90,12 +90,12 @@ def pipeline(
         dict(request=i, path=r.path, views=r.views, augment=r.augment, scale=r.scale)
         for i, r in enumerate(requests)
     ]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // CROP_BATCH, 200)))
+    requested = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // CROP_BATCH, 200)))
     # Crop tasks declare the memory a batch of decoded images needs. Half a CPU each: an encoder waiting
     # on crops (a small model, a GPU) leaves its CPU idle, and two croppers fill it (on 2 CPUs, 0.94x
     # the in-process loop's steady rate instead of 0.63x, measured with Ray Data's actor pool as the
     # encoder: benchmarks/encode.py).
-    ds = ds.map_batches(
+    crops = requested.map_batches(
         crop_batch,
         fn_kwargs=dict(preprocess_cfg=preprocess_cfg),
         batch_size=CROP_BATCH,
@@ -123,7 +123,7 @@ def pipeline(
             yield from encoding.rows(ray.get(ref))
 
     try:
-        for bundle in ds.iter_internal_ref_bundles():
+        for bundle in crops.iter_internal_ref_bundles():
             for block in bundle.block_refs:
                 check_stop()
                 while not free:
@@ -200,7 +200,7 @@ def dataset_features(
     check_stop: Callable[[], None] = lambda: None,
 ) -> dict[str, DatasetFeatures]:
     """Each dataset's features for the sweep's few-shot subsets, encoding only what the store lacks."""
-    items = {s.name: few_shot_items(s, spec) for s in splits}
+    items = {split.name: few_shot_items(split, spec) for split in splits}
     texts = text_classifiers(splits, spec, store, gpus, check_stop)
 
     def encode(requests):
@@ -215,34 +215,43 @@ def dataset_features(
     # Under the released protocol Tip-Adapter, Tip-Adapter-F and GDA train on views cropped from 0.5.
     tip_crops = "released" in spec.protocol and bool(set(spec.methods) & RELEASED_CROPS)
     groups = []
-    for s in splits:
-        groups.append(Group(s.name, s.root, items[s.name].train, spec.augment_views, True))
-        groups.append(Group(s.name, s.root, items[s.name].val + s.test, 1, False))
+    for split in splits:
+        groups.append(Group(split.name, split.root, items[split.name].train, spec.augment_views, True))
+        groups.append(Group(split.name, split.root, items[split.name].val + split.test, 1, False))
         if tip_crops:
             groups.append(
-                Group(s.name, s.root, items[s.name].train, spec.augment_views, True, RELEASED_CROP_SCALE)
+                Group(
+                    split.name,
+                    split.root,
+                    items[split.name].train,
+                    spec.augment_views,
+                    True,
+                    RELEASED_CROP_SCALE,
+                )
             )
     feats = store.images_of(groups, encode, on_bad)
     per = 3 if tip_crops else 2
     out = {}
-    for i, s in enumerate(splits):
+    for i, split in enumerate(splits):
         train, held, *tip = feats[per * i : per * (i + 1)]
-        text, scale = texts[s.name]
-        out[s.name] = assemble(s, items[s.name], text, scale, train, held, tip[0] if tip else None)
+        text, scale = texts[split.name]
+        out[split.name] = assemble(
+            split, items[split.name], text, scale, train, held, tip[0] if tip else None
+        )
     return out
 
 
 def text_classifiers(splits: list[Split], spec, store: FeatureStore, gpus: float, check_stop) -> dict:
     """Each dataset's (text classifier, logit scale): from the store, or made in one Ray task and stored."""
-    texts = {s.name: store.text(s.classnames, s.template) for s in splits}
-    lacking = [s for s in splits if texts[s.name] is None]
+    texts = {split.name: store.text(split.classnames, split.template) for split in splits}
+    lacking = [split for split in splits if texts[split.name] is None]
     if lacking:
-        prompts = [(s.classnames, s.template) for s in lacking]
+        prompts = [(split.classnames, split.template) for split in lacking]
         info, weights = model_and_text(spec.backbone, spec.pretrained, gpus, prompts, check_stop)
         store.put_model_info(info)
-        for s, w in zip(lacking, weights):
-            store.put_text(s.classnames, s.template, w, info["logit_scale"])
-            texts[s.name] = (w, info["logit_scale"])
+        for split, weight in zip(lacking, weights):
+            store.put_text(split.classnames, split.template, weight, info["logit_scale"])
+            texts[split.name] = (weight, info["logit_scale"])
     return texts
 
 

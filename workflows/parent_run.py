@@ -41,7 +41,8 @@ def start(client, exp_id: str, sweep_id: str, plan) -> str:
     from mlflow.entities import Param
 
     spec = plan.spec
-    record = dict(spec.record(), datasets=",".join(s.name for s in plan.splits))  # resume: the same datasets
+    # resume runs over the same datasets
+    record = dict(spec.record(), datasets=",".join(split.name for split in plan.splits))
     params = {
         f"grid.{k}": ",".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v)
         for k, v in record.items()

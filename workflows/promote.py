@@ -135,15 +135,17 @@ def decide(client, dataset: str, run, alias: str, force: bool) -> tuple[str, obj
         return "same", current
     if force:
         return "move", current
-    p = run.data.params
-    if (current.tags.get("backbone"), current.tags.get("weights_id")) != (
-        p.get("backbone"),
-        p.get("weights_id"),
-    ):
+    if not comparable(run.data.params, current.tags):
         return "keep", current
     return (
         "move" if run.data.metrics["val_acc"] > float(current.tags.get("val_acc", "-1")) else "keep"
     ), current
+
+
+def comparable(params: dict, champion_tags: dict) -> bool:
+    """Runs compare by val_acc only on the same backbone and weights."""
+    same = ("backbone", "weights_id")
+    return tuple(champion_tags.get(k) for k in same) == tuple(params.get(k) for k in same)
 
 
 def promote(client, dataset: str, run, alias: str, force: bool = False, dry_run: bool = False) -> Decision:
@@ -152,12 +154,12 @@ def promote(client, dataset: str, run, alias: str, force: bool = False, dry_run:
     if verdict == "same":
         return Decision(dataset, name, run, current.version, f"already v{current.version}")
     if verdict == "keep":
-        p, ct = run.data.params, current.tags
+        params, champion = run.data.params, current.tags
         why = (
-            f"val_acc {float(ct.get('val_acc', 'nan')):.4f} >= {val:.4f}"
-            if (ct.get("backbone"), ct.get("weights_id")) == (p.get("backbone"), p.get("weights_id"))
-            else f"{ct.get('backbone')}/{ct.get('weights')} is not comparable with {p.get('backbone')}/"
-            f"{p.get('weights')}"
+            f"val_acc {float(champion.get('val_acc', 'nan')):.4f} >= {val:.4f}"
+            if comparable(params, champion)
+            else f"{champion.get('backbone')}/{champion.get('weights')} is not comparable with "
+            f"{params.get('backbone')}/{params.get('weights')}"
         )
         return Decision(
             dataset, name, run, current.version, f"kept v{current.version} ({why}; --force moves it)"
@@ -189,24 +191,24 @@ def register(client, dataset: str, run) -> str:
     import mlflow
 
     name = model_name(dataset)
-    for mv in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
-        if mv.name == name:
-            return str(mv.version)
-    p, m = run.data.params, run.data.metrics
+    for existing in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+        if existing.name == name:
+            return str(existing.version)
+    params, metrics = run.data.params, run.data.metrics
     evidence = dict(
         run_id=run.info.run_id,
         sweep_id=run.data.tags.get(SWEEP_ID, ""),
-        val_acc=m["val_acc"],
-        test_acc=m.get("test_acc", ""),
-        shots=p["shots"],
-        seed=p["seed"],
-        method=p.get("method", "clip-adapter"),
-        alpha=p.get("alpha", ""),
-        beta=p.get("beta", ""),
-        adapter=p.get("adapter", ""),
-        backbone=p.get("backbone", ""),
-        weights=p.get("weights", ""),
-        weights_id=p.get("weights_id", ""),
+        val_acc=metrics["val_acc"],
+        test_acc=metrics.get("test_acc", ""),
+        shots=params["shots"],
+        seed=params["seed"],
+        method=params.get("method", "clip-adapter"),
+        alpha=params.get("alpha", ""),
+        beta=params.get("beta", ""),
+        adapter=params.get("adapter", ""),
+        backbone=params.get("backbone", ""),
+        weights=params.get("weights", ""),
+        weights_id=params.get("weights_id", ""),
         random_weights=run.data.tags.get(RANDOM_WEIGHTS, ""),
     )
     try:
@@ -215,14 +217,14 @@ def register(client, dataset: str, run) -> str:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     model_uri, model_id = log_pyfunc(client, run)
-    mv = client.create_model_version(
+    created = client.create_model_version(
         name,
         model_uri,
         run_id=run.info.run_id,
         model_id=model_id,
         tags={k: str(v) for k, v in evidence.items()},
     )
-    return str(mv.version)
+    return str(created.version)
 
 
 def log_pyfunc(client, run) -> tuple[str, str]:

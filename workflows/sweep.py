@@ -241,7 +241,7 @@ def _stage_features(sweep: Sweep, todo: list[TrialPoint], recorder) -> dict:
     gpus = 1.0 if sweep.spec.gpus_per_trial > 0 else 0.0
     with sweep.signals.polling():
         features = stage_features(
-            [s for s in sweep.plan.splits if s.name in names],
+            [split for split in sweep.plan.splits if split.name in names],
             sweep.spec,
             gpus,
             sweep.console,
