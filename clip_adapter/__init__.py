@@ -17,7 +17,7 @@ _PUBLIC = {
     "BackboneError": "backbone",
     "load_backbone": "backbone",
     "DatasetError": "datasets",
-    "Split": "datasets",
+    "DatasetSplits": "datasets",
     "few_shot": "datasets",
     "LocalEncoder": "encoding",
     "zero_shot_accuracy": "encoding",

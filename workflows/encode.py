@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clip_adapter import encoding
-from clip_adapter.datasets import Split, few_shot
+from clip_adapter.datasets import DatasetSplits, few_shot
 from clip_adapter.features import Features, FeatureStore, Group, Request
 from clip_adapter.protocol import RELEASED_CROP_SCALE, RELEASED_CROPS
 
@@ -160,7 +160,7 @@ def model_and_text(
     return wait(load.remote(prompts), check_stop)
 
 
-def split_digest(split: Split) -> str:
+def split_digest(split: DatasetSplits) -> str:
     h = hashlib.sha1()
     for part in (split.train, split.val, split.test):
         for item in part:
@@ -179,7 +179,7 @@ class FewShotItems:
     # (its searches run there): centre-cropped, as the test split is
 
 
-def few_shot_items(split: Split, spec) -> FewShotItems:
+def few_shot_items(split: DatasetSplits, spec) -> FewShotItems:
     subsets = {(k, seed): few_shot(split, k, seed) for k in spec.shots for seed in spec.seeds}
     train = (i for tr, _ in subsets.values() for i in tr)
     val = [
@@ -190,7 +190,7 @@ def few_shot_items(split: Split, spec) -> FewShotItems:
 
 
 def dataset_features(
-    splits: list[Split],
+    splits: list[DatasetSplits],
     spec,
     store: FeatureStore,
     gpus: float,
@@ -241,7 +241,7 @@ def dataset_features(
     return out
 
 
-def text_classifiers(splits: list[Split], spec, store: FeatureStore, gpus: float, check_stop) -> dict:
+def text_classifiers(splits: list[DatasetSplits], spec, store: FeatureStore, gpus: float, check_stop) -> dict:
     """Each dataset's (text classifier, logit scale): from the store, or made in one Ray task and stored."""
     texts = {split.name: store.text(split.classnames, split.template) for split in splits}
     lacking = [split for split in splits if texts[split.name] is None]
@@ -256,7 +256,7 @@ def text_classifiers(splits: list[Split], spec, store: FeatureStore, gpus: float
 
 
 def assemble(
-    split: Split,
+    split: DatasetSplits,
     items: FewShotItems,
     text,
     scale: float,
