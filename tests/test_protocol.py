@@ -210,7 +210,7 @@ def test_a_trial_chooses_where_its_protocol_says_and_logs_it(select, n_val, epoc
     )
     if select:
         t = replace(t, protocol="released", select=select)
-    few_shot, n = select_on(t, data, *data.rows[(2, 1)])
+    few_shot, n = select_on(t, data, *data.subset_rows[(2, 1)])
     assert len(few_shot.val_labels) == n_val and n == n_select
     assert (few_shot.epoch_val is not None) == epoch_test
     if epoch_test:
@@ -269,7 +269,7 @@ def test_whole_val_missing_is_an_error_naming_it():
         select={"val": "whole", "epoch": "val"},
     )
     with pytest.raises(RuntimeError, match="whole val split"):
-        select_on(t, data, *data.rows[(2, 1)])
+        select_on(t, data, *data.subset_rows[(2, 1)])
 
 
 # -- the report: the released CLIP-Adapter figure, the side-by-side table, test marks ----------------

@@ -269,7 +269,7 @@ def assemble(
     ok = train.ok & tip.ok if tip is not None else train.ok  # a row is used only with both its views
     train_row = {item: r for r, item in enumerate(items.train) if ok[r]}
     val_row = {item: r for r, item in enumerate(items.val) if held.ok[r]}
-    rows = {
+    subset_rows = {
         key: (
             np.array([train_row[i] for i in tr if i in train_row], dtype=np.int64),
             np.array([val_row[i] for i in va if i in val_row], dtype=np.int64),
@@ -298,7 +298,7 @@ def assemble(
         test,
         test_labels,
         encoding.zero_shot_accuracy(test, test_labels, text, scale),
-        rows,
+        subset_rows,
         source,
         whole_val=np.array([val_row[i] for i in split.val if i in val_row], dtype=np.int64),
         train_released=tip.features if tip is not None else None,

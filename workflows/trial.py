@@ -51,7 +51,7 @@ class DatasetFeatures:
     test: np.ndarray
     test_labels: np.ndarray
     zs_test_acc: float  # the same for every trial of the dataset: computed once, by the driver
-    rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # (shots, seed) -> (train, val) rows
+    subset_rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # (shots, seed) -> rows of train, val
     source: dict  # name, digest of the split, source: the run's MLflow dataset input
     whole_val: np.ndarray | None = None  # rows of the whole val split (encoded for the released protocol)
     train_released: np.ndarray | None = None  # train's views cropped from 0.5 (released Tip-Adapter, GDA)
@@ -83,7 +83,7 @@ def train_pack(pack: Pack, data: DatasetFeatures, device: str = "cpu") -> list[t
 
 def _few_shot(point: TrialPoint, data: DatasetFeatures):
     """The point's FewShot (what its protocol selects on) and the number of images it selects on."""
-    train_rows, val_rows = data.rows[(point.shots, point.seed)]
+    train_rows, val_rows = data.subset_rows[(point.shots, point.seed)]
     if len(train_rows) == 0:
         raise TrialError(
             f"{point.dataset}: no readable train image for {point.shots} shots, seed {point.seed}"
