@@ -91,10 +91,10 @@ def pipeline(
         for i, r in enumerate(requests)
     ]
     requested = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // CROP_BATCH, 200)))
-    # Crop tasks declare the memory a batch of decoded images needs. Half a CPU each: an encoder waiting
-    # on crops (a small model, a GPU) leaves its CPU idle, and two croppers fill it (on 2 CPUs, 0.94x
-    # the in-process loop's steady rate instead of 0.63x, measured with Ray Data's actor pool as the
-    # encoder: benchmarks/encode.py).
+    # Crop tasks declare the memory a batch of decoded images needs: Ray starts no more of them at once
+    # than the node's memory holds. Half a CPU each: an encoder waiting on crops (a small model, a GPU)
+    # leaves its CPU idle, and two croppers fill it (benchmarks/encode.py sets the pipeline's rate
+    # beside the in-process loop's).
     crops = requested.map_batches(
         crop_batch,
         fn_kwargs=dict(preprocess_cfg=preprocess_cfg),

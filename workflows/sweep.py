@@ -14,17 +14,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd  # noqa: E402
+import pandas as pd
 
-from clip_adapter import datasets  # noqa: E402
-from clip_adapter.backbone import RANDOM, weights_identity  # noqa: E402
+from clip_adapter import datasets
+from clip_adapter.backbone import RANDOM, weights_identity
 
 from . import experiments, parent_run, runs_table, settings, tracking
 from .errors import TrackingError, error_line
-from .grid import SweepSpec, check_shots, counts, grid, packs  # noqa: E402
-from .lifecycle import Heartbeat, Interrupted, Signals  # noqa: E402
-from .names import TRIAL_KEY, new_sweep_id  # noqa: E402, F401  (new_sweep_id: the sweep's own, for tests)
-from .point import TrialPoint  # noqa: E402
+from .grid import SweepSpec, check_shots, counts, grid, packs
+from .lifecycle import Heartbeat, Interrupted, Signals
+from .names import TRIAL_KEY, new_sweep_id  # noqa: F401  (new_sweep_id: the sweep's own, for tests)
+from .point import TrialPoint
 from .run_search import children, is_done
 from .trial_runs import close_unfinished, fail_run
 
