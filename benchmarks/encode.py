@@ -48,14 +48,15 @@ def main() -> None:
     from ray.data import DataContext
     from scale import make_images
 
-    from clip_adapter import datasets as ds
+    from clip_adapter import datasets
     from clip_adapter.backbone import TINY, load_backbone
-    from clip_adapter.features import Request, encode_in_process
+    from clip_adapter.encoding import encode_in_process
+    from clip_adapter.features import Request
     from workflows.encode import pipeline
 
     data = Path(args.data or tempfile.mkdtemp(prefix="ca-flow-encode-"))
     folder = make_images(data, 20000)  # its test split (30 %) holds 6,000 images
-    split = ds.load(ds.resolve(folder.name, data)[0])
+    split = datasets.load(datasets.resolve(folder.name, data)[0])
     reqs = [Request(folder.name, i.path, "", 0, 0, [0], False) for i in split.test[: args.images]]
     n = len(reqs)
 

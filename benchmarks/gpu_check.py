@@ -25,12 +25,12 @@ import time
 import numpy as np
 import torch
 
-from clip_adapter import CLIPAdapter, TrainConfig, fit
-from clip_adapter import datasets as ds
+from clip_adapter import CLIPAdapter, TrainConfig, datasets, fit
 from clip_adapter.adapter import StackedCLIPAdapter
 from clip_adapter.backbone import load_backbone
-from clip_adapter.features import Request, encode_in_process
-from workflows.encode import ENCODE_BATCH, Encoder, crop_batch
+from clip_adapter.encoding import ENCODE_BATCH, encode_in_process
+from clip_adapter.features import Request
+from workflows.encode import Encoder, crop_batch
 
 
 def encode(backbone, items):
@@ -134,7 +134,7 @@ def main() -> None:
         report["packed"] = packed()
         return _emit(report, args.out)
 
-    split = ds.load(ds.resolve("textile", ds.default_data_root())[0])
+    split = datasets.load(datasets.resolve("textile", datasets.default_data_root())[0])
     items = split.test[: args.images]
     gpu = load_backbone(args.backbone, "random", "cuda")
     cpu = load_backbone(args.backbone, "random", "cpu")

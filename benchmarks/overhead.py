@@ -23,12 +23,13 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from clip_adapter import datasets as ds  # noqa: E402
+from clip_adapter import datasets  # noqa: E402
 from clip_adapter.backbone import TINY  # noqa: E402
 from clip_adapter.features import FeatureStore  # noqa: E402
 from workflows import sweep, tracking  # noqa: E402
 from workflows.encode import dataset_features  # noqa: E402
 from workflows.grid import SweepSpec, grid  # noqa: E402
+from workflows.run_search import children  # noqa: E402
 from workflows.trial import train_trial  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     ).validate()
     uri = f"sqlite:///{work / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    split = ds.load(ds.resolve("textile", spec.data_root)[0])
+    split = datasets.load(datasets.resolve("textile", spec.data_root)[0])
     store = FeatureStore(spec.cache_dir, spec.backbone, spec.pretrained)
     data = dataset_features([split], spec, store, 0.0, 1, 1, lambda p, r: None)["textile"]
     trials = grid(spec, ["textile"])
@@ -72,7 +73,7 @@ def main() -> None:
         spec.cpus_per_trial = cpus
         out = sweep.run(spec, uri, None, quiet)  # warm feature store: the trials are what is timed
         assert out.done == len(trials), out.results[["status", "error"]]
-        runs = tracking.children(tracking.connect(uri), *_ids(uri, out.parent_run_id))
+        runs = children(tracking.connect(uri), *_ids(uri, out.parent_run_id))
         inside = [r.data.metrics["trial_seconds"] for r in runs]
         rows.append((label, out.tune_seconds, out.seconds, int(2 // cpus)))
         print(

@@ -25,7 +25,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from clip_adapter import datasets as ds  # noqa: E402
+from clip_adapter import datasets  # noqa: E402
 from clip_adapter.backbone import TINY  # noqa: E402
 from clip_adapter.features import FeatureStore  # noqa: E402
 from clip_adapter.methods import make  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
             )
 
     # The training loop alone: one dataset split, K fits one after another vs one stacked fit of K.
-    split = ds.load(ds.resolve("textile", ds.default_data_root())[0])
+    split = datasets.load(datasets.resolve("textile", datasets.default_data_root())[0])
     spec = SweepSpec(**base, alphas=[0.2]).validate()
     data = dataset_features(
         [split],

@@ -66,10 +66,10 @@ def make_images(root: Path, n: int, classes: int = 10, size: int = 256) -> Path:
 def read_bytes_planned(data_root: Path, name: str) -> int:
     """Bytes of the images a one-trial sweep encodes: its few-shot train/val images and the test split."""
     sys.path.insert(0, str(REPO))
-    from clip_adapter import datasets as ds
+    from clip_adapter import datasets
     from clip_adapter.datasets import few_shot
 
-    split = ds.load(ds.resolve(name, data_root)[0])
+    split = datasets.load(datasets.resolve(name, data_root)[0])
     train, val = few_shot(split, 1, 1)
     return sum(os.path.getsize(i.path) for i in train + val + split.test)
 
@@ -178,13 +178,14 @@ def plain_loop(data_root: Path, name: str) -> float:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from clip_adapter import datasets as ds
+    from clip_adapter import datasets
     from clip_adapter.backbone import load_backbone
     from clip_adapter.datasets import few_shot
-    from clip_adapter.features import Request, encode_in_process
+    from clip_adapter.encoding import encode_in_process
+    from clip_adapter.features import Request
 
     torch.set_num_threads(2)
-    split = ds.load(ds.resolve(name, data_root)[0])
+    split = datasets.load(datasets.resolve(name, data_root)[0])
     train, val = few_shot(split, 1, 1)
     items = (train + val + split.test)[:2000]
     reqs = [Request(name, i.path, "", 0, 0, [0], False) for i in items]

@@ -17,10 +17,11 @@ _PUBLIC = {
     "BackboneError": "backbone",
     "load_backbone": "backbone",
     "DatasetError": "datasets",
-    "Split": "datasets",
+    "DatasetSplits": "datasets",
     "few_shot": "datasets",
+    "LocalEncoder": "encoding",
+    "zero_shot_accuracy": "encoding",
     "FeatureStore": "features",
-    "LocalEncoder": "features",
     "METHODS": "methods",
     "FewShot": "methods",
     "Method": "methods",
@@ -29,7 +30,6 @@ _PUBLIC = {
     "epochs_for_shots": "train",
     "evaluate": "train",
     "fit": "train",
-    "zero_shot_accuracy": "train",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +30,7 @@ import pyarrow.parquet as pq
 
 from .backbone import CROP_SCALE, weights_identity
 from .datasets import Item
-from .datasets.fs import Location, read_bytes, stat
-from .images import ImageError, crops, decode, image_id
+from .datasets.fs import Location, stat
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +56,6 @@ SCHEMAS = {
         [("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("image_id", pa.string())]
     ),
 }
-
-
-def text_classifier(backbone, classnames: list[str], template: str | list[str]) -> np.ndarray:
-    """L2-normalised class weights [C, D]; a list of templates is averaged (prompt ensemble)."""
-    import torch
-
-    templates = [template] if isinstance(template, str) else template
-    weights = []
-    for name in classnames:
-        emb = backbone.encode_text([t.format(name) for t in templates])
-        emb = emb / emb.norm(dim=-1, keepdim=True)
-        mean = emb.mean(0)
-        weights.append(mean / mean.norm())
-    return torch.stack(weights).numpy().astype(np.float32)
 
 
 # -- what to encode -------------------------------------------------------------------------------
@@ -109,42 +94,6 @@ class Plan:
     ids: list[str | None]
     todo: list[Request]
     missing: dict[str, str] = field(default_factory=dict)  # path -> reason (not there at all)
-
-
-def encode_in_process(backbone, requests: list[Request], batch_size: int = 64) -> Iterator[dict]:
-    """Read, decode, crop and encode in this process: rows as the Ray pipeline yields them.
-
-    Row: request index, image_id, view, feature (or error: why the image was left out).
-    """
-    pending, where = [], []
-
-    def flush():
-        if pending:
-            feats = backbone.encode_pixels(np.concatenate(pending))
-            for (r, img, v), f in zip(where, feats):
-                yield dict(request=r, image_id=img, view=v, feature=f, error="")
-            pending.clear()
-            where.clear()
-
-    for r, req in enumerate(requests):
-        try:
-            blob = read_bytes(req.path)
-            img = image_id(blob)
-            pixels = crops(decode(blob), img, req.views, req.augment, backbone.preprocess, req.scale)
-        except (OSError, ImageError) as exc:
-            yield dict(request=r, image_id="", view=-1, feature=None, error=_reason(exc))
-            continue
-        pending.append(pixels)
-        where += [(r, img, v) for v in req.views]
-        if sum(len(p) for p in pending) >= batch_size:
-            yield from flush()
-    yield from flush()
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc)
 
 
 # -- the store ------------------------------------------------------------------------------------
@@ -419,27 +368,3 @@ class Features:
     features: np.ndarray  # [n, views, D] raw image features
     labels: np.ndarray  # [n]
     ok: np.ndarray  # [n] bool: False where the image could not be read
-
-
-@dataclass
-class LocalEncoder:
-    """Encodes in this process; loads the backbone on first use only."""
-
-    backbone_name: str
-    weights: str
-    device: str | None = None
-    _backbone: object = field(default=None, repr=False)
-
-    @property
-    def backbone(self):
-        if self._backbone is None:
-            from .backbone import load_backbone
-
-            self._backbone = load_backbone(self.backbone_name, self.weights, self.device)
-        return self._backbone
-
-    def __call__(self, requests: list[Request]) -> Iterator[dict]:
-        return encode_in_process(self.backbone, requests)
-
-    def text(self, classnames: list[str], template: str | list[str]) -> tuple[np.ndarray, float]:
-        return text_classifier(self.backbone, classnames, template), self.backbone.logit_scale

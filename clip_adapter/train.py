@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapter import CLIPAdapter, StackedCLIPAdapter, zero_shot_logits
+from .adapter import CLIPAdapter, StackedCLIPAdapter
 from .protocol import epochs_for_shots  # noqa: F401  (the library's API: clip_adapter.epochs_for_shots)
 
 
@@ -127,11 +127,3 @@ def evaluate(adapter: torch.nn.Module, features: np.ndarray, labels: np.ndarray)
     """Top-1 accuracy on single-view features [n, D] (or [n, 1, D])."""
     feats = torch.from_numpy(features.reshape(len(features), -1)).to(next(adapter.buffers()).device)
     return accuracy(adapter(feats), labels)
-
-
-@torch.no_grad()
-def zero_shot_accuracy(
-    features: np.ndarray, labels: np.ndarray, text_weights: np.ndarray, logit_scale: float
-) -> float:
-    feats = torch.from_numpy(features.reshape(len(features), -1))
-    return accuracy(zero_shot_logits(feats, torch.from_numpy(text_weights), logit_scale), labels)

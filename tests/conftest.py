@@ -92,13 +92,14 @@ def textile_features(tmp_path_factory, tiny) -> Path:
     the text classifier and the model's facts. Encoded once, in this process, with the library's own
     loop; a test that sweeps textile copies it (`copy_features`), so only the tests about encoding
     encode (test_features.py pins that this loop and the Ray Data pipeline give the same features)."""
-    from clip_adapter import datasets as ds
+    from clip_adapter import datasets
     from clip_adapter.backbone import TINY
-    from clip_adapter.features import FeatureStore, Group, encode_in_process, text_classifier
+    from clip_adapter.encoding import encode_in_process, text_classifier
+    from clip_adapter.features import FeatureStore, Group
 
     root = tmp_path_factory.mktemp("textile-features")
-    split = ds.load(ds.resolve("textile", root)[0])
-    subsets = [ds.few_shot(split, k, seed) for k in TEXTILE_SHOTS for seed in TEXTILE_SEEDS]
+    split = datasets.load(datasets.resolve("textile", root)[0])
+    subsets = [datasets.few_shot(split, k, seed) for k in TEXTILE_SHOTS for seed in TEXTILE_SEEDS]
     train = list(dict.fromkeys(i for tr, _ in subsets for i in tr))
     held = list(dict.fromkeys(i for _, va in subsets for i in va)) + split.test
     store = FeatureStore(root, TINY, "random")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from clip_adapter.datasets import REGISTRY, DatasetError, discover, few_shot, load, resolve
 from clip_adapter.datasets.imagenet import IMAGENET_TEMPLATES
-from clip_adapter.features import text_classifier
+from clip_adapter.encoding import text_classifier
 
 PER_SPLIT = {"train": 5, "val": 2, "test": 3}
 _buf = io.BytesIO()

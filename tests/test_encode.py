@@ -10,7 +10,8 @@ import pytest
 from conftest import make_colour_tree
 
 from clip_adapter.backbone import TINY
-from clip_adapter.features import Request, encode_in_process
+from clip_adapter.encoding import encode_in_process
+from clip_adapter.features import Request
 
 pytestmark = pytest.mark.slow
 

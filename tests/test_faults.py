@@ -197,9 +197,10 @@ def test_trial_that_failed_before_its_run_counts_as_failed(tmp_path):
     trial whose every attempt failed before it could make its run (the store did not answer as it
     began) is a failed grid point, not one silently left out of the count; checked here on a real
     store, with the sweep's own close."""
-    from workflows import parent_run, tracking
+    from workflows import experiments, parent_run, tracking
     from workflows import sweep as s
     from workflows.grid import SweepSpec
+    from workflows.trial_runs import create_trial_run
 
     spec = SweepSpec(
         datasets="textile",
@@ -215,11 +216,11 @@ def test_trial_that_failed_before_its_run_counts_as_failed(tmp_path):
     planned = s.plan(spec)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.connect(uri)
-    exp_id = tracking.experiment_id(client, spec.experiment, uri)
+    exp_id = experiments.experiment_id(client, spec.experiment, uri)
     sweep_id = s.new_sweep_id()
     parent_id = parent_run.start(client, exp_id, sweep_id, planned)
     in_flight, never_began = planned.trials
-    tracking.create_trial_run(client, dict(exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id), in_flight)
+    create_trial_run(client, dict(exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id), in_flight)
     errors = {t.key: f"store gone ({t.name})" for t in planned.trials}  # Tune gave up on both
 
     outcome = s.close(s.Sweep(planned, client, exp_id, sweep_id, parent_id, errors=errors))

@@ -10,11 +10,12 @@ import torch
 from conftest import make_colour_tree
 from PIL import Image
 
-from clip_adapter import features as F
+from clip_adapter import encoding
 from clip_adapter import images as im
 from clip_adapter.backbone import TINY
 from clip_adapter.datasets import load, resolve
-from clip_adapter.features import FeatureStore, LocalEncoder
+from clip_adapter.encoding import LocalEncoder
+from clip_adapter.features import FeatureStore
 
 
 class CountingEncoder(LocalEncoder):
@@ -54,7 +55,7 @@ def test_warm_read_encodes_nothing_and_reads_no_image_bytes(tmp_path, split, tin
     def no_bytes(path):
         raise AssertionError(f"a warm read opened {path}")
 
-    monkeypatch.setattr(F, "read_bytes", no_bytes)
+    monkeypatch.setattr(encoding, "read_bytes", no_bytes)
     second = encoder(tiny)
     b = images(store(tmp_path), split, items, 3, True, second)
     assert not getattr(second, "asked", [])

@@ -425,14 +425,14 @@ import multiprocessing as mp, sys, time
 URI = sys.argv[1]
 
 def create(start):
-    from workflows import tracking
+    from workflows import experiments, tracking
     while time.time() < start:
         pass
     client = tracking.connect(URI)  # a fresh store: each process would run the schema migration
-    return tracking.experiment_id(client, "ca-flow", URI)
+    return experiments.experiment_id(client, "ca-flow", URI)
 
 if __name__ == "__main__":
-    import workflows.tracking, mlflow  # noqa: imported before the fork, so that all start at once
+    import workflows.experiments, workflows.tracking, mlflow  # noqa: imported before the fork, so that all start at once
     start = time.time() + 3
     with mp.get_context("fork").Pool(6) as pool:
         print(sorted(set(pool.map(create, [start] * 6))))

@@ -12,10 +12,12 @@ pytestmark = pytest.mark.slow
 
 def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, colour_root, monkeypatch):
     import mlflow
-    from workflows import parent_run, tracking
+    from workflows import experiments, parent_run
     from workflows import sweep as s
     from workflows.grid import SweepSpec
+    from workflows.names import TRIAL_KEY
     from workflows.recorder import Recorder
+    from workflows.run_search import children, is_done
 
     spec = SweepSpec(
         datasets="colours",
@@ -49,7 +51,7 @@ def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, c
 
     with procs.mlflow_server(db, artifacts, logs, env, tmp_path, port=port) as (uri, server):
         client = mlflow.MlflowClient(uri)
-        exp_id = tracking.experiment_id(client, spec.experiment, uri)
+        exp_id = experiments.experiment_id(client, spec.experiment, uri)
         sweep_id = s.new_sweep_id()
         parent_id = parent_run.start(client, exp_id, sweep_id, planned)
         rec = Recorder(uri, exp_id, parent_id, sweep_id)
@@ -79,13 +81,13 @@ def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, c
         by_key = outcome.results.set_index("key")
         assert by_key.loc[cut_short.key, "error"].startswith("result not recorded: ")
         assert by_key.loc[never_began.key, "error"] == "start not recorded: the tracking store is unreachable"
-        runs = {r.data.tags[tracking.TRIAL_KEY]: r for r in tracking.children(client, exp_id, parent_id)}
-        assert runs[done.key].info.status == "FINISHED" and tracking.is_done(runs[done.key])
-        assert runs[cut_short.key].info.status == "FAILED" and not tracking.is_done(runs[cut_short.key])
+        runs = {r.data.tags[TRIAL_KEY]: r for r in children(client, exp_id, parent_id)}
+        assert runs[done.key].info.status == "FINISHED" and is_done(runs[done.key])
+        assert runs[cut_short.key].info.status == "FAILED" and not is_done(runs[cut_short.key])
         assert never_began.key not in runs
         assert client.get_run(parent_id).info.status == "FAILED"
         # resume runs exactly the two (the rule _drive applies: a point is done only with a done run)
-        assert {k for k, r in runs.items() if tracking.is_done(r)} == {done.key}
+        assert {k for k, r in runs.items() if is_done(r)} == {done.key}
 
         # the recorder itself lost (drain gave nothing): the point without a run is still no success
         outcome = s.close(s.Sweep(planned, client, exp_id, sweep_id, parent_id))

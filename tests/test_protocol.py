@@ -210,7 +210,7 @@ def test_a_trial_chooses_where_its_protocol_says_and_logs_it(select, n_val, epoc
     )
     if select:
         t = replace(t, protocol="released", select=select)
-    few_shot, n = select_on(t, data, *data.rows[(2, 1)])
+    few_shot, n = select_on(t, data, *data.subset_rows[(2, 1)])
     assert len(few_shot.val_labels) == n_val and n == n_select
     assert (few_shot.epoch_val is not None) == epoch_test
     if epoch_test:
@@ -269,7 +269,7 @@ def test_whole_val_missing_is_an_error_naming_it():
         select={"val": "whole", "epoch": "val"},
     )
     with pytest.raises(RuntimeError, match="whole val split"):
-        select_on(t, data, *data.rows[(2, 1)])
+        select_on(t, data, *data.subset_rows[(2, 1)])
 
 
 # -- the report: the released CLIP-Adapter figure, the side-by-side table, test marks ----------------
@@ -354,16 +354,15 @@ def test_side_by_side_paper_released_few_shot_and_gaps():
 
 def test_choose_skips_runs_chosen_on_test(tmp_path):
     from mlflow import MlflowClient
-    from workflows import promote, tracking
+    from workflows import promote
+    from workflows.names import DATASET, METHOD, PARENT
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("e")
     parent = client.create_run(exp).info.run_id
     ids = {}
     for name, split, val in (("oracle", "test", 0.99), ("fair", "val", 0.60), ("old", None, 0.50)):
-        run = client.create_run(
-            exp, tags={tracking.PARENT: parent, tracking.DATASET: "dtd", tracking.METHOD: "tip-adapter"}
-        ).info.run_id
+        run = client.create_run(exp, tags={PARENT: parent, DATASET: "dtd", METHOD: "tip-adapter"}).info.run_id
         params = dict(method="tip-adapter", shots="16", seed="1", dataset="dtd")
         if split:  # a run from before protocols logs no selection_split: chosen on the few-shot val
             params["selection_split"] = split

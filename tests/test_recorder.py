@@ -83,16 +83,15 @@ def test_a_record_handed_over_is_written_after_its_worker_died(ray_local, store)
 
 def test_a_grid_point_whose_record_never_arrived_fails_the_sweep(store, tmp_path):
     """Close a sweep (no Ray needed) where one of two grid points has a run and the other none."""
-    from workflows import tracking
     from workflows.grid import SweepSpec
+    from workflows.names import SWEEP_ID
     from workflows.sweep import Sweep, SweepPlan, close
+    from workflows.trial_runs import create_trial_run
 
     uri, client, exp_id, parent = store
-    client.set_tag(parent, tracking.SWEEP_ID, "sweep-1")
+    client.set_tag(parent, SWEEP_ID, "sweep-1")
     t1, t2 = (replace(point(k), hparams={"alpha": 0.2}) for k in ("k1", "k2"))
-    run = tracking.create_trial_run(
-        client, dict(exp_id=exp_id, parent_id=parent, sweep_id="sweep-1"), t1, 1_000
-    )
+    run = create_trial_run(client, dict(exp_id=exp_id, parent_id=parent, sweep_id="sweep-1"), t1, 1_000)
     client.log_batch(
         run,
         params=[

@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from clip_adapter.datasets import Item, Split, few_shot
+from clip_adapter.datasets import DatasetSplits, Item, few_shot
 
 
 def split(train_per_class=(20, 20, 3), val_per_class=(10, 2, 10)):
     train = [Item(f"/t/{c}/{i}.jpg", c) for c, n in enumerate(train_per_class) for i in range(n)]
     val = [Item(f"/v/{c}/{i}.jpg", c) for c, n in enumerate(val_per_class) for i in range(n)]
     test = [Item(f"/x/{c}/{i}.jpg", c) for c in range(3) for i in range(5)]
-    return Split("s", "imagefolder", Path("/"), ["a", "b", "c"], "{}", train, val, test)
+    return DatasetSplits("s", "imagefolder", Path("/"), ["a", "b", "c"], "{}", train, val, test)
 
 
 def dassl_reference(items, k):

@@ -59,7 +59,8 @@ def weights_file(tmp_path):
 def test_the_feature_store_never_serves_features_or_text_of_other_weights(tmp_path, tiny, weights_file):
     """The README's demo: `--pretrained random`, then real weights on the same --cache-dir."""
     from clip_adapter.backbone import load_backbone
-    from clip_adapter.features import FeatureStore, LocalEncoder, text_classifier
+    from clip_adapter.encoding import LocalEncoder, text_classifier
+    from clip_adapter.features import FeatureStore
 
     make_colour_tree(tmp_path / "data" / "colours", per_class=2)
     split = load(resolve("colours", tmp_path / "data")[0])
@@ -195,7 +196,7 @@ def test_a_saved_adapter_predicts_what_clip_adapters_formula_gives(tmp_path, tin
 
     from clip_adapter import AdapterClassifier, AdapterMeta, make, save_adapter
     from clip_adapter.backbone import weights_identity
-    from clip_adapter.features import text_classifier
+    from clip_adapter.encoding import text_classifier
 
     names = ["red", "green", "blue"]
     text = torch.from_numpy(text_classifier(tiny, names, "a photo of a {}."))

@@ -12,7 +12,7 @@ import pytest
 from procs import clean_env, run_cli
 
 import mlflow
-from workflows import tracking
+from workflows import experiments, tracking
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def assert_set_up(exp) -> None:
 
 
 def test_a_new_experiment_has_the_view_the_link_names(client, tmp_path):
-    exp_id = tracking.experiment_id(client, "first", client.tracking_uri)
+    exp_id = experiments.experiment_id(client, "first", client.tracking_uri)
     assert_set_up(client.get_experiment(exp_id))
 
 
@@ -47,7 +47,8 @@ def test_an_experiment_made_elsewhere_or_with_an_older_view_gets_it(client):
     )
     for exp_id in (bare, older):
         assert (
-            tracking.experiment_id(client, client.get_experiment(exp_id).name, client.tracking_uri) == exp_id
+            experiments.experiment_id(client, client.get_experiment(exp_id).name, client.tracking_uri)
+            == exp_id
         )
         assert_set_up(client.get_experiment(exp_id))
 
@@ -55,12 +56,12 @@ def test_an_experiment_made_elsewhere_or_with_an_older_view_gets_it(client):
 def test_the_printed_link_names_the_view_and_how_to_open_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     here = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert tracking.ui_link(here, "7") == (
+    assert experiments.ui_link(here, "7") == (
         "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=ca-flow (open it: ca-flow ui)"
     )
     other = "sqlite:////elsewhere/mlflow.db"
-    assert tracking.ui_link(other, "7").endswith(f"(open it: ca-flow ui --tracking-uri {other})")
-    assert tracking.ui_link("http://mlflow:5000/", "7") == (
+    assert experiments.ui_link(other, "7").endswith(f"(open it: ca-flow ui --tracking-uri {other})")
+    assert experiments.ui_link("http://mlflow:5000/", "7") == (
         "http://mlflow:5000/#/experiments/7/runs?viewStateShareKey=ca-flow"
     )
 

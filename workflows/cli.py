@@ -144,9 +144,9 @@ def sweep(
         return _dry_run(spec, as_json)
     if submit:
         return _submit(spec, uri, address, as_json)
-    from . import sweep as s
+    from .sweep import run as run_sweep
 
-    _finish(s.run(spec, uri, address, console(), sweep_id=sweep_id))
+    _finish(run_sweep(spec, uri, address, console(), sweep_id=sweep_id))
 
 
 def _dry_run(spec, as_json: bool) -> None:
@@ -224,8 +224,8 @@ def _finish(outcome) -> None:
     )
     if len(failed):
         lines = [
-            f"  {r.dataset}-{r.method}-{r.shots}shot-seed{r.seed} ({r.key}): {r.error or r.status}"
-            for r in failed.head(5).itertuples()
+            f"  {row.dataset}-{row.method}-{row.shots}shot-seed{row.seed} ({row.key}): {row.error or row.status}"
+            for row in failed.head(5).itertuples()
         ]
         more = [f"  and {len(failed) - 5} more"] if len(failed) > 5 else []
         typer.echo(
@@ -277,9 +277,9 @@ def resume(
         spec.validate()
     except SweepError as exc:
         fail(f"sweep {sid} cannot resume: {exc}")
-    from . import sweep as s
+    from .sweep import run as run_sweep
 
-    _finish(s.run(spec, uri, address, console(), parent=parent))
+    _finish(run_sweep(spec, uri, address, console(), parent=parent))
 
 
 @app.command("sweeps")
@@ -294,24 +294,24 @@ def list_sweeps(
     from . import runs_table
 
     _, client = open_store(tracking_uri)
-    rows = [runs_table.describe(client, p) for p in runs_table.parents(client, experiment)]
+    rows = [runs_table.describe(client, parent) for parent in runs_table.parents(client, experiment)]
     if as_json:
-        return emit([{k: v for k, v in r.items() if k != "datasets"} for r in rows])
+        return emit([{k: v for k, v in row.items() if k != "datasets"} for row in rows])
     from rich.table import Table
 
     table = Table(title="sweeps")
     for col in ("sweep", "experiment", "status", "finished", "failed", "total", "started", "duration"):
         table.add_column(col)
-    for r in rows:
+    for row in rows:
         table.add_row(
-            r["sweep_id"],
-            r["experiment"],
-            r["status"],
-            str(r["finished"]),
-            str(r["failed"]),
-            str(r["total"]),
-            r["started"],
-            f"{r['seconds']:.0f} s",
+            row["sweep_id"],
+            row["experiment"],
+            row["status"],
+            str(row["finished"]),
+            str(row["failed"]),
+            str(row["total"]),
+            row["started"],
+            f"{row['seconds']:.0f} s",
         )
     console().print(table)
 
@@ -338,9 +338,9 @@ def status(
         markup=False,
         highlight=False,
     )
-    for dataset, p in row["datasets"].items():
+    for dataset, progress in row["datasets"].items():
         out.print(
-            f"  {dataset}: {p['finished']} / {p['total']} finished, {p['failed']} failed",
+            f"  {dataset}: {progress['finished']} / {progress['total']} finished, {progress['failed']} failed",
             markup=False,
             highlight=False,
         )

@@ -29,7 +29,8 @@ def report(
     as_json: bool = JSON,
 ):
     """The paper's table and figure for a sweep: printed, written to --out, logged on its parent run."""
-    from . import runs_table, tracking
+    from . import runs_table
+    from .names import SPEC, SWEEP_ID
     from .report import (
         cells,
         comparable_to_paper,
@@ -40,17 +41,16 @@ def report(
         side_by_side_markdown,
         write_report,
     )
+    from .run_search import children
 
     check_sweep_id(sweep)
     _, client = open_store(tracking_uri)
     parent = runs_table.find(client, sweep, experiment)
-    sweep_id = parent.data.tags[tracking.SWEEP_ID]
-    frame = runs_table.frame(
-        sweep_id, tracking.children(client, parent.info.experiment_id, parent.info.run_id)
-    )
+    sweep_id = parent.data.tags[SWEEP_ID]
+    frame = runs_table.frame(sweep_id, children(client, parent.info.experiment_id, parent.info.run_id))
     if not (frame["status"] == "FINISHED").any():
         fail(f"sweep {sweep_id} has no finished trial runs to report; see `ca-flow status {sweep_id}`")
-    spec = json.loads(parent.data.tags[tracking.SPEC])
+    spec = json.loads(parent.data.tags[SPEC])
     why_not = comparable_to_paper(spec["backbone"], spec["pretrained"]) if paper else None
     show_paper = paper and why_not is None
     title = f"{TABLE_TITLE} (sweep {sweep_id}, {spec['backbone']} / {spec['pretrained']} weights)"
@@ -98,41 +98,43 @@ def promote(
 ):
     """Register the best finished run per dataset (by val_acc) as clip-adapter-<dataset>@alias,
     only where it beats the current champion."""
-    from clip_adapter.methods import NAMES
+    from clip_adapter.methods import check as check_methods
 
-    chosen_methods = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in chosen_methods if m not in NAMES] or ([] if chosen_methods else [""])
-    if bad:
-        fail(f"unknown method {bad[0]!r} in --methods; choose from {', '.join(NAMES)}")
+    chosen_methods = [name.strip() for name in methods.split(",") if name.strip()]
+    try:
+        check_methods(chosen_methods or [""], " in --methods")
+    except ValueError as exc:
+        fail(str(exc))
     if not ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
         fail(
             f"--alias {alias!r} is not a registry alias: letters, digits, _ and -, not 'latest' or v<number>"
         )
-    from . import promote as p
+    from .promote import choose
+    from .promote import promote as promote_run
 
     _, client = open_store(tracking_uri)
     exp = experiment_or_latest(client, experiment)
     wanted = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
     decisions = [
-        p.promote(client, d, run, alias, force, dry_run)
-        for d, run in p.choose(client, exp, wanted, chosen_methods).items()
+        promote_run(client, dataset, run, alias, force, dry_run)
+        for dataset, run in choose(client, exp, wanted, chosen_methods).items()
     ]
     rows = [
         dict(
-            dataset=d.dataset,
-            model=d.name,
+            dataset=decision.dataset,
+            model=decision.name,
             alias=alias,
-            version=d.version,
-            action=d.action,
-            run_id=d.run.info.run_id,
-            method=d.run.data.params.get("method"),
-            val_acc=d.run.data.metrics["val_acc"],
-            test_acc=d.run.data.metrics.get("test_acc"),
-            shots=int(d.run.data.params["shots"]),
-            seed=int(d.run.data.params["seed"]),
-            alpha=d.run.data.params.get("alpha"),
+            version=decision.version,
+            action=decision.action,
+            run_id=decision.run.info.run_id,
+            method=decision.run.data.params.get("method"),
+            val_acc=decision.run.data.metrics["val_acc"],
+            test_acc=decision.run.data.metrics.get("test_acc"),
+            shots=int(decision.run.data.params["shots"]),
+            seed=int(decision.run.data.params["seed"]),
+            alpha=decision.run.data.params.get("alpha"),
         )
-        for d in decisions
+        for decision in decisions
     ]
     if as_json:
         return emit(dict(experiment=exp, dry_run=dry_run, promotions=rows))
@@ -152,18 +154,18 @@ def promote(
         "alpha",
     ):
         table.add_column(col)
-    for r in rows:
+    for row in rows:
         table.add_row(
-            r["dataset"],
-            r["model"],
-            r["action"],
-            r["run_id"][:12],
-            r["method"],
-            f"{r['val_acc']:.4f}",
-            f"{r['test_acc']:.4f}",
-            str(r["shots"]),
-            str(r["seed"]),
-            r["alpha"] or "-",
+            row["dataset"],
+            row["model"],
+            row["action"],
+            row["run_id"][:12],
+            row["method"],
+            f"{row['val_acc']:.4f}",
+            f"{row['test_acc']:.4f}",
+            str(row["shots"]),
+            str(row["seed"]),
+            row["alpha"] or "-",
         )
     console().print(table)
 
@@ -204,16 +206,21 @@ def predict(
     model = mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
     # The files travel as their bytes, as they would to `mlflow models serve`: no paths cross over.
     out = model.predict(
-        pd.DataFrame({"image": [base64.b64encode(b).decode() for b in blobs]}), params={"top_k": top_k}
+        pd.DataFrame({"image": [base64.b64encode(blob).decode() for blob in blobs]}), params={"top_k": top_k}
     )
     rows = [
-        dict(image=str(path), top=[dict(label=c, score=round(float(s), 6)) for c, s in zip(labels, scores)])
+        dict(
+            image=str(path),
+            top=[dict(label=label, score=round(float(score), 6)) for label, score in zip(labels, scores)],
+        )
         for path, labels, scores in zip(images, out["top_labels"], out["top_scores"])
     ]
     if as_json:
         return emit(dict(model=f"{name}@{alias}", predictions=rows))
-    for r in rows:
-        typer.echo(f"{r['image']}: " + " | ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"]))
+    for row in rows:
+        typer.echo(
+            f"{row['image']}: " + " | ".join(f"{top['label']} {top['score']:.3f}" for top in row["top"])
+        )
 
 
 def list_datasets(
@@ -223,22 +230,26 @@ def list_datasets(
     as_json: bool = JSON,
 ):
     """The datasets found: name, layout, where, classes and image counts; and what is not usable, and why."""
-    from clip_adapter import datasets as ds
+    from clip_adapter import datasets
 
-    root = ds.check_root(data_root) if data_root is not None else ds.Location(ds.default_data_root())
-    found, skipped = ds.discover(root)  # a missing default root still shows the packaged datasets
-    rows, broken = [], [dict(name=s.name, location=str(s.path), reason=s.reason) for s in skipped]
-    for f in found:
+    root = (
+        datasets.check_root(data_root)
+        if data_root is not None
+        else datasets.Location(datasets.default_data_root())
+    )
+    found, skipped = datasets.discover(root)  # a missing default root still shows the packaged datasets
+    rows, broken = [], [dict(name=skip.name, location=str(skip.path), reason=skip.reason) for skip in skipped]
+    for dataset in found:
         try:
-            split = ds.load(f)
-        except ds.DatasetError as exc:
-            broken.append(dict(name=f.name, location=str(f.path), reason=str(exc)))
+            split = datasets.load(dataset)
+        except datasets.DatasetError as exc:
+            broken.append(dict(name=dataset.name, location=str(dataset.path), reason=str(exc)))
             continue
         rows.append(
             dict(
-                name=f.name,
-                layout=f.kind,
-                location=str(f.path),
+                name=dataset.name,
+                layout=dataset.kind,
+                location=str(dataset.path),
                 classes=len(split.classnames),
                 train=len(split.train),
                 val=None if split.val_from_train else len(split.val),
@@ -246,9 +257,9 @@ def list_datasets(
             )
         )
     missing = [
-        dict(name=k.name, expected=k.layout)
-        for k in ds.REGISTRY.values()
-        if k.folder and not (root / k.folder).exists()
+        dict(name=kind.name, expected=kind.layout)
+        for kind in datasets.REGISTRY.values()
+        if kind.folder and not (root / kind.folder).exists()
     ]
     if as_json:
         return emit(dict(data_root=str(root), datasets=rows, not_usable=broken, not_found=missing))
@@ -257,19 +268,23 @@ def list_datasets(
     table = Table(title=f"datasets (data root {root}{'' if root.is_dir() else ', missing'})")
     for col in ("name", "layout", "location", "classes", "train", "val", "test"):
         table.add_column(col)
-    for r in rows:
+    for row in rows:
         table.add_row(
-            r["name"],
-            r["layout"],
-            r["location"],
-            str(r["classes"]),
-            str(r["train"]),
-            "from train" if r["val"] is None else str(r["val"]),
-            str(r["test"]),
+            row["name"],
+            row["layout"],
+            row["location"],
+            str(row["classes"]),
+            str(row["train"]),
+            "from train" if row["val"] is None else str(row["val"]),
+            str(row["test"]),
         )
     con = console()
     con.print(table)
-    for b in broken:
-        con.print(f"not usable: {b['name']} ({b['location']}): {b['reason']}", markup=False, highlight=False)
-    for m in missing:
-        con.print(f"not found: {m['name']} (expected {m['expected']})", markup=False, highlight=False)
+    for entry in broken:
+        con.print(
+            f"not usable: {entry['name']} ({entry['location']}): {entry['reason']}",
+            markup=False,
+            highlight=False,
+        )
+    for entry in missing:
+        con.print(f"not found: {entry['name']} (expected {entry['expected']})", markup=False, highlight=False)

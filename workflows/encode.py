@@ -14,48 +14,31 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
-from clip_adapter.datasets import Split, few_shot
-from clip_adapter.features import FeatureStore, Group, Request
+from clip_adapter import encoding
+from clip_adapter.datasets import DatasetSplits, few_shot
+from clip_adapter.features import Features, FeatureStore, Group, Request
 from clip_adapter.protocol import RELEASED_CROP_SCALE, RELEASED_CROPS
 
-from .trial import DatasetFeatures, zero_shot_accuracy
+from .trial import DatasetFeatures
 
 CROP_BATCH = 64  # images per CPU task call: fewer, larger tasks keep Ray's per-task cost small
-ENCODE_BATCH = 64  # crops per forward pass of the backbone
 CROP_MEMORY = 512 * 2**20
 IN_FLIGHT = 2  # blocks queued per encoder: one encoding, the next already there
 
 
 def crop_batch(batch: dict, preprocess_cfg: dict) -> dict:
-    """Read, hash, decode and crop the images of a batch: one row per (image, view) out."""
+    """The Ray Data stage of clip_adapter.encoding.crop_batch: workers rebuild the preprocessing from
+    plain data, and a test may hold each task at the barrier."""
     from clip_adapter.backbone import Preprocess
-    from clip_adapter.datasets.fs import read_bytes
-    from clip_adapter.images import ImageError, crops, decode, image_id
 
     from .barrier import barrier
 
     barrier("encode", f"crop-{os.getpid()}")
-    pre = Preprocess(preprocess_cfg)
-    out = dict(request=[], image_id=[], view=[], pixels=[], error=[])
-    blank = np.zeros((*pre.size, 3), dtype=np.uint8)
-    for r, path, views, augment, scale in zip(
-        batch["request"], batch["path"], batch["views"], batch["augment"], batch["scale"]
-    ):
-        try:
-            blob = read_bytes(str(path))
-            img = image_id(blob)
-            pixels = crops(decode(blob), img, [int(v) for v in views], bool(augment), pre, float(scale))
-        except (OSError, ImageError) as exc:
-            out["request"].append(r), out["image_id"].append(""), out["view"].append(-1)
-            out["pixels"].append(blank), out["error"].append(getattr(exc, "strerror", None) or str(exc))
-            continue
-        for v, p in zip(views, pixels):
-            out["request"].append(r), out["image_id"].append(img), out["view"].append(int(v))
-            out["pixels"].append(p), out["error"].append("")
-    return {k: np.stack(v) if k == "pixels" else np.array(v) for k, v in out.items()}
+    return encoding.crop_batch(batch, Preprocess(preprocess_cfg))
 
 
 class Encoder:
@@ -76,19 +59,7 @@ class Encoder:
     def encode(self, block) -> dict:
         from ray.data.block import BlockAccessor
 
-        batch = BlockAccessor.for_block(block).to_batch_format("numpy")
-        ok = np.flatnonzero(batch["error"] == "")
-        feats = np.zeros((len(batch["error"]), self.backbone.width), dtype=np.float32)
-        for start in range(0, len(ok), ENCODE_BATCH):
-            rows = ok[start : start + ENCODE_BATCH]
-            feats[rows] = self.backbone.encode_pixels(batch["pixels"][rows])
-        return dict(
-            request=batch["request"],
-            image_id=batch["image_id"],
-            view=batch["view"],
-            feature=feats,
-            error=batch["error"],
-        )
+        return encoding.encode_crops(self.backbone, BlockAccessor.for_block(block).to_batch_format("numpy"))
 
 
 def wait(ref, check_stop: Callable[[], None]):
@@ -119,12 +90,12 @@ def pipeline(
         dict(request=i, path=r.path, views=r.views, augment=r.augment, scale=r.scale)
         for i, r in enumerate(requests)
     ]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // CROP_BATCH, 200)))
-    # Crop tasks declare the memory a batch of decoded images needs. Half a CPU each: an encoder waiting
-    # on crops (a small model, a GPU) leaves its CPU idle, and two croppers fill it (on 2 CPUs, 0.94x
-    # the in-process loop's steady rate instead of 0.63x, measured with Ray Data's actor pool as the
-    # encoder: benchmarks/encode.py).
-    ds = ds.map_batches(
+    requested = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // CROP_BATCH, 200)))
+    # Crop tasks declare the memory a batch of decoded images needs: Ray starts no more of them at once
+    # than the node's memory holds. Half a CPU each: an encoder waiting on crops (a small model, a GPU)
+    # leaves its CPU idle, and two croppers fill it (benchmarks/encode.py sets the pipeline's rate
+    # beside the in-process loop's).
+    crops = requested.map_batches(
         crop_batch,
         fn_kwargs=dict(preprocess_cfg=preprocess_cfg),
         batch_size=CROP_BATCH,
@@ -149,14 +120,10 @@ def pipeline(
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.25)
         for ref in ready:
             free.append(running.pop(ref))
-            batch = ray.get(ref)
-            for r, img, v, f, e in zip(
-                batch["request"], batch["image_id"], batch["view"], batch["feature"], batch["error"]
-            ):
-                yield dict(request=int(r), image_id=str(img), view=int(v), feature=f, error=str(e))
+            yield from encoding.rows(ray.get(ref))
 
     try:
-        for bundle in ds.iter_internal_ref_bundles():
+        for bundle in crops.iter_internal_ref_bundles():
             for block in bundle.block_refs:
                 check_stop()
                 while not free:
@@ -184,7 +151,7 @@ def model_and_text(
     @ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)
     def load(prompts):
         from clip_adapter.backbone import load_backbone
-        from clip_adapter.features import text_classifier
+        from clip_adapter.encoding import text_classifier
 
         b = load_backbone(backbone, weights, "cuda" if gpus else "cpu")
         info = dict(preprocess=b.preprocess_cfg, width=b.width, logit_scale=b.logit_scale)
@@ -193,7 +160,7 @@ def model_and_text(
     return wait(load.remote(prompts), check_stop)
 
 
-def split_digest(split: Split) -> str:
+def split_digest(split: DatasetSplits) -> str:
     h = hashlib.sha1()
     for part in (split.train, split.val, split.test):
         for item in part:
@@ -202,26 +169,28 @@ def split_digest(split: Split) -> str:
     return h.hexdigest()[:12]
 
 
-def subsets(split: Split, spec) -> dict:
-    return {(k, seed): few_shot(split, k, seed) for k in spec.shots for seed in spec.seeds}
+@dataclass
+class FewShotItems:
+    """The images a sweep encodes for one dataset, each once."""
+
+    subsets: dict[tuple[int, int], tuple[list, list]]  # (shots, seed) -> few_shot's (train, val) items
+    train: list  # the train images of every subset: encoded in augmented views
+    val: list  # the val images of every subset, and under the released protocol the whole val split
+    # (its searches run there): centre-cropped, as the test split is
 
 
-def val_items(split: Split, spec, subs: dict) -> list:
-    """The val images to encode: those of the few-shot subsets, and under the released protocol the
-    whole val split (its searches run there), each once."""
-    few = (i for _, va in subs.values() for i in va)
-    return list(dict.fromkeys([*few, *(split.val if "released" in spec.protocol else [])]))
-
-
-def few_shot_items(split: Split, spec) -> tuple[list, list]:
-    """(train images of every few-shot subset, val images to encode + the test split), each once."""
-    subs = subsets(split, spec)
-    train = list(dict.fromkeys(i for tr, _ in subs.values() for i in tr))
-    return train, val_items(split, spec, subs) + split.test
+def few_shot_items(split: DatasetSplits, spec) -> FewShotItems:
+    subsets = {(k, seed): few_shot(split, k, seed) for k in spec.shots for seed in spec.seeds}
+    train = (i for tr, _ in subsets.values() for i in tr)
+    val = [
+        *(i for _, va in subsets.values() for i in va),
+        *(split.val if "released" in spec.protocol else []),
+    ]
+    return FewShotItems(subsets, list(dict.fromkeys(train)), list(dict.fromkeys(val)))
 
 
 def dataset_features(
-    splits: list[Split],
+    splits: list[DatasetSplits],
     spec,
     store: FeatureStore,
     gpus: float,
@@ -231,21 +200,8 @@ def dataset_features(
     check_stop: Callable[[], None] = lambda: None,
 ) -> dict[str, DatasetFeatures]:
     """Each dataset's features for the sweep's few-shot subsets, encoding only what the store lacks."""
-    subs = {s.name: subsets(s, spec) for s in splits}
-    train_items = {
-        s.name: list(dict.fromkeys(i for tr, _ in subs[s.name].values() for i in tr)) for s in splits
-    }
-    vals = {s.name: val_items(s, spec, subs[s.name]) for s in splits}
-
-    texts = {s.name: store.text(s.classnames, s.template) for s in splits}
-    lacking = [s for s in splits if texts[s.name] is None]
-    if lacking:
-        prompts = [(s.classnames, s.template) for s in lacking]
-        info, weights = model_and_text(spec.backbone, spec.pretrained, gpus, prompts, check_stop)
-        store.put_model_info(info)
-        for s, w in zip(lacking, weights):
-            store.put_text(s.classnames, s.template, w, info["logit_scale"])
-            texts[s.name] = (w, info["logit_scale"])
+    items = {split.name: few_shot_items(split, spec) for split in splits}
+    texts = text_classifiers(splits, spec, store, gpus, check_stop)
 
     def encode(requests):
         info = store.model_info()
@@ -259,55 +215,91 @@ def dataset_features(
     # Under the released protocol Tip-Adapter, Tip-Adapter-F and GDA train on views cropped from 0.5.
     tip_crops = "released" in spec.protocol and bool(set(spec.methods) & RELEASED_CROPS)
     groups = []
-    for s in splits:
-        groups.append(Group(s.name, s.root, train_items[s.name], spec.augment_views, True))
-        groups.append(Group(s.name, s.root, vals[s.name] + s.test, 1, False))
+    for split in splits:
+        groups.append(Group(split.name, split.root, items[split.name].train, spec.augment_views, True))
+        groups.append(Group(split.name, split.root, items[split.name].val + split.test, 1, False))
         if tip_crops:
             groups.append(
-                Group(s.name, s.root, train_items[s.name], spec.augment_views, True, RELEASED_CROP_SCALE)
+                Group(
+                    split.name,
+                    split.root,
+                    items[split.name].train,
+                    spec.augment_views,
+                    True,
+                    RELEASED_CROP_SCALE,
+                )
             )
     feats = store.images_of(groups, encode, on_bad)
     per = 3 if tip_crops else 2
-
     out = {}
-    for i, s in enumerate(splits):
-        train, held = feats[per * i], feats[per * i + 1]
-        tip = feats[per * i + 2] if tip_crops else None
-        text, scale = texts[s.name]
-        ok = train.ok & tip.ok if tip is not None else train.ok  # a row is used only with both its views
-        train_row = {item: r for r, item in enumerate(train_items[s.name]) if ok[r]}
-        val_row = {item: r for r, item in enumerate(vals[s.name]) if held.ok[r]}
-        rows = {
-            key: (
-                np.array([train_row[i] for i in tr if i in train_row], dtype=np.int64),
-                np.array([val_row[i] for i in va if i in val_row], dtype=np.int64),
-            )
-            for key, (tr, va) in subs[s.name].items()
-        }
-        n_val, test_ok = len(vals[s.name]), held.ok[len(vals[s.name]) :]
-        test, test_labels = held.features[n_val:, 0][test_ok], held.labels[n_val:][test_ok]
-        source = dict(
-            name=s.name,
-            digest=split_digest(s),
-            source=str(s.root),
-            source_type="local" if s.root.is_local else s.root.prefix.rstrip(":/"),
-        )
-        out[s.name] = DatasetFeatures(
-            s.name,
-            s.classnames,
-            s.template,
-            text,
-            scale,
-            train.features,
-            train.labels,
-            held.features[:n_val, 0],
-            held.labels[:n_val],
-            test,
-            test_labels,
-            zero_shot_accuracy(test, test_labels, text, scale),
-            rows,
-            source,
-            whole_val=np.array([val_row[i] for i in s.val if i in val_row], dtype=np.int64),
-            train_released=tip.features if tip is not None else None,
+    for i, split in enumerate(splits):
+        train, held, *tip = feats[per * i : per * (i + 1)]
+        text, scale = texts[split.name]
+        out[split.name] = assemble(
+            split, items[split.name], text, scale, train, held, tip[0] if tip else None
         )
     return out
+
+
+def text_classifiers(splits: list[DatasetSplits], spec, store: FeatureStore, gpus: float, check_stop) -> dict:
+    """Each dataset's (text classifier, logit scale): from the store, or made in one Ray task and stored."""
+    texts = {split.name: store.text(split.classnames, split.template) for split in splits}
+    lacking = [split for split in splits if texts[split.name] is None]
+    if lacking:
+        prompts = [(split.classnames, split.template) for split in lacking]
+        info, weights = model_and_text(spec.backbone, spec.pretrained, gpus, prompts, check_stop)
+        store.put_model_info(info)
+        for split, weight in zip(lacking, weights):
+            store.put_text(split.classnames, split.template, weight, info["logit_scale"])
+            texts[split.name] = (weight, info["logit_scale"])
+    return texts
+
+
+def assemble(
+    split: DatasetSplits,
+    items: FewShotItems,
+    text,
+    scale: float,
+    train: Features,
+    held: Features,
+    tip: Features | None,
+) -> DatasetFeatures:
+    """One dataset's DatasetFeatures from its encoded groups: train views, held-out (val, then test)
+    centre crops, and train views cropped from 0.5 where the released protocol needs them."""
+    ok = train.ok & tip.ok if tip is not None else train.ok  # a row is used only with both its views
+    train_row = {item: r for r, item in enumerate(items.train) if ok[r]}
+    val_row = {item: r for r, item in enumerate(items.val) if held.ok[r]}
+    subset_rows = {
+        key: (
+            np.array([train_row[i] for i in tr if i in train_row], dtype=np.int64),
+            np.array([val_row[i] for i in va if i in val_row], dtype=np.int64),
+        )
+        for key, (tr, va) in items.subsets.items()
+    }
+    n_val = len(items.val)
+    test_ok = held.ok[n_val:]
+    test, test_labels = held.features[n_val:, 0][test_ok], held.labels[n_val:][test_ok]
+    source = dict(
+        name=split.name,
+        digest=split_digest(split),
+        source=str(split.root),
+        source_type="local" if split.root.is_local else split.root.prefix.rstrip(":/"),
+    )
+    return DatasetFeatures(
+        split.name,
+        split.classnames,
+        split.template,
+        text,
+        scale,
+        train.features,
+        train.labels,
+        held.features[:n_val, 0],
+        held.labels[:n_val],
+        test,
+        test_labels,
+        encoding.zero_shot_accuracy(test, test_labels, text, scale),
+        subset_rows,
+        source,
+        whole_val=np.array([val_row[i] for i in split.val if i in val_row], dtype=np.int64),
+        train_released=tip.features if tip is not None else None,
+    )

@@ -27,3 +27,8 @@ class NodeError(CaFlowError, RuntimeError):
 
 class TrialError(FinalError, RuntimeError):
     """A trial cannot use its data as its grid point asks (no readable image, a split not encoded)."""
+
+
+def error_line(error: BaseException | str) -> str:
+    """The cause's last line: what a user reads first in a run, a table or the sweep's exit."""
+    return last_line(getattr(error, "cause", None) or error)  # a RayTaskError wraps the trial's own exception

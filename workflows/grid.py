@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from clip_adapter.methods import NAMES as METHOD_NAMES
+from clip_adapter.methods import check as check_methods
 from clip_adapter.methods import trains
 from clip_adapter.protocol import IMAGENET_EPOCHS, PROTOCOLS, epochs_for_shots, selection
 from clip_adapter.protocol import hparams as released_hparams
@@ -90,9 +90,10 @@ class SweepSpec:
                 f"unknown backbone {self.backbone!r}; see open_clip.list_models(), e.g. "
                 f"RN50-quickgelu, ViT-B-32-quickgelu, or {TINY} for tests"
             )
-        unknown = [m for m in self.methods if m not in METHOD_NAMES]
-        if unknown:
-            raise SweepError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHOD_NAMES)}")
+        try:
+            check_methods(self.methods)
+        except ValueError as exc:
+            raise SweepError(str(exc)) from None
         bad = [p for p in self.protocol if p not in PROTOCOLS]
         if bad:
             raise SweepError(f"unknown protocol {bad[0]!r}; use few-shot, released or few-shot,released")

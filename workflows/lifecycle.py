@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from . import runs_table, tracking
+from . import parent_run, runs_table
 
 
 class Interrupted(BaseException):
@@ -88,6 +88,6 @@ class Heartbeat(threading.Thread):
         client = mlflow.MlflowClient(self.uri)
         while not self.stopped.wait(runs_table.heartbeat_seconds()):
             try:
-                tracking.beat(client, self.parent_id)
+                parent_run.beat(client, self.parent_id)
             except Exception:
                 pass

@@ -3,8 +3,11 @@ says at the end (the best run per dataset and method, the results table in its d
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import socket
 import sys
 import tempfile
 import time
@@ -14,10 +17,20 @@ import pandas as pd
 
 from clip_adapter.backbone import RANDOM
 
-from . import tracking
 from .errors import SweepError
 from .grid import SweepSpec, counts
-from .names import NOTE, SWEEP_ID, TEST_ACC, VAL_ACC, WEIGHTS_ID_TAG
+from .names import (
+    DRIVER,
+    HEARTBEAT,
+    NOTE,
+    RANDOM_WEIGHTS,
+    SPEC,
+    SWEEP_ID,
+    TEST_ACC,
+    TOTALS,
+    VAL_ACC,
+    WEIGHTS_ID_TAG,
+)
 from .runs_table import rank_runs
 
 NOTE_LIMIT = 8000  # the characters an MLflow tag holds
@@ -25,26 +38,41 @@ NOTE_LIMIT = 8000  # the characters an MLflow tag holds
 
 def start(client, exp_id: str, sweep_id: str, plan) -> str:
     """A new sweep's parent run: its spec (what `resume` rebuilds from), its grid and the command."""
+    from mlflow.entities import Param
+
     spec = plan.spec
-    record = dict(spec.record(), datasets=",".join(s.name for s in plan.splits))  # resume: the same datasets
+    # resume runs over the same datasets
+    record = dict(spec.record(), datasets=",".join(split.name for split in plan.splits))
     params = {
         f"grid.{k}": ",".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v)
         for k, v in record.items()
     }
     params["grid.trials"] = len(plan.trials)
     command = " ".join(shlex.quote(a) for a in ["ca-flow", *sys.argv[1:]])
-    parent_id = tracking.start_parent(
-        client,
+    run = client.create_run(
         exp_id,
-        sweep_id,
-        record,
-        counts(plan.trials),
-        params,
-        spec.pretrained == RANDOM,
-        describe_grid(plan, command),
+        run_name=f"sweep-{sweep_id}",
+        tags={
+            SWEEP_ID: sweep_id,
+            RANDOM_WEIGHTS: str(spec.pretrained == RANDOM).lower(),
+            SPEC: json.dumps(record),
+            TOTALS: json.dumps(counts(plan.trials)),
+            NOTE: describe_grid(plan, command),
+            **driver_tags(),
+        },
     )
-    client.set_tag(parent_id, WEIGHTS_ID_TAG, plan.weights_id)
-    return parent_id
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    client.set_tag(run.info.run_id, WEIGHTS_ID_TAG, plan.weights_id)
+    return run.info.run_id
+
+
+def driver_tags() -> dict:
+    """Which driver is at work, and that it was alive a moment ago."""
+    return {HEARTBEAT: str(int(time.time())), DRIVER: f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def beat(client, parent_id: str) -> None:
+    client.set_tag(parent_id, HEARTBEAT, str(int(time.time())))
 
 
 def adopt(client, parent, plan) -> tuple[str, str]:
@@ -56,7 +84,10 @@ def adopt(client, parent, plan) -> tuple[str, str]:
             f"{parent.data.tags[SWEEP_ID]} started ({recorded} -> {plan.weights_id}); "
             f"restore them, or start a new sweep"
         )
-    tracking.adopt_parent(client, parent.info.run_id)
+    from mlflow.entities import RunTag
+
+    client.update_run(parent.info.run_id, status="RUNNING")  # running again, driven from here
+    client.log_batch(parent.info.run_id, tags=[RunTag(k, v) for k, v in driver_tags().items()])
     return parent.data.tags[SWEEP_ID], parent.info.run_id
 
 

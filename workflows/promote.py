@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import tracking
 from .errors import PromoteError
-from .tracking import DATASET, METHOD, SWEEP_ID
+from .names import DATASET, METHOD, PARENT, RANDOM_WEIGHTS, SWEEP_ID
+from .run_search import all_runs, is_done
+from .trial_runs import ADAPTER_DIR
 
 ADAPTER_MODEL_CODE = str(Path(__file__).with_name("adapter_model.py"))
 LIBRARY = str(Path(__file__).resolve().parents[1] / "clip_adapter")
@@ -71,8 +72,8 @@ def choose(client, experiment: str, datasets: list[str] | None, methods: list[st
             f"or pass --experiment"
         )
     by_dataset: dict[str, list] = {}
-    for run in tracking.all_runs(client, [exp.experiment_id], "attributes.status = 'FINISHED'"):
-        if tracking.PARENT in run.data.tags and tracking.is_done(run):
+    for run in all_runs(client, [exp.experiment_id], "attributes.status = 'FINISHED'"):
+        if PARENT in run.data.tags and is_done(run):
             by_dataset.setdefault(run.data.tags[DATASET], []).append(run)
     if not by_dataset:
         raise PromoteError(f"experiment {experiment!r} has no finished trial runs; run `ca-flow sweep` first")
@@ -134,15 +135,17 @@ def decide(client, dataset: str, run, alias: str, force: bool) -> tuple[str, obj
         return "same", current
     if force:
         return "move", current
-    p = run.data.params
-    if (current.tags.get("backbone"), current.tags.get("weights_id")) != (
-        p.get("backbone"),
-        p.get("weights_id"),
-    ):
+    if not comparable(run.data.params, current.tags):
         return "keep", current
     return (
         "move" if run.data.metrics["val_acc"] > float(current.tags.get("val_acc", "-1")) else "keep"
     ), current
+
+
+def comparable(params: dict, champion_tags: dict) -> bool:
+    """Runs compare by val_acc only on the same backbone and weights."""
+    same = ("backbone", "weights_id")
+    return tuple(champion_tags.get(k) for k in same) == tuple(params.get(k) for k in same)
 
 
 def promote(client, dataset: str, run, alias: str, force: bool = False, dry_run: bool = False) -> Decision:
@@ -151,12 +154,12 @@ def promote(client, dataset: str, run, alias: str, force: bool = False, dry_run:
     if verdict == "same":
         return Decision(dataset, name, run, current.version, f"already v{current.version}")
     if verdict == "keep":
-        p, ct = run.data.params, current.tags
+        params, champion = run.data.params, current.tags
         why = (
-            f"val_acc {float(ct.get('val_acc', 'nan')):.4f} >= {val:.4f}"
-            if (ct.get("backbone"), ct.get("weights_id")) == (p.get("backbone"), p.get("weights_id"))
-            else f"{ct.get('backbone')}/{ct.get('weights')} is not comparable with {p.get('backbone')}/"
-            f"{p.get('weights')}"
+            f"val_acc {float(champion.get('val_acc', 'nan')):.4f} >= {val:.4f}"
+            if comparable(params, champion)
+            else f"{champion.get('backbone')}/{champion.get('weights')} is not comparable with "
+            f"{params.get('backbone')}/{params.get('weights')}"
         )
         return Decision(
             dataset, name, run, current.version, f"kept v{current.version} ({why}; --force moves it)"
@@ -188,25 +191,25 @@ def register(client, dataset: str, run) -> str:
     import mlflow
 
     name = model_name(dataset)
-    for mv in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
-        if mv.name == name:
-            return str(mv.version)
-    p, m = run.data.params, run.data.metrics
+    for existing in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+        if existing.name == name:
+            return str(existing.version)
+    params, metrics = run.data.params, run.data.metrics
     evidence = dict(
         run_id=run.info.run_id,
         sweep_id=run.data.tags.get(SWEEP_ID, ""),
-        val_acc=m["val_acc"],
-        test_acc=m.get("test_acc", ""),
-        shots=p["shots"],
-        seed=p["seed"],
-        method=p.get("method", "clip-adapter"),
-        alpha=p.get("alpha", ""),
-        beta=p.get("beta", ""),
-        adapter=p.get("adapter", ""),
-        backbone=p.get("backbone", ""),
-        weights=p.get("weights", ""),
-        weights_id=p.get("weights_id", ""),
-        random_weights=run.data.tags.get(tracking.RANDOM_WEIGHTS, ""),
+        val_acc=metrics["val_acc"],
+        test_acc=metrics.get("test_acc", ""),
+        shots=params["shots"],
+        seed=params["seed"],
+        method=params.get("method", "clip-adapter"),
+        alpha=params.get("alpha", ""),
+        beta=params.get("beta", ""),
+        adapter=params.get("adapter", ""),
+        backbone=params.get("backbone", ""),
+        weights=params.get("weights", ""),
+        weights_id=params.get("weights_id", ""),
+        random_weights=run.data.tags.get(RANDOM_WEIGHTS, ""),
     )
     try:
         client.create_registered_model(name, description=f"CLIP-Adapter for {dataset}, promoted by ca-flow")
@@ -214,14 +217,14 @@ def register(client, dataset: str, run) -> str:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     model_uri, model_id = log_pyfunc(client, run)
-    mv = client.create_model_version(
+    created = client.create_model_version(
         name,
         model_uri,
         run_id=run.info.run_id,
         model_id=model_id,
         tags={k: str(v) for k, v in evidence.items()},
     )
-    return str(mv.version)
+    return str(created.version)
 
 
 def log_pyfunc(client, run) -> tuple[str, str]:
@@ -238,7 +241,7 @@ def log_pyfunc(client, run) -> tuple[str, str]:
         run.info.experiment_id, name="adapter", source_run_id=run.info.run_id, model_type="ca-flow-adapter"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = client.download_artifacts(run.info.run_id, tracking.ADAPTER_DIR, tmp)
+        adapter = client.download_artifacts(run.info.run_id, ADAPTER_DIR, tmp)
         mlflow.pyfunc.log_model(
             name="adapter",
             model_id=model.model_id,

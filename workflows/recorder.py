@@ -20,11 +20,15 @@ import shutil
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from . import settings, sqlite_wal, tracking
+from . import settings, sqlite_wal
+from .errors import error_line
+from .names import ATTEMPT, ERROR, TRIAL_KEY
 from .point import TrialPoint
+from .run_search import children, is_done
+from .tracking import unreachable
+from .trial_runs import create_trial_run, fail_run, finish_trial, reopen_trial_run
 
 
 class Recorder:
@@ -41,14 +45,14 @@ class Recorder:
         self.unwritten: dict[str, str] = {}  # trial key -> why its record could not be written
         self.done: set[str] = set()  # keys whose result is held: handed over, or FINISHED in the store
         self.down_since: float | None = None
-        for run in tracking.children(self.client, exp_id, parent_id):
-            key = run.data.tags.get(tracking.TRIAL_KEY)
+        for run in children(self.client, exp_id, parent_id):
+            key = run.data.tags.get(TRIAL_KEY)
             if key:
                 self.runs[key] = run.info.run_id
-                self.attempts[key] = int(run.data.tags.get(tracking.ATTEMPT, "0"))
-                if tracking.ERROR in run.data.tags:
+                self.attempts[key] = int(run.data.tags.get(ATTEMPT, "0"))
+                if ERROR in run.data.tags:
                     self.errored.add(key)
-                if tracking.is_done(run):
+                if is_done(run):
                     self.done.add(key)
         self.records: queue.Queue = queue.Queue()
         threading.Thread(target=self._write_records, daemon=True, name="ca-flow-recorder").start()
@@ -64,16 +68,10 @@ class Recorder:
             self.down_since = None
         except Exception as exc:
             self.down_since = time.time()
-            self.unwritten[key] = f"{what} not recorded: {tracking.error_line(exc)}"
+            self.unwritten[key] = f"{what} not recorded: {error_line(exc)}"
 
     def _reachable(self) -> bool:
-        if not self.uri.startswith(("http://", "https://")):
-            return True
-        try:
-            urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=2).read()
-            return True
-        except OSError:
-            return False
+        return not self.uri.startswith(("http://", "https://")) or unreachable(self.uri, 2) is None
 
     def _start(self, point: TrialPoint, start_ms: int) -> None:
         """The trial's run, created (or reopened) as the trial starts: RUNNING, attempt + 1."""
@@ -83,10 +81,10 @@ class Recorder:
         def write():
             attempt = self.attempts.get(key, 0) + 1
             if key in self.runs:
-                tracking.reopen_trial_run(self.client, self.runs[key], attempt, key in self.errored)
+                reopen_trial_run(self.client, self.runs[key], attempt, key in self.errored)
                 self.errored.discard(key)
             else:
-                self.runs[key] = tracking.create_trial_run(self.client, self.sweep, point, start_ms)
+                self.runs[key] = create_trial_run(self.client, self.sweep, point, start_ms)
             self.attempts[key] = attempt
 
         self._write(key, "start", write)
@@ -108,11 +106,9 @@ class Recorder:
 
         def write():
             if key in self.errored:  # a failed attempt's tag, written after the retry started
-                self.client.delete_tag(self.runs[key], tracking.ERROR)
+                self.client.delete_tag(self.runs[key], ERROR)
                 self.errored.discard(key)
-            tracking.finish_trial(
-                self.client, self.runs[key], params, metrics, losses, str(folder), dataset, end_ms
-            )
+            finish_trial(self.client, self.runs[key], params, metrics, losses, str(folder), dataset, end_ms)
 
         try:
             for name, data in files.items():
@@ -124,7 +120,7 @@ class Recorder:
     def _fail(self, key: str, error: str) -> None:
         if key in self.runs:
             self.errored.add(key)
-            self._write(key, "failure", lambda: tracking.fail_trial(self.client, self.runs[key], error))
+            self._write(key, "failure", lambda: fail_run(self.client, self.runs[key], error))
 
     # -- the hand-over: trials wait for these, and they only queue ---------------------------------
 
@@ -158,7 +154,7 @@ class Recorder:
             try:
                 write(*args)
             except Exception as exc:  # e.g. an adapter file that cannot be staged: reported, never fatal
-                self.unwritten[key] = f"record not written: {tracking.error_line(exc)}"
+                self.unwritten[key] = f"record not written: {error_line(exc)}"
             finally:
                 self.records.task_done()
 

@@ -16,7 +16,7 @@ from clip_adapter.protocol import CLIP_ADAPTER_ALPHA
 
 from .runs_table import rank_runs
 
-PICK = ["dataset", "method", "shots", "seed", "protocol"]
+SELECTION_GROUP = ["dataset", "method", "shots", "seed", "protocol"]  # one run is chosen on val per group
 TEST_MARK = "*"  # beside a figure whose choices were made on test (the released protocol, where it does)
 
 # Published RN50 / OpenAI numbers (Tip-Adapter's log, one seed), from the method reference.
@@ -79,6 +79,12 @@ def with_protocol(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(**{k: frame[k].fillna(v) if k in frame else v for k, v in defaults.items()})
 
 
+def in_order(order, column: pd.Series) -> list:
+    """The values of `order` that `column` holds, in `order`'s order (methods as NAMES lists them)."""
+    held = set(column)
+    return [value for value in order if value in held]
+
+
 def select_on_val(frame: pd.DataFrame) -> pd.DataFrame:
     """Per (dataset, method, shots, seed, protocol), the finished trial with the best val_acc.
 
@@ -89,14 +95,14 @@ def select_on_val(frame: pd.DataFrame) -> pd.DataFrame:
     frame = with_protocol(frame)
     done = frame.loc[
         frame["status"] == "FINISHED",
-        PICK + ["adapter", "alpha", "beta", "val_acc", "run_id", "selection_split"],
+        SELECTION_GROUP + ["adapter", "alpha", "beta", "val_acc", "run_id", "selection_split"],
     ]
     fixed = (done["protocol"] == "released") & (done["method"] == "clip-adapter")
     at_fixed = fixed & (done["alpha"] == CLIP_ADAPTER_ALPHA)
-    group = done[PICK].apply(tuple, axis=1) if len(done) else pd.Series(dtype=object)
+    group = done[SELECTION_GROUP].apply(tuple, axis=1) if len(done) else pd.Series(dtype=object)
     done = done[~fixed | at_fixed | ~group.isin(set(group[at_fixed]))]
-    best = rank_runs(done).groupby(PICK, as_index=False).head(1)
-    return best.sort_values(PICK, ignore_index=True)
+    best = rank_runs(done).groupby(SELECTION_GROUP, as_index=False).head(1)
+    return best.sort_values(SELECTION_GROUP, ignore_index=True)
 
 
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
@@ -157,11 +163,12 @@ def paper_table(frame: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFra
 
     A released-protocol block is named 'method (released)'; mean.attrs["test_selected"] says which
     cells were chosen on test."""
-    s = summary(frame)
+    summarised = summary(frame)
     blocks = {}
-    for protocol in [p for p in ("few-shot", "released") if p in set(s["protocol"])]:
-        for method in [m for m in NAMES if m in set(s.loc[s["protocol"] == protocol, "method"])]:
-            part = s[(s["method"] == method) & (s["protocol"] == protocol)]
+    for protocol in in_order(("few-shot", "released"), summarised["protocol"]):
+        in_protocol = summarised[summarised["protocol"] == protocol]
+        for method in in_order(NAMES, in_protocol["method"]):
+            part = in_protocol[in_protocol["method"] == method]
             mean = part.pivot(index="dataset", columns="shots", values="mean")
             std = part.pivot(index="dataset", columns="shots", values="std")
             marks = (
@@ -212,23 +219,26 @@ def side_by_side(frame: pd.DataFrame, comparable: bool) -> pd.DataFrame:
     published figure (where comparable and published), the released protocol's, the few-shot
     protocol's, released - paper and few-shot - released; `test_selected` marks a released figure
     chosen on test. Figures in %."""
-    s = summary(frame)
+    summarised = summary(frame)
     rows = []
-    for method in [m for m in NAMES if m in set(s["method"])]:
-        part = s[s["method"] == method]
-        by = {
-            p: part[part["protocol"] == p].set_index(["dataset", "shots"]) for p in ("released", "few-shot")
+    for method in in_order(NAMES, summarised["method"]):
+        part = summarised[summarised["method"] == method]
+        by_protocol = {
+            protocol: part[part["protocol"] == protocol].set_index(["dataset", "shots"])
+            for protocol in ("released", "few-shot")
         }
         for shots in sorted(part["shots"].unique()):
             datasets = sorted(set(part.loc[part["shots"] == shots, "dataset"]))
-            both = [d for d in datasets if all((d, shots) in b.index for b in by.values())]
+            both = [d for d in datasets if all((d, shots) in table.index for table in by_protocol.values())]
             for dataset in datasets + (["average"] if both else []):
                 over = both if dataset == "average" else [dataset]
-                released, few = (_mean_over(by[p], over, shots) for p in ("released", "few-shot"))
+                released, few = (
+                    _mean_over(by_protocol[protocol], over, shots) for protocol in ("released", "few-shot")
+                )
                 marked = any(
-                    bool(by["released"].loc[(d, shots), "test_selected"])
+                    bool(by_protocol["released"].loc[(d, shots), "test_selected"])
                     for d in over
-                    if (d, shots) in by["released"].index
+                    if (d, shots) in by_protocol["released"].index
                 )
                 ref = None
                 if comparable:
@@ -286,11 +296,11 @@ def side_by_side_markdown(table: pd.DataFrame) -> str:
         "| method | dataset | shots | paper | released | few-shot | released - paper | few-shot - released |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in table.itertuples():
-        mark = TEST_MARK if r.test_selected else ""
+    for row in table.itertuples():
+        mark = TEST_MARK if row.test_selected else ""
         lines.append(
-            f"| {r.method} | {r.dataset} | {r.shots} | {num(r.paper)} | {num(r.released)}{mark} | "
-            f"{num(r.few_shot)} | {num(r.released_gap, True)} | {num(r.protocol_gap, True)} |"
+            f"| {row.method} | {row.dataset} | {row.shots} | {num(row.paper)} | {num(row.released)}{mark} | "
+            f"{num(row.few_shot)} | {num(row.released_gap, True)} | {num(row.protocol_gap, True)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -336,13 +346,12 @@ def markdown(blocks: dict[str, pd.DataFrame], title: str) -> str:
 def numbers(frame: pd.DataFrame) -> pd.DataFrame:
     """The table as numbers: method, dataset, shots, mean, std (test accuracy, %), n_seeds, protocol and
     test_selected (chosen on test)."""
-    s = summary(frame)
     order = {m: i for i, m in enumerate(NAMES)}
-    s = s.sort_values(
+    summarised = summary(frame).sort_values(
         ["protocol", "method", "dataset", "shots"], key=lambda c: c.map(order) if c.name == "method" else c
     )
     return (
-        s[["method", "dataset", "shots", "mean", "std", "n_seeds", "protocol", "test_selected"]]
+        summarised[["method", "dataset", "shots", "mean", "std", "n_seeds", "protocol", "test_selected"]]
         .round(4)
         .reset_index(drop=True)
     )
@@ -368,17 +377,17 @@ def draw(frame: pd.DataFrame, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = summary(frame)
-    datasets = sorted(s["dataset"].unique()) + ["average"]
-    shots = sorted(s["shots"].unique())
+    summarised = summary(frame)
+    datasets = sorted(summarised["dataset"].unique()) + ["average"]
+    shots = sorted(summarised["shots"].unique())
     cols = min(4, len(datasets))
     rows = math.ceil(len(datasets) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, dataset in zip(axes.flat, datasets):
-        for i, method in enumerate(m for m in NAMES if m in set(s["method"])):
-            part = s[(s["method"] == method) & (s["protocol"] == "few-shot")]
+        for i, method in enumerate(in_order(NAMES, summarised["method"])):
+            part = summarised[(summarised["method"] == method) & (summarised["protocol"] == "few-shot")]
             if part.empty:  # a released-only sweep draws its released figures
-                part = s[s["method"] == method]
+                part = summarised[summarised["method"] == method]
             part = (
                 part.groupby("shots", as_index=False)[["mean", "std"]].mean()
                 if dataset == "average"

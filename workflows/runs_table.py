@@ -19,7 +19,8 @@ import pandas as pd
 
 from clip_adapter.protocol import selection_split
 
-from . import settings, tracking
+from . import settings
+from .errors import TrackingError
 from .names import (
     ADAPTER,
     ALPHA,
@@ -43,7 +44,7 @@ from .names import (
     check_sweep_id,
 )
 from .point import FEW_SHOT, TrialPoint
-from .tracking import TrackingError
+from .run_search import all_runs, children, is_done, quoted
 
 RESULT_COLUMNS = [
     "sweep_id",
@@ -108,8 +109,8 @@ def parents(client, experiment: str | None = None, sweep_id: str | None = None) 
         exp_ids = [e.experiment_id for e in client.search_experiments()]
     if not exp_ids:
         return []
-    where = f"tags.`{SWEEP_ID}` = {tracking.quoted(sweep_id)}" if sweep_id else f"tags.`{SPEC}` != ''"
-    runs = tracking.all_runs(client, exp_ids, where, order_by=["attributes.start_time DESC"])
+    where = f"tags.`{SWEEP_ID}` = {quoted(sweep_id)}" if sweep_id else f"tags.`{SPEC}` != ''"
+    runs = all_runs(client, exp_ids, where, order_by=["attributes.start_time DESC"])
     return [r for r in runs if PARENT not in r.data.tags and SPEC in r.data.tags]
 
 
@@ -135,7 +136,7 @@ def progress(parent, runs: list) -> dict:
     per = {d: dict(finished=0, failed=0, running=0, total=sum(m.values())) for d, m in totals(parent).items()}
     for run in runs:
         row = per.setdefault(run.data.tags.get(DATASET, "?"), dict(finished=0, failed=0, running=0, total=0))
-        if tracking.is_done(run):
+        if is_done(run):
             row["finished"] += 1
         elif run.info.status in ("FAILED", "KILLED"):
             row["failed"] += 1
@@ -148,7 +149,7 @@ def progress(parent, runs: list) -> dict:
 def describe(client, parent) -> dict:
     """One sweep as `sweeps` and `status` show it (JSON-ready)."""
     info = parent.info
-    runs = tracking.children(client, info.experiment_id, info.run_id)
+    runs = children(client, info.experiment_id, info.run_id)
     prog = progress(parent, runs)
     end = info.end_time or (
         None
@@ -196,7 +197,7 @@ def frame(sweep_id: str, runs: list, trials: list[TrialPoint] | None = None) -> 
 def _run_row(run, point: TrialPoint | None) -> dict:
     """A run as a row of the table: its params as the trial logged them, else its grid point's."""
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    done, status = tracking.is_done(run), run.info.status
+    done, status = is_done(run), run.info.status
 
     def ratio(name):  # the ratio the run used: what its method chose on val, else its grid value
         used = params.get(CHOSEN + name, params.get(name))

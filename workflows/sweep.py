@@ -15,16 +15,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd  # noqa: E402
+import pandas as pd
 
-from clip_adapter import datasets  # noqa: E402
-from clip_adapter.backbone import RANDOM, weights_identity  # noqa: E402
+from clip_adapter import datasets
+from clip_adapter.backbone import RANDOM, weights_identity
 
-from . import parent_run, runs_table, settings, tracking
-from .grid import SweepSpec, check_shots, counts, grid, packs  # noqa: E402
-from .lifecycle import Heartbeat, Interrupted, Signals  # noqa: E402
-from .names import TRIAL_KEY, new_sweep_id  # noqa: E402, F401  (new_sweep_id: the sweep's own, for tests)
-from .point import TrialPoint  # noqa: E402
+from . import experiments, parent_run, runs_table, settings, tracking
+from .errors import TrackingError, error_line
+from .grid import SweepSpec, check_shots, counts, grid, packs
+from .lifecycle import Heartbeat, Interrupted, Signals
+from .names import TRIAL_KEY, new_sweep_id  # noqa: F401  (new_sweep_id: the sweep's own, for tests)
+from .point import TrialPoint
+from .run_search import children, is_done
+from .trial_runs import close_unfinished, fail_run
 
 NO_RUN = "no run was recorded for this grid point"
 
@@ -172,7 +175,7 @@ def _open(
         signals.reinstall()
         slots = check_resources(planned.spec.cpus_per_trial, planned.spec.gpus_per_trial)
         client = tracking.connect(uri)
-        exp_id = tracking.experiment_id(client, planned.spec.experiment, uri)
+        exp_id = experiments.experiment_id(client, planned.spec.experiment, uri)
         if parent is None:
             sweep_id = sweep_id or new_sweep_id()
             parent_id = parent_run.start(client, exp_id, sweep_id, planned)
@@ -187,9 +190,9 @@ def _open(
 def _fail(sweep: Sweep, exc: Exception) -> None:
     """Best effort: the error to show is `exc`, even if the store is what failed."""
     with contextlib.suppress(Exception):
-        tracking.close_unfinished(sweep.client, sweep.exp_id, sweep.parent_id, "FAILED")
+        close_unfinished(sweep.client, sweep.exp_id, sweep.parent_id, "FAILED")
     with contextlib.suppress(Exception):
-        tracking.fail_trial(sweep.client, sweep.parent_id, exc)
+        fail_run(sweep.client, sweep.parent_id, exc)
 
 
 def _drive(sweep: Sweep) -> Outcome:
@@ -209,8 +212,8 @@ def _drive(sweep: Sweep) -> Outcome:
 
 def _todo(sweep: Sweep) -> list[TrialPoint]:
     """The grid points without a finished run (all of them, for a new sweep)."""
-    runs = tracking.children(sweep.client, sweep.exp_id, sweep.parent_id)
-    done = {r.data.tags.get(TRIAL_KEY) for r in runs if tracking.is_done(r)}
+    runs = children(sweep.client, sweep.exp_id, sweep.parent_id)
+    done = {r.data.tags.get(TRIAL_KEY) for r in runs if is_done(r)}
     todo = [p for p in sweep.plan.trials if p.key not in done]
     if done:
         sweep.say(
@@ -242,7 +245,7 @@ def _stage_features(sweep: Sweep, todo: list[TrialPoint], recorder) -> dict:
     gpus = 1.0 if sweep.spec.gpus_per_trial > 0 else 0.0
     with sweep.signals.polling():
         features = stage_features(
-            [s for s in sweep.plan.splits if s.name in names],
+            [split for split in sweep.plan.splits if split.name in names],
             sweep.spec,
             gpus,
             sweep.console,
@@ -276,7 +279,7 @@ def close(sweep: Sweep) -> Outcome:
         complete = (results["status"] == "FINISHED").all()
         status = "KILLED" if sweep.signum else "FINISHED" if complete else "FAILED"
         sweep.client.set_terminated(sweep.parent_id, status=status)
-    except (MlflowException, OSError, tracking.TrackingError) as exc:
+    except (MlflowException, OSError, TrackingError) as exc:
         results = pd.DataFrame({"key": sorted({p.key for p in sweep.plan.trials}), "status": "UNKNOWN"})
         return Outcome(
             sweep.sweep_id,
@@ -286,7 +289,7 @@ def close(sweep: Sweep) -> Outcome:
             seconds,
             sweep.tune_seconds,
             sweep.signum,
-            f"the tracking store stopped answering ({tracking.error_line(exc)}); what finished is in it, "
+            f"the tracking store stopped answering ({error_line(exc)}); what finished is in it, "
             f"the rest is not recorded",
         )
     return Outcome(
@@ -297,17 +300,17 @@ def close(sweep: Sweep) -> Outcome:
         seconds,
         sweep.tune_seconds,
         sweep.signum,
-        browse=tracking.ui_link(sweep.client.tracking_uri, sweep.exp_id),
+        browse=experiments.ui_link(sweep.client.tracking_uri, sweep.exp_id),
     )
 
 
 def _close_runs(sweep: Sweep) -> pd.DataFrame:
     """Unfinished runs closed, then the results table, a row per grid point."""
     errors = sweep.errors
-    tracking.close_unfinished(
+    close_unfinished(
         sweep.client, sweep.exp_id, sweep.parent_id, "KILLED" if sweep.signum else "FAILED", errors
     )
-    runs = tracking.children(sweep.client, sweep.exp_id, sweep.parent_id)
+    runs = children(sweep.client, sweep.exp_id, sweep.parent_id)
     results = runs_table.frame(sweep.sweep_id, runs, sweep.plan.trials)
     # A grid point without a run failed all the same (Tune gave up on it before it had one, or its
     # record never reached the store); after an interruption, it is one that never started.
@@ -337,7 +340,8 @@ def dry_run(spec: SweepSpec) -> dict:
     store = FeatureStore(spec.cache_dir, spec.backbone, spec.pretrained)
     images = {}
     for split in planned.splits:
-        train, evaluated = few_shot_items(split, spec)
+        items = few_shot_items(split, spec)
+        train, evaluated = items.train, items.val + split.test
         plans = (
             store.plan(split.name, split.root, train, spec.augment_views, True),
             store.plan(split.name, split.root, evaluated, 1, False),

@@ -15,8 +15,8 @@ import numpy as np
 
 from clip_adapter.protocol import selection_split
 
-from . import barrier, tracking
-from .errors import FinalError, NodeError, TrialError
+from . import barrier
+from .errors import FinalError, NodeError, TrialError, error_line
 from .names import (
     ADAPTER,
     CHOSEN,
@@ -51,18 +51,10 @@ class DatasetFeatures:
     test: np.ndarray
     test_labels: np.ndarray
     zs_test_acc: float  # the same for every trial of the dataset: computed once, by the driver
-    rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # (shots, seed) -> (train, val) rows
+    subset_rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # (shots, seed) -> rows of train, val
     source: dict  # name, digest of the split, source: the run's MLflow dataset input
     whole_val: np.ndarray | None = None  # rows of the whole val split (encoded for the released protocol)
     train_released: np.ndarray | None = None  # train's views cropped from 0.5 (released Tip-Adapter, GDA)
-
-
-def zero_shot_accuracy(features: np.ndarray, labels: np.ndarray, text: np.ndarray, scale: float) -> float:
-    """As clip_adapter.train.zero_shot_accuracy, in numpy: the driver never needs torch."""
-    if not len(labels):
-        return float("nan")
-    f = features / np.linalg.norm(features, axis=-1, keepdims=True)
-    return float(((scale * f @ text.T).argmax(-1) == labels).mean())
 
 
 def train_trial(point: TrialPoint, data: DatasetFeatures, device: str = "cpu"):
@@ -91,7 +83,7 @@ def train_pack(pack: Pack, data: DatasetFeatures, device: str = "cpu") -> list[t
 
 def _few_shot(point: TrialPoint, data: DatasetFeatures):
     """The point's FewShot (what its protocol selects on) and the number of images it selects on."""
-    train_rows, val_rows = data.rows[(point.shots, point.seed)]
+    train_rows, val_rows = data.subset_rows[(point.shots, point.seed)]
     if len(train_rows) == 0:
         raise TrialError(
             f"{point.dataset}: no readable train image for {point.shots} shots, seed {point.seed}"
@@ -264,10 +256,10 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
         seconds = (time.time() - started) / len(pack)  # a pack's points share its time
     except Exception as exc:
         for point in pack:
-            hand_over(recorder.fail, point.key, tracking.error_line(exc))
+            hand_over(recorder.fail, point.key, error_line(exc))
         if _retryable(exc):
             raise
-        tune.report({ERROR_RESULT: tracking.error_line(exc)})
+        tune.report({ERROR_RESULT: error_line(exc)})
         return
     for point, params, metrics, losses, files in records:
         metrics[TRIAL_SECONDS] = seconds

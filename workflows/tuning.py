@@ -7,7 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
-from . import tracking
+from .errors import error_line
 from .grid import SweepSpec, packs
 from .point import TrialPoint
 
@@ -95,7 +95,7 @@ def run_trials(
     errors = {}
     for r in results:
         if r.config and r.error is not None:  # Tune gave up: retries spent on lost workers or nodes
-            errors.update({p.key: tracking.error_line(r.error) for p in r.config["trials"]})
+            errors.update({p.key: error_line(r.error) for p in r.config["trials"]})
         elif r.config and ERROR_RESULT in (r.metrics or {}):  # the trial's own error, not retried
             errors.update({p.key: r.metrics[ERROR_RESULT] for p in r.config["trials"]})
     return errors

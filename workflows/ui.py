@@ -16,10 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from . import runs_table, tracking
+from . import experiments, runs_table, tracking
 from .cli_errors import fail
 from .settings import UI_JOB_EXECUTION
 
@@ -33,8 +32,8 @@ def latest_runs_link(client, base: str) -> str:
     if not found:
         fail("no sweep in this tracking store; run `ca-flow sweep` first, or pass --tracking-uri")
     exp = client.get_experiment(found[0].info.experiment_id)
-    tracking.set_up(client, exp)
-    return tracking.runs_url(base, exp.experiment_id)
+    experiments.set_up(client, exp)
+    return experiments.runs_url(base, exp.experiment_id)
 
 
 def port_free(port: int) -> bool:
@@ -44,14 +43,6 @@ def port_free(port: int) -> bool:
             return True
         except OSError:
             return False
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def command(uri: str, port: int) -> list[str]:
@@ -68,7 +59,7 @@ def command(uri: str, port: int) -> list[str]:
         "1",
     ]
     db = tracking.sqlite_path(uri)
-    if db is not None:  # where ca-flow's experiments keep their artifacts (tracking.experiment_id)
+    if db is not None:  # where ca-flow's experiments keep their artifacts (experiments.experiment_id)
         cmd += ["--artifacts-destination", str(db.parent / "mlartifacts")]
     return cmd
 
@@ -100,7 +91,7 @@ def serve(client, uri: str, port: int, echo) -> int:
     )
     try:
         deadline = time.monotonic() + START_S
-        while not answers(f"http://127.0.0.1:{port}"):
+        while tracking.unreachable(f"http://127.0.0.1:{port}", timeout=2) is not None:
             if proc.poll() is not None:
                 fail(f"mlflow ui exited with {proc.returncode} before it answered: {last_line(log)}")
             if interrupted:

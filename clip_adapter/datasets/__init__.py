@@ -25,7 +25,9 @@ class Item:
 
 
 @dataclass
-class Split:
+class DatasetSplits:
+    """A dataset: its class names, prompt, and its train, val and test splits of labelled images."""
+
     name: str
     kind: str
     root: Location
@@ -46,7 +48,7 @@ class DatasetKind:
     name: str
     folder: str  # under the data root; "" for data shipped in a package
     layout: str  # what we expect to find, for error messages
-    read: Callable[[Location, str], Split]  # (dataset folder, dataset name) -> Split
+    read: Callable[[Location, str], DatasetSplits]  # (dataset folder, dataset name) -> DatasetSplits
     locate: Callable[[Location], Location] | None = None  # overrides data_root / folder
 
 
@@ -169,14 +171,14 @@ def resolve_all(
     return out, []
 
 
-def load(found: Found) -> Split:
+def load(found: Found) -> DatasetSplits:
     kind = REGISTRY[found.kind]
     return kind.read(found.path, found.name)
 
 
 def load_splits(
     names: str | list[str], data_root: str | Path | Location
-) -> tuple[list[Split], list[Skipped]]:
+) -> tuple[list[DatasetSplits], list[Skipped]]:
     """Load what `names` asks for. With `all`, a dataset that cannot be read is skipped with its
     reason (the caller shows them); a dataset named explicitly that cannot be read is an error."""
     found, skipped = resolve_all(names, data_root)

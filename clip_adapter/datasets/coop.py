@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from . import DatasetError, DatasetKind, Item, Split, register
+from . import DatasetError, DatasetKind, DatasetSplits, Item, register
 from .fs import Location
 
 
@@ -44,12 +44,12 @@ def prompt_names(names: list[str]) -> list[str]:
 def coop_kind(
     name: str, folder: str, image_dir: str, split_file: str, template: str | list[str]
 ) -> DatasetKind:
-    def read(path: Location, dataset_name: str) -> Split:
+    def read(path: Location, dataset_name: str) -> DatasetSplits:
         images = path / image_dir  # image_dir "" is the dataset folder itself (StanfordCars)
         if not images.is_dir():
             raise DatasetError(f"{images} is missing; expected {layout}")
         train, val, test, names = read_split_json(path / split_file, images)
-        return Split(dataset_name, name, path, prompt_names(names), template, train, val, test)
+        return DatasetSplits(dataset_name, name, path, prompt_names(names), template, train, val, test)
 
     under = f"{folder}/{image_dir}" if image_dir else folder
     layout = f"{under}/... and {folder}/{split_file} (CoOp layout)"

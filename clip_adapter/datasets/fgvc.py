@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import DatasetError, DatasetKind, Item, Split, register
+from . import DatasetError, DatasetKind, DatasetSplits, Item, register
 from .coop import prompt_names
 from .fs import Location
 
@@ -29,7 +29,7 @@ def _read_split(path: Location, images: Location, label_of: dict[str, int]) -> l
     return items
 
 
-def read_fgvc(path: Location, dataset_name: str) -> Split:
+def read_fgvc(path: Location, dataset_name: str) -> DatasetSplits:
     images = path / "images"
     if not images.is_dir():
         raise DatasetError(f"{images} is missing; expected {LAYOUT}")
@@ -38,7 +38,7 @@ def read_fgvc(path: Location, dataset_name: str) -> Split:
     train, val, test = (
         _read_split(path / f"images_variant_{s}.txt", images, label_of) for s in ("train", "val", "test")
     )
-    return Split(
+    return DatasetSplits(
         dataset_name,
         "fgvc_aircraft",
         path,

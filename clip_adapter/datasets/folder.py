@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from . import DEFAULT_TEMPLATE, IMAGE_SUFFIXES, DatasetError, DatasetKind, Item, Split, register
+from . import DEFAULT_TEMPLATE, IMAGE_SUFFIXES, DatasetError, DatasetKind, DatasetSplits, Item, register
 from .coop import read_split_json
 from .fs import Location
 
@@ -49,13 +49,13 @@ def read_class_tree(
     classnames: list[str] | None = None,
     folders: list[str] | None = None,
     template: str = DEFAULT_TEMPLATE,
-) -> Split:
+) -> DatasetSplits:
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder; expected one sub-folder of images per class")
     splits = root.glob("split*.json")
     if splits:  # a CoOp-format split beside the class folders wins over our own split
         train, val, test, names = read_split_json(splits[0], root)
-        return Split(name, kind, root, names, template, train, val, test)
+        return DatasetSplits(name, kind, root, names, template, train, val, test)
     folders = folders or sorted(d.name for d in root.iterdir() if d.is_dir())
     by_class = [_images(root / f) for f in folders]
     empty = [f for f, imgs in zip(folders, by_class) if not imgs]
@@ -66,7 +66,7 @@ def read_class_tree(
         )
     names = classnames or [f.replace("_", " ") for f in folders]
     train, val, test = seeded_split(by_class)
-    return Split(name, kind, root, names, template, train, val, test)
+    return DatasetSplits(name, kind, root, names, template, train, val, test)
 
 
 register(

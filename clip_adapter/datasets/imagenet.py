@@ -7,7 +7,7 @@ the single "a photo of a {}." gives about two points less zero-shot.
 
 from __future__ import annotations
 
-from . import DatasetError, DatasetKind, Item, Split, register
+from . import DatasetError, DatasetKind, DatasetSplits, Item, register
 from .coop import prompt_names
 from .fs import Location
 
@@ -51,7 +51,7 @@ def _images(folder: Location, label: int) -> list[Item]:
     ]
 
 
-def read_imagenet(path: Location, dataset_name: str) -> Split:
+def read_imagenet(path: Location, dataset_name: str) -> DatasetSplits:
     classnames = read_classnames(path / "classnames.txt")
     train_dir, val_dir = path / "images" / "train", path / "images" / "val"
     folders = _class_folders(train_dir)  # label = index in the sorted listing, as CoOp
@@ -73,7 +73,7 @@ def read_imagenet(path: Location, dataset_name: str) -> Split:
     train = [i for f in folders for i in _images(train_dir / f, label_of[f])]
     test = [i for f in val_folders for i in _images(val_dir / f, label_of[f])]
     # No held-out val exists: few_shot draws validation shots from train images not chosen for training.
-    return Split(
+    return DatasetSplits(
         dataset_name,
         "imagenet",
         path,

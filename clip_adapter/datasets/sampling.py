@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from . import Item, Split
+from . import DatasetSplits, Item
 
 
 def _per_class(items: list[Item], k: int, rng: random.Random) -> list[Item]:
@@ -18,7 +18,7 @@ def _per_class(items: list[Item], k: int, rng: random.Random) -> list[Item]:
     return out
 
 
-def few_shot(split: Split, shots: int, seed: int) -> tuple[list[Item], list[Item]]:
+def few_shot(split: DatasetSplits, shots: int, seed: int) -> tuple[list[Item], list[Item]]:
     """K per class for train, then min(K, 4) per class for val, from one stream seeded by `seed`.
 
     Dassl seeds `random` once, samples train then val with random.sample; a class with fewer

@@ -6,6 +6,7 @@ use: listing and validating method names needs no torch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib import import_module
 
 # name -> the module that registers it, in the order tables show them.
@@ -23,10 +24,17 @@ NAMES = tuple(_MODULES)
 UNTRAINED = frozenset({"zero-shot"})
 
 
+def check(names: Iterable[str], where: str = "") -> None:
+    """Raise ValueError naming the first of `names` that is no method's; `where` says where the names
+    came from, as the caller spells it (the command line: " in --methods")."""
+    for name in names:
+        if name not in _MODULES:
+            raise ValueError(f"unknown method {name!r}{where}; choose from {', '.join(NAMES)}")
+
+
 def get(name: str):
     """The registered class of method `name`."""
-    if name not in _MODULES:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(NAMES)}")
+    check([name])
     import_module(f".{_MODULES[name]}", __name__)
     from .base import METHODS
 
@@ -40,8 +48,7 @@ def make(name: str, text, logit_scale: float, **hparams):
 
 
 def trains(name: str) -> bool:
-    if name not in _MODULES:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(NAMES)}")
+    check([name])
     return name not in UNTRAINED
 
 
