@@ -7,6 +7,8 @@ import math
 import os
 import socket
 import sys
+import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from .errors import SweepError, first_line
@@ -43,7 +45,9 @@ def check_address(address: str) -> None:
         ) from None
 
 
-def connect_ray(address: str | None) -> None:
+def connect_ray(address: str | None, meanwhile: Callable[[], None] = lambda: None) -> None:
+    """Join Ray or start it; `meanwhile` runs in a thread while a new Ray starts, once the address has
+    been checked (a bad one fails before anything else loads)."""
     import ray
     from ray.data import DataContext
 
@@ -62,6 +66,7 @@ def connect_ray(address: str | None) -> None:
         check_address(address)  # even where Ray is already up: a bad address is the user's to fix
     if ray.is_initialized():
         return
+    threading.Thread(target=meanwhile, daemon=True, name="ca-flow-meanwhile").start()
     try:
         if address:
             with _held_fd2():

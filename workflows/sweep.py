@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,13 +164,10 @@ def _open(
     planned: SweepPlan, uri: str, address: str | None, console, signals: Signals, parent, sweep_id: str | None
 ) -> Sweep:
     """Ray, the store, the experiment and the parent run (new, or the resumed sweep's)."""
-    import ray  # noqa: F401  (whole before MLflow's imports start beside it: both load protobuf)
-
     from .connect import check_resources, connect_ray
 
-    threading.Thread(target=tracking.load_mlflow, daemon=True, name="ca-flow-load-mlflow").start()
     try:
-        connect_ray(address)  # MLflow's imports, a second or more, run meanwhile
+        connect_ray(address, meanwhile=tracking.load_mlflow)  # MLflow's imports take a second or more
         signals.reinstall()
         slots = check_resources(planned.spec.cpus_per_trial, planned.spec.gpus_per_trial)
         client = tracking.connect(uri)
