@@ -4,8 +4,9 @@
 
 1. Features: the same textile images encoded on CUDA and on the CPU agree (relative error).
 2. Encoding throughput on CUDA against the CPU, images per second, side by side.
-3. The sweep's encoder stage (workflows.encode: crop_batch on the CPU, then the Encoder actor class,
-   called directly here because Ray does not fit on the GPU machine): images/s and the fraction of
+3. The sweep's encoder stage (workflows.encode: its crop_batch stage on the CPU, then the Encoder actor
+   class's work, clip_adapter.encoding.encode_crops on its backbone, called directly here because Ray
+   does not fit on the GPU machine): images/s and the fraction of
    its time the GPU is busy, against open_clip's raw forward on the same, already normalised batch
    (the bound).
 4. Training: a CLIP-Adapter on ImageNet-sized planted features (1000 classes x 16 shots x 10 views)
@@ -28,7 +29,7 @@ import torch
 from clip_adapter import CLIPAdapter, TrainConfig, datasets, fit
 from clip_adapter.adapter import StackedCLIPAdapter
 from clip_adapter.backbone import load_backbone
-from clip_adapter.encoding import ENCODE_BATCH, encode_in_process
+from clip_adapter.encoding import ENCODE_BATCH, encode_crops, encode_in_process, request_batch
 from clip_adapter.features import Request
 from workflows.encode import Encoder, crop_batch
 
@@ -42,15 +43,10 @@ def encode(backbone, items):
 def encoder_stage(backbone_name, items):
     """The sweep's two stages as Ray Data calls them: CPU crops, then the encoder class on CUDA."""
     enc = Encoder(backbone_name, "random", "cuda", threads=1)
-    cfg = enc.backbone.preprocess_cfg
-    batch = {
-        "request": np.arange(len(items)),
-        "path": np.array([i.path for i in items], dtype=object),
-        "views": np.array([[0]] * len(items)),
-        "augment": np.zeros(len(items), dtype=bool),
-    }
-    crops = crop_batch(batch, cfg)  # CPU work, done before the clock starts: the GPU stage is timed
-    enc(dict({k: v[:ENCODE_BATCH] for k, v in crops.items()}))  # warm-up
+    batch = request_batch([Request("textile", i.path, "", 0, 0, [0], False) for i in items])
+    # CPU work, done before the clock starts: the GPU stage is timed
+    crops = crop_batch(batch, enc.backbone.preprocess_cfg)
+    encode_crops(enc.backbone, {k: v[:ENCODE_BATCH] for k, v in crops.items()})  # warm-up
     samples, done = [], threading.Event()
 
     def sample():  # the driver's view of the GPU: % of time a kernel ran, every 10 ms (NVML)
@@ -63,7 +59,7 @@ def encoder_stage(backbone_name, items):
     threading.Thread(target=sample, daemon=True).start()
     started = time.perf_counter()
     for start in range(0, len(items), ENCODE_BATCH):
-        enc({k: v[start : start + ENCODE_BATCH] for k, v in crops.items()})
+        encode_crops(enc.backbone, {k: v[start : start + ENCODE_BATCH] for k, v in crops.items()})
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
     done.set()
