@@ -21,6 +21,8 @@ EXCLUDES = [
     ".git",
     ".venv",
     "mlflow.db",
+    "mlflow.db-wal",  # the store's write-ahead log (workflows/sqlite_wal.py)
+    "mlflow.db-shm",
     "mlartifacts",
     "mlruns",
     "ca-flow-results",
