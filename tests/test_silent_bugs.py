@@ -172,11 +172,12 @@ def test_champion_never_moves_to_a_better_run_on_other_weights_or_backbone(tmp_p
 
     for backbone, weights_id in (("RN50-quickgelu", "random-seed0"), ("ViT-B-32-quickgelu", "tag-openai")):
         better = run(backbone, weights_id, 0.99)
-        decision = promote(client, "colours", better, "champion")
-        assert (
-            decision.action.startswith(f"kept v{mv.version} (")
-            and "is not comparable with" in decision.action
-        )
+        for dry_run in (True, False):  # the dry run says what a real one would do, and the real one does it
+            decision = promote(client, "colours", better, "champion", dry_run=dry_run)
+            assert (
+                decision.action.startswith(f"kept v{mv.version} (")
+                and "is not comparable with" in decision.action
+            ), decision.action
         assert client.get_model_version_by_alias(name, "champion").version == mv.version
     # the same backbone and weights, better on val: that one would move it (the rule is not "never move")
     same = run("RN50-quickgelu", "tag-openai", 0.60)
