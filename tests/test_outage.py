@@ -92,3 +92,44 @@ def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, c
         # the recorder itself lost (drain gave nothing): the point without a run is still no success
         outcome = s.close(s.Sweep(planned, client, exp_id, sweep_id, parent_id))
         assert sorted(outcome.failed["key"]) == sorted([cut_short.key, never_began.key])
+
+
+def test_a_sweep_whose_records_the_store_refuses_fails_them_saying_why(tmp_path, colour_root, ray_local):
+    """The whole path, not the recorder alone: every trial trains, but the store refuses its results
+    (an SQLite trigger, as a quota or a constraint would), so no point is done, each run is FAILED with
+    the recorder's own reason, and the sweep counts them failed."""
+    import io
+    import sqlite3
+
+    from rich.console import Console
+
+    from workflows import sweep as s
+    from workflows import tracking
+    from workflows.grid import SweepSpec
+
+    db = tmp_path / "m.db"
+    tracking.connect(f"sqlite:///{db}")  # the schema, then the trigger on its metrics table
+    with sqlite3.connect(db) as store:
+        store.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON metrics WHEN NEW.key = 'val_acc' "
+            "BEGIN SELECT RAISE(ABORT, 'this store takes no val_acc'); END"
+        )
+    spec = SweepSpec(
+        datasets="colours",
+        data_root=str(colour_root),
+        backbone="ca-flow-tiny",
+        pretrained="random",
+        shots=[1],
+        seeds=[1],
+        alphas=[0.2, 0.4],
+        methods=["clip-adapter"],
+        epochs=1,
+        experiment="refused",
+        cache_dir=str(tmp_path / "cache"),
+        results_dir=str(tmp_path / "results"),
+        storage_path=str(tmp_path / "ray_results"),
+    ).validate()
+    outcome = s.run(spec, f"sqlite:///{db}", None, Console(file=io.StringIO()))
+    assert (outcome.total, outcome.done, len(outcome.failed)) == (2, 0, 2), outcome.results
+    errors = outcome.failed["error"].tolist()
+    assert all(e.startswith("result not recorded: ") and "takes no val_acc" in e for e in errors), errors

@@ -31,4 +31,8 @@ class TrialError(FinalError, RuntimeError):
 
 def error_line(error: BaseException | str) -> str:
     """The cause's last line: what a user reads first in a run, a table or the sweep's exit."""
-    return last_line(getattr(error, "cause", None) or error)  # a RayTaskError wraps the trial's own exception
+    cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the trial's own exception
+    # A database store's error (SQLAlchemy, through MLflow) ends with the statement, its parameters and
+    # a link; the line that says why comes before them.
+    said = str(cause).split("\n[SQL: ", 1)[0]
+    return last_line(said) if said.strip() else last_line(cause)
