@@ -10,27 +10,32 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, colour_root, monkeypatch):
-    import mlflow
-    from workflows import experiments, parent_run
-    from workflows import sweep as s
+def colours_spec(colour_root, tmp_path, **fields):
+    """One shot, one seed of CLIP-Adapter on the generated `colours` tree, tiny random backbone."""
     from workflows.grid import SweepSpec
-    from workflows.names import TRIAL_KEY
-    from workflows.recorder import Recorder
-    from workflows.run_search import children, is_done
 
-    spec = SweepSpec(
+    return SweepSpec(
         datasets="colours",
         data_root=str(colour_root),
         backbone="ca-flow-tiny",
         pretrained="random",
         shots=[1],
         seeds=[1],
-        alphas=[0.2, 0.4, 0.6],
         methods=["clip-adapter"],
         results_dir=str(tmp_path / "results"),
-        experiment="outage",
+        **fields,
     )
+
+
+def test_points_whose_record_the_store_lost_are_failed_and_resumable(tmp_path, colour_root, monkeypatch):
+    import mlflow
+    from workflows import experiments, parent_run
+    from workflows import sweep as s
+    from workflows.names import TRIAL_KEY
+    from workflows.recorder import Recorder
+    from workflows.run_search import children, is_done
+
+    spec = colours_spec(colour_root, tmp_path, alphas=[0.2, 0.4, 0.6], experiment="outage")
     planned = s.plan(spec)
     done, cut_short, never_began = planned.trials  # finished; started before the outage; began during it
     db, artifacts, logs = tmp_path / "m.db", tmp_path / "artifacts", tmp_path / "logs"
@@ -105,7 +110,6 @@ def test_a_sweep_whose_records_the_store_refuses_fails_them_saying_why(tmp_path,
 
     from workflows import sweep as s
     from workflows import tracking
-    from workflows.grid import SweepSpec
 
     db = tmp_path / "m.db"
     tracking.connect(f"sqlite:///{db}")  # the schema, then the trigger on its metrics table
@@ -114,19 +118,13 @@ def test_a_sweep_whose_records_the_store_refuses_fails_them_saying_why(tmp_path,
             "CREATE TRIGGER refuse BEFORE INSERT ON metrics WHEN NEW.key = 'val_acc' "
             "BEGIN SELECT RAISE(ABORT, 'this store takes no val_acc'); END"
         )
-    spec = SweepSpec(
-        datasets="colours",
-        data_root=str(colour_root),
-        backbone="ca-flow-tiny",
-        pretrained="random",
-        shots=[1],
-        seeds=[1],
+    spec = colours_spec(
+        colour_root,
+        tmp_path,
         alphas=[0.2, 0.4],
-        methods=["clip-adapter"],
         epochs=1,
         experiment="refused",
         cache_dir=str(tmp_path / "cache"),
-        results_dir=str(tmp_path / "results"),
         storage_path=str(tmp_path / "ray_results"),
     ).validate()
     outcome = s.run(spec, f"sqlite:///{db}", None, Console(file=io.StringIO()))

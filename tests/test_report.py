@@ -15,7 +15,6 @@ from workflows.report import (
     PAPER_ZERO_SHOT,
     cells,
     comparable_to_paper,
-    draw,
     numbers,
     paper_average,
     paper_table,
@@ -23,6 +22,7 @@ from workflows.report import (
     summary,
     write_report,
 )
+from workflows.report_figure import draw
 
 
 def frame(rows):

@@ -1,4 +1,5 @@
-"""Results of a sweep: selection on validation, the paper's table and figure, the published numbers.
+"""Results of a sweep: selection on validation, the paper's table, the published numbers (the figure:
+report_figure.py).
 
 Accuracies are fractions in MLflow and percentages here, in tables made for people (labelled %).
 """
@@ -6,7 +7,6 @@ Accuracies are fractions in MLflow and percentages here, in tables made for peop
 from __future__ import annotations
 
 import math
-import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -357,70 +357,6 @@ def numbers(frame: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def figure(frame: pd.DataFrame, path: Path, title: str) -> Path:
-    """The figure (see `draw`) as a PNG at `path`."""
-    fig = draw(frame, title)  # selects the Agg backend before pyplot loads
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def draw(frame: pd.DataFrame, title: str):
-    """Accuracy against shots, a panel per dataset and one for the average: a line per trained method
-    with +-1 std error bars over seeds; zero-shot, which does not depend on shots, a dashed line.
-    Returns the matplotlib Figure (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summarised = summary(frame)
-    datasets = sorted(summarised["dataset"].unique()) + ["average"]
-    shots = sorted(summarised["shots"].unique())
-    cols = min(4, len(datasets))
-    rows = math.ceil(len(datasets) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    for ax, dataset in zip(axes.flat, datasets):
-        for i, method in enumerate(in_order(NAMES, summarised["method"])):
-            part = summarised[(summarised["method"] == method) & (summarised["protocol"] == "few-shot")]
-            if part.empty:  # a released-only sweep draws its released figures
-                part = summarised[summarised["method"] == method]
-            part = (
-                part.groupby("shots", as_index=False)[["mean", "std"]].mean()
-                if dataset == "average"
-                else part[part["dataset"] == dataset]
-            )
-            if part.empty:
-                continue
-            if trains(method):
-                ax.errorbar(
-                    part["shots"],
-                    part["mean"],
-                    yerr=part["std"],
-                    marker="o",
-                    capsize=3,
-                    label=method,
-                    color=f"C{i}",
-                )
-            else:
-                ax.axhline(part["mean"].iloc[0], linestyle="--", color=f"C{i}", label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(shots, [str(k) for k in shots])
-        ax.set_title(dataset)
-        ax.set_xlabel("shots per class")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(datasets) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(textwrap.fill(title, 40 * cols), fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
 def write_report(
     frame: pd.DataFrame, out_dir: Path, title: str, paper: bool, compare: bool = False
 ) -> list[Path]:
@@ -433,4 +369,6 @@ def write_report(
     md.write_text(text)
     csv = out_dir / "table.csv"
     numbers(frame).to_csv(csv, index=False)
+    from .report_figure import figure
+
     return [md, csv, figure(frame, out_dir / "figure.png", title)]
