@@ -16,7 +16,12 @@
 #                          auto: run `mlflow db upgrade` only for a SQLite file that does not exist yet.
 #                          always: run it every start (use once for a fresh Postgres/MySQL database).
 #   MLFLOW_BIN             mlflow executable                 (default: mlflow on PATH)
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  MLflow's GenAI job runner (default here: false)
 set -euo pipefail
+
+# The job runner serves MLflow's GenAI jobs, which ca-flow never submits; on, it starts six more
+# processes that each load MLflow (about 20 CPU-seconds at every start).
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 
 MLFLOW_BIN=${MLFLOW_BIN:-mlflow}
 STORE_DIR=${STORE_DIR:-$HOME/.cache/ca-flow/mlflow}

@@ -26,6 +26,7 @@ BIN = Path(sys.executable).parent
 CA_FLOW = shutil.which("ca-flow", path=str(BIN)) or shutil.which("ca-flow")
 RAY = shutil.which("ray", path=str(BIN)) or shutil.which("ray")
 MLFLOW = shutil.which("mlflow", path=str(BIN)) or shutil.which("mlflow")
+SERVE_SH = Path(__file__).resolve().parent.parent / "mlflow" / "serve.sh"
 TINY_SWEEP = ["--backbone", "ca-flow-tiny", "--pretrained", "random"]
 
 
@@ -174,32 +175,25 @@ BIND_FAILED = re.compile(
 
 @contextmanager
 def mlflow_server(db: Path, artifacts: Path, logs: Path, env: dict, cwd: Path, port: int | None = None):
-    """`mlflow server` on SQLite (schema made first, here), retried on another port if the one
-    picked was taken meanwhile. Yields (url, Proc)."""
+    """The tracking server as users start it (mlflow/serve.sh, one uvicorn worker) on SQLite, retried
+    on another port if the one picked was taken meanwhile. Yields (url, Proc)."""
     import mlflow
 
-    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()  # the schema, once, before any server worker
+    # The schema here, at once (serve.sh would run `mlflow db upgrade`, one more process to start).
+    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()
     for attempt in range(3):
         p = port or free_port()
-        proc = Proc(
-            "mlflow server",
-            [
-                MLFLOW,
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{db}",
-                "--artifacts-destination",
-                str(artifacts),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(p),
-                "--workers",
-                "1",
-            ],
-            logs / f"mlflow-{p}-{attempt}.log",
+        server_env = dict(
             env,
-            cwd,
+            BACKEND_STORE_URI=f"sqlite:///{db}",
+            ARTIFACTS_DESTINATION=str(artifacts),
+            HOST="127.0.0.1",
+            PORT=str(p),
+            WORKERS="1",
+            MLFLOW_BIN=MLFLOW,
+        )
+        proc = Proc(
+            "mlflow server", ["bash", str(SERVE_SH)], logs / f"mlflow-{p}-{attempt}.log", server_env, cwd
         )
         url = f"http://127.0.0.1:{p}"
         deadline = time.monotonic() + 90
