@@ -4,7 +4,9 @@ against an 80-trial one; with --profile, where the 80-trial sweep's CPU time goe
     python benchmarks/trial_overhead.py [--repeat 3] [--epochs 1] [--pack] [--profile]
 
 Prints the wall seconds of each command (median and spread of --repeat runs) and the marginal
-seconds per further trial, (t80 - t4) / 76. --profile runs the 80-trial sweep once more under
+seconds per further trial, (t80 - t4) / 76. --cpu runs the 4-trial sweep once more and prints the CPU
+seconds of every process it started, by kind: on a machine whose cores are all busy, the sum over the
+cores bounds the wall time from below, whatever the order of the steps. --profile runs the 80-trial sweep once more under
 py-spy (--subprocesses: the driver, Ray's trial workers, the recorder) and prints, per process kind,
 its CPU samples and the functions that hold the most of them (inclusive).
 """
@@ -32,10 +34,8 @@ LARGE = ["--shots", "1,2,4,8", "--seeds", "1,2,3,4,5"]  # 4 x 5 x 4 alphas = 80 
 KINDS = (("recorder", "recorder.py"), ("trial worker", "run_trial"), ("driver", "workflows/cli.py"))
 
 
-def sweep(work: Path, grid: list[str], args, env, prefix: list[str] = ()) -> float:
-    cmd = [
-        *prefix,
-        *CLI,
+def sweep_args(work: Path, grid: list[str], args) -> list[str]:
+    return [
         "sweep",
         "--datasets",
         "textile",
@@ -60,8 +60,13 @@ def sweep(work: Path, grid: list[str], args, env, prefix: list[str] = ()) -> flo
         *grid,
         *(["--pack"] if args.pack else []),
     ]
+
+
+def sweep(work: Path, grid: list[str], args, env, prefix: list[str] = ()) -> float:
     started = time.perf_counter()
-    done = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
+    done = subprocess.run(
+        [*prefix, *CLI, *sweep_args(work, grid, args)], env=env, cwd=work, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"sweep failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -97,6 +102,58 @@ def profile(work: Path, args, env) -> None:
         print(f"  {kind}: {n} samples ({n / total:.0%})")
         for name, m in funcs[kind].most_common(args.top):
             print(f"      {m:6d} {m / total:6.1%}  {name[:110]}")
+
+
+def cpu_by_process(work: Path, args, env) -> None:
+    """The 4-trial sweep once, every process it starts polled in /proc (utime + stime, 10 times a second,
+    the last reading kept): CPU seconds per kind of process."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def readings() -> dict:
+        found = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            fields = stat.rpartition(")")[2].split()
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            kind = (
+                cmd.split()[0] if cmd.startswith("ray::") else name if not cmd else Path(cmd.split()[0]).name
+            )
+            if kind.startswith("python") and len(cmd.split()) > 1:
+                kind = Path(next((a for a in cmd.split()[1:] if not a.startswith("-")), kind)).name
+            found[(pid, fields[19])] = (kind, (int(fields[11]) + int(fields[12])) / ticks)
+        return found
+
+    before, seen = set(readings()), {}
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [*CLI, *sweep_args(work, SMALL, args)],
+        env=env,
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while proc.poll() is None:
+        seen.update(readings())
+        time.sleep(0.1)
+    wall = time.perf_counter() - started
+    seen.update(readings())  # Ray's processes outlive the driver by a moment
+    per_kind, count = collections.Counter(), collections.Counter()
+    for key, (kind, cpu) in seen.items():
+        if key not in before:
+            per_kind[kind] += cpu
+            count[kind] += 1
+    total, cores = sum(per_kind.values()), os.cpu_count()
+    print(
+        f"CPU seconds of the 4-trial sweep, by process ({wall:.1f} s wall; {total:.1f} CPU-s, so at least "
+        f"{total / cores:.1f} s on {cores} cores):"
+    )
+    for kind, cpu in per_kind.most_common():
+        if cpu >= 0.05:
+            print(f"  {cpu:6.2f}  {count[kind]} x {kind}")
 
 
 def recorder_ops(work: Path, n: int = 40) -> None:
@@ -171,6 +228,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--pack", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="CPU seconds per process of the 4-trial sweep")
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--recorder-only", action="store_true", help="only time the recorder's MLflow writes")
     args = ap.parse_args()
@@ -206,6 +264,8 @@ def main() -> None:
     )
     if args.profile:
         profile(work, args, env)
+    if args.cpu:
+        cpu_by_process(work, args, env)
 
 
 if __name__ == "__main__":

@@ -134,9 +134,6 @@ class Recorder:
     def fail(self, key: str, error: str) -> None:
         self.records.put((key, self._fail, (key, error)))
 
-    def ready(self) -> bool:
-        return True
-
     def finished(self, keys: list[str]) -> list[str]:
         """Which of `keys` this recorder holds a result for (handed over, or FINISHED in the store): a
         retried pack skips them. Handed over is enough: one that is then not written is reported by

@@ -198,7 +198,7 @@ def _drive(sweep: Sweep) -> Outcome:
         parent_run.log_spec(sweep.client, sweep.parent_id, sweep.spec)
         if todo:
             recorder = _start_recorder(sweep)
-            features = _stage_features(sweep, todo, recorder)
+            features = _stage_features(sweep, todo)
             _run_trials(sweep, todo, features, recorder)
     except Interrupted:
         pass
@@ -225,30 +225,27 @@ def _todo(sweep: Sweep) -> list[TrialPoint]:
 
 
 def _start_recorder(sweep: Sweep):
+    """The recorder starts while features load and Tune starts its trial workers, and nothing waits
+    for it: a trial's first hand-over waits until it is up (Ray queues calls to an actor being made)."""
     from .recorder import start_recorder
 
-    return start_recorder(
-        sweep.uri, sweep.exp_id, sweep.parent_id, sweep.sweep_id
-    )  # it starts while features load
+    return start_recorder(sweep.uri, sweep.exp_id, sweep.parent_id, sweep.sweep_id)
 
 
-def _stage_features(sweep: Sweep, todo: list[TrialPoint], recorder) -> dict:
-    """The features of the datasets `todo` needs, in the object store; the recorder up meanwhile."""
-    from .encode import wait
+def _stage_features(sweep: Sweep, todo: list[TrialPoint]) -> dict:
+    """The features of the datasets `todo` needs, in the object store."""
     from .tuning import stage_features
 
     names = {p.dataset for p in todo}
     gpus = 1.0 if sweep.spec.gpus_per_trial > 0 else 0.0
     with sweep.signals.polling():
-        features = stage_features(
+        return stage_features(
             [split for split in sweep.plan.splits if split.name in names],
             sweep.spec,
             gpus,
             sweep.console,
             sweep.signals.check,
         )
-        wait(recorder.ready.remote(), sweep.signals.check)  # up before the first trial hands it a record
-    return features
 
 
 def _run_trials(sweep: Sweep, todo: list[TrialPoint], features: dict, recorder) -> None:
