@@ -4,10 +4,9 @@ against an 80-trial one; with --profile, where the 80-trial sweep's CPU time goe
     python benchmarks/trial_overhead.py [--repeat 3] [--epochs 1] [--pack] [--profile]
 
 Prints the wall seconds of each command (median and spread of --repeat runs) and the marginal
-seconds per further trial, (t80 - t4) / 76. --cpu runs the 4-trial sweep once more and prints the CPU
-seconds of every process it started, by kind: on a machine whose cores are all busy, the sum over the
-cores bounds the wall time from below, whatever the order of the steps. --profile runs the 80-trial sweep once more under
-py-spy (--subprocesses: the driver, Ray's trial workers, the recorder) and prints, per process kind,
+seconds per further trial, (t80 - t4) / 76. --cpu runs the 4-trial sweep once more and prints the
+CPU seconds of every process it started, by kind: their sum over the cores bounds the wall time from
+below, whatever the order of the steps. --profile runs the 80-trial sweep once more under py-spy (--subprocesses: the driver, Ray's trial workers, the recorder) and prints, per process kind,
 its CPU samples and the functions that hold the most of them (inclusive).
 """
 
@@ -26,6 +25,9 @@ import time
 from pathlib import Path
 
 from clip_adapter.backbone import TINY
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import procs  # noqa: E402  (its /proc readers)
 
 CLI = [str(Path(sys.executable).parent / "ca-flow")]  # the installed command; PYTHONPATH picks this checkout
 SMALL = ["--shots", "1", "--seeds", "1"]  # 1 x 1 x 4 alphas = 4 trials
@@ -109,22 +111,24 @@ def cpu_by_process(work: Path, args, env) -> None:
     the last reading kept): CPU seconds per kind of process."""
     ticks = os.sysconf("SC_CLK_TCK")
 
+    def kind(pid: str) -> str:
+        """Ray's workers by their title (ray::Recorder), Python by its script, the rest by executable."""
+        words = procs.cmdline(int(pid)).split()
+        if not words:
+            return Path(f"/proc/{pid}/comm").read_text().strip()
+        if words[0].startswith("ray::") or not Path(words[0]).name.startswith("python"):
+            return Path(words[0]).name
+        return Path(next((w for w in words[1:] if not w.startswith("-")), words[0])).name
+
     def readings() -> dict:
         found = {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+                fields = procs.stat_fields(int(pid))  # state, ppid, ...: utime 11, stime 12, start 19
+                if fields:
+                    found[(pid, fields[19])] = (kind(pid), (int(fields[11]) + int(fields[12])) / ticks)
+            except OSError:  # ended while read
                 continue
-            fields = stat.rpartition(")")[2].split()
-            name = stat[stat.index("(") + 1 : stat.rindex(")")]
-            kind = (
-                cmd.split()[0] if cmd.startswith("ray::") else name if not cmd else Path(cmd.split()[0]).name
-            )
-            if kind.startswith("python") and len(cmd.split()) > 1:
-                kind = Path(next((a for a in cmd.split()[1:] if not a.startswith("-")), kind)).name
-            found[(pid, fields[19])] = (kind, (int(fields[11]) + int(fields[12])) / ticks)
         return found
 
     before, seen = set(readings()), {}
@@ -142,18 +146,18 @@ def cpu_by_process(work: Path, args, env) -> None:
     wall = time.perf_counter() - started
     seen.update(readings())  # Ray's processes outlive the driver by a moment
     per_kind, count = collections.Counter(), collections.Counter()
-    for key, (kind, cpu) in seen.items():
+    for key, (what, cpu) in seen.items():
         if key not in before:
-            per_kind[kind] += cpu
-            count[kind] += 1
+            per_kind[what] += cpu
+            count[what] += 1
     total, cores = sum(per_kind.values()), os.cpu_count()
     print(
         f"CPU seconds of the 4-trial sweep, by process ({wall:.1f} s wall; {total:.1f} CPU-s, so at least "
         f"{total / cores:.1f} s on {cores} cores):"
     )
-    for kind, cpu in per_kind.most_common():
+    for what, cpu in per_kind.most_common():
         if cpu >= 0.05:
-            print(f"  {cpu:6.2f}  {count[kind]} x {kind}")
+            print(f"  {cpu:6.2f}  {count[what]} x {what}")
 
 
 def recorder_ops(work: Path, n: int = 40) -> None:

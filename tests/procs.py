@@ -420,7 +420,7 @@ def assert_sweep_complete(uri: str, experiment: str, expected_trials: int) -> di
 # they stay in the session of the process that started Ray (a Proc leader: its sid is its pid).
 
 
-def _stat(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -440,7 +440,7 @@ def session_pids(sid: int) -> list[int]:
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            fields = _stat(int(entry.name))
+            fields = stat_fields(int(entry.name))
             if fields and fields[3] == str(sid) and fields[0] != "Z":
                 out.append(int(entry.name))
     return out
