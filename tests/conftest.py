@@ -7,10 +7,13 @@ authentication, as a user's would.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 _HOME = tempfile.mkdtemp(prefix="ca-flow-test-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ["HOME"] = _HOME
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -23,6 +26,12 @@ for _name in (
     "RAY_AUTH_MODE",
 ):
     os.environ.pop(_name, None)
+
+import gc  # noqa: E402
+
+from workflows.cli import GC_THRESHOLD  # noqa: E402
+
+gc.set_threshold(*GC_THRESHOLD)  # set before torch, Ray and MLflow load, for the ca-flow command's reason
 
 from pathlib import Path  # noqa: E402
 

@@ -366,17 +366,18 @@ for verb in (cli_results.report, cli_results.promote, cli_results.predict):
 app.command("datasets")(cli_results.list_datasets)
 
 
+# torch, Ray and MLflow load about 400,000 objects that live as long as the process. With Python's
+# default thresholds (700, 10, 10) the oldest generation is walked about 7 times while they load (1.3 s
+# of a sweep's start, measured), and none of it is garbage. Walked 10x less often, a long sweep's
+# cyclic garbage is still freed.
+GC_THRESHOLD = (700, 10, 100)
+
 
 def run() -> None:
-    """The `ca-flow` command: the app, in a process tuned for a heap that is mostly imported modules.
-
-    torch, Ray and MLflow load about 400,000 objects that live as long as the process. With Python's
-    default thresholds the oldest generation is walked about 7 times while they load (1.3 s of a
-    sweep's start, measured) and the interpreter's exit walks it again (2 s), for nothing: none of it
-    is garbage. The oldest generation is still collected, 10x less often, so a long sweep's cyclic
-    garbage is freed; at exit, what is left is frozen, as the OS frees it anyway.
-    """
-    gc.set_threshold(700, 10, 100)
+    """The `ca-flow` command: the app, in a process whose heap is mostly imported modules (GC_THRESHOLD).
+    At exit what is left is frozen: the interpreter's last collections would walk all of it again (about
+    2 s of every sweep's end) to free memory the OS frees anyway."""
+    gc.set_threshold(*GC_THRESHOLD)
     try:
         app()
     finally:
