@@ -249,7 +249,9 @@ def test_figure_has_error_bars_and_zero_shot_as_a_horizontal_line():
     from matplotlib.container import ErrorbarContainer
     from matplotlib.lines import Line2D
 
-    fig = draw(two_methods(), "test accuracy (%), mean +- std over seeds")
+    fig = draw(
+        summary(two_methods()), ["clip-adapter", "zero-shot"], "test accuracy (%), mean +- std over seeds"
+    )
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
     assert set(panels) == {"a", "b", "average"}
     # Written out from two_methods: base + 2 points per shot + the seeds' mean offset; the average

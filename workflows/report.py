@@ -14,6 +14,7 @@ import pandas as pd
 from clip_adapter.methods import NAMES, trains
 from clip_adapter.protocol import CLIP_ADAPTER_ALPHA
 
+from .report_figure import figure
 from .runs_table import rank_runs
 
 SELECTION_GROUP = ["dataset", "method", "shots", "seed", "protocol"]  # one run is chosen on val per group
@@ -369,6 +370,6 @@ def write_report(
     md.write_text(text)
     csv = out_dir / "table.csv"
     numbers(frame).to_csv(csv, index=False)
-    from .report_figure import figure
-
-    return [md, csv, figure(frame, out_dir / "figure.png", title)]
+    summarised = summary(frame)
+    methods = in_order(NAMES, summarised["method"])
+    return [md, csv, figure(summarised, methods, out_dir / "figure.png", title)]

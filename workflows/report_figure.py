@@ -1,4 +1,4 @@
-"""The report's figure: accuracy against shots per dataset, from `report.summary`."""
+"""The report's figure: accuracy against shots per dataset, from the summary `report.summary` makes."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from clip_adapter.methods import NAMES, trains
-
-from .report import in_order, summary
+from clip_adapter.methods import trains
 
 
-def figure(frame: pd.DataFrame, path: Path, title: str) -> Path:
+def figure(summarised: pd.DataFrame, methods: list[str], path: Path, title: str) -> Path:
     """The figure (see `draw`) as a PNG at `path`."""
-    fig = draw(frame, title)  # selects the Agg backend before pyplot loads
+    fig = draw(summarised, methods, title)  # selects the Agg backend before pyplot loads
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,23 +22,23 @@ def figure(frame: pd.DataFrame, path: Path, title: str) -> Path:
     return path
 
 
-def draw(frame: pd.DataFrame, title: str):
+def draw(summarised: pd.DataFrame, methods: list[str], title: str):
     """Accuracy against shots, a panel per dataset and one for the average: a line per trained method
-    with +-1 std error bars over seeds; zero-shot, which does not depend on shots, a dashed line.
-    Returns the matplotlib Figure (Agg backend)."""
+    in `methods` (colours follow its order) with +-1 std error bars over seeds; zero-shot, which does
+    not depend on shots, a dashed line. `summarised` is `report.summary`'s frame. Returns the
+    matplotlib Figure (Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summarised = summary(frame)
     datasets = sorted(summarised["dataset"].unique()) + ["average"]
     shots = sorted(summarised["shots"].unique())
     cols = min(4, len(datasets))
     rows = math.ceil(len(datasets) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, dataset in zip(axes.flat, datasets):
-        for i, method in enumerate(in_order(NAMES, summarised["method"])):
+        for i, method in enumerate(methods):
             part = summarised[(summarised["method"] == method) & (summarised["protocol"] == "few-shot")]
             if part.empty:  # a released-only sweep draws its released figures
                 part = summarised[summarised["method"] == method]
