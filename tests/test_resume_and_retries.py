@@ -1,6 +1,6 @@
 """Resume and retries, on real processes, with faults placed by the trials' barrier (never by timing):
 `resume` leaves finished grid points untouched, across datasets; `--max-retries N` gives a lost
-worker exactly N more attempts.
+worker exactly N more attempts; a recorder lost as it starts fails every point, and resume finishes them.
 
 Each trial attempt waits at the test barrier (workflows/barrier.py, point `trial`) right after its run
 is started; the test releases it, or kills its worker there (benchmarks/faults.py Bench).
@@ -8,6 +8,7 @@ is started; the test releases it, or kills its worker there (benchmarks/faults.p
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -170,3 +171,35 @@ def test_max_retries_n_gives_a_lost_worker_exactly_n_retries(tmp_path, retries):
         (run,) = b.runs()[1]
         assert run.data.tags[faults.KEY] == key and run.info.status == "FAILED", run
         assert run.data.tags[faults.ATTEMPT] == str(retries + 1), run.data.tags
+
+
+@pytest.mark.slow
+def test_a_recorder_killed_as_it_starts_fails_every_point_and_resume_finishes_them(tmp_path):
+    """Tune starts without waiting for the recorder (sweep._start_recorder). kill -9 of the recorder
+    while it starts, held at its barrier (point `recorder`): no trial can hand over a record, so every
+    grid point fails and none reads as done, the sweep exits 1 with the resume line, and `resume`, with
+    a recorder of its own, finishes them all."""
+    make_colour_tree(tmp_path / "data" / "colours", per_class=4)
+    with faults.Bench(tmp_path, "recorder-killed") as b:
+        held = tmp_path / "barrier" / "recorder"
+        held.mkdir(parents=True)
+        env = dict(b.env, CA_FLOW_TEST_BARRIER=str(held.parent))
+        data = ("--data-root", str(tmp_path / "data"))
+        sweep = b.start("sweep", sweep_args(b, "colours", "0.2,0.6", "--max-retries", "0", *data), env)
+        started = procs.wait_for(
+            "the recorder at its barrier", lambda: next(held.glob("*.started"), None), 240, [sweep]
+        )
+        os.kill(json.loads(started.read_text())["pid"], signal.SIGKILL)
+        rc = sweep.wait(240)
+        out = sweep.output()
+        assert rc == 1, out[-3000:]
+        found = faults.FAILED_LINE.search(out)
+        assert found and found.groups() == ("2", "2", b.sweep_id()), out[-3000:]
+        why = out[found.end() :].splitlines()[1:3]  # one line per failed point, after the count
+        assert all("the sweep's recorder died, so this trial cannot be recorded" in line for line in why), why
+        assert not [c for c in b.runs()[1] if faults.is_done(c)]
+
+        rc, out = faults._resume(b, b.sweep_id())
+        assert rc == 0, out[-3000:]
+        assert faults.DONE.match(faults.own_last_line(out)[0]).groups()[1:] == ("2", "0"), out[-3000:]
+        procs.assert_sweep_complete(b.store, b.experiment, 2)

@@ -2,9 +2,9 @@
 
 With CA_FLOW_TEST_BARRIER=<dir> set, and only at the points whose folder <dir>/<point>/ the test made
 (`encode`: a crop task of the encoding pipeline; `trial`: a trial attempt, once the recorder holds
-its start), the code writes <dir>/<point>/<name>.started (JSON: its pid and `info`) and waits until
-<dir>/<point>/release or <dir>/<point>/<name>.release exists. Unset (always, outside tests), it
-returns at once.
+its start; `recorder`: the sweep's recorder, as it starts), the code writes
+<dir>/<point>/<name>.started (JSON: its pid and `info`) and waits until <dir>/<point>/release or
+<dir>/<point>/<name>.release exists. Unset (always, outside tests), it returns at once.
 """
 
 from __future__ import annotations

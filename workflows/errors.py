@@ -25,6 +25,10 @@ class NodeError(CaFlowError, RuntimeError):
     """The node cannot run the trial as asked; another node may: Tune retries it."""
 
 
+class RecorderLost(CaFlowError, RuntimeError):
+    """The sweep's recorder died: no trial's record can be kept until `resume` starts another."""
+
+
 class TrialError(FinalError, RuntimeError):
     """A trial cannot use its data as its grid point asks (no readable image, a split not encoded)."""
 

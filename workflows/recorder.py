@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import settings, sqlite_wal
+from . import barrier, settings, sqlite_wal
 from .errors import error_line
 from .names import ATTEMPT, ERROR, TRIAL_KEY
 from .point import TrialPoint
@@ -33,6 +33,7 @@ from .trial_runs import create_trial_run, fail_run, finish_trial, reopen_trial_r
 
 class Recorder:
     def __init__(self, uri: str, exp_id: str, parent_id: str, sweep_id: str):
+        barrier.barrier("recorder", sweep_id)  # a test can lose the recorder as it starts
         import mlflow
 
         settings.for_mlflow()  # in the recorder's own process: it writes the adapters' files

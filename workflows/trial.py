@@ -16,7 +16,7 @@ import numpy as np
 from clip_adapter.protocol import selection_split
 
 from . import barrier
-from .errors import FinalError, NodeError, TrialError, error_line
+from .errors import FinalError, NodeError, RecorderLost, TrialError, error_line
 from .names import (
     ADAPTER,
     CHOSEN,
@@ -280,8 +280,14 @@ def hand_over(call, *record) -> None:
     """Give the recorder a record and wait until it holds it (not until MLflow has it): a call still
     queued in this worker, or an argument this worker owns, would die with it when Tune ends it."""
     import ray
+    from ray.exceptions import RayActorError
 
-    ray.get(call.remote(*record))
+    try:
+        ray.get(call.remote(*record))
+    except RayActorError as exc:  # Ray's own words name no actor: say which one, and what it means
+        raise RecorderLost(
+            f"the sweep's recorder died, so this trial cannot be recorded ({error_line(exc)})"
+        ) from None
 
 
 def _retryable(exc: Exception) -> bool:
