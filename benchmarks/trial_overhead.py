@@ -6,8 +6,9 @@ against an 80-trial one; with --profile, where the 80-trial sweep's CPU time goe
 Prints the wall seconds of each command (median and spread of --repeat runs) and the marginal
 seconds per further trial, (t80 - t4) / 76. --cpu runs the 4-trial sweep once more and prints the
 CPU seconds of every process it started, by kind: their sum over the cores bounds the wall time from
-below, whatever the order of the steps. --profile runs the 80-trial sweep once more under py-spy (--subprocesses: the driver, Ray's trial workers, the recorder) and prints, per process kind,
-its CPU samples and the functions that hold the most of them (inclusive).
+below, whatever the order of the steps. --profile runs the 80-trial sweep once more under py-spy
+(--subprocesses: the driver, Ray's trial workers, the recorder) and prints, per process kind, its CPU
+samples and the functions that hold the most of them (inclusive).
 """
 
 from __future__ import annotations

@@ -199,9 +199,7 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     """
     pack = config["trials"]
     if len(pack) > 1:  # a retried pack trains only the points whose records the recorder already holds
-        import ray
-
-        done = set(ray.get(recorder.finished.remote([p.key for p in pack])))
+        done = set(hand_over(recorder.finished, [p.key for p in pack]))
         pack = [p for p in pack if p.key not in done]
         if not pack:
             from ray import tune
@@ -214,9 +212,7 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     for point in pack:
         hand_over(recorder.start, point, math.floor(started * 1000))
     if barrier.holds("trial"):  # a test acts on the runs while the trial waits: the starts are written first
-        import ray
-
-        ray.get(recorder.drain.remote())
+        hand_over(recorder.drain)
         for point in pack:
             barrier.barrier("trial", point.key, trial=point.name, dataset=point.dataset)
     import torch
@@ -276,14 +272,15 @@ def run_trial(config: dict, features: dict, recorder, threads: int, gpu: bool) -
     tune.report({"points": len(records)})
 
 
-def hand_over(call, *record) -> None:
-    """Give the recorder a record and wait until it holds it (not until MLflow has it): a call still
-    queued in this worker, or an argument this worker owns, would die with it when Tune ends it."""
+def hand_over(call, *record):
+    """Give the recorder a record (or a question) and wait until it holds it, not until MLflow has it;
+    returns its answer. A call still queued in this worker, or an argument this worker owns, would die
+    with it when Tune ends it."""
     import ray
     from ray.exceptions import RayActorError
 
     try:
-        ray.get(call.remote(*record))
+        return ray.get(call.remote(*record))
     except RayActorError as exc:  # Ray's own words name no actor: say which one, and what it means
         raise RecorderLost(
             f"the sweep's recorder died, so this trial cannot be recorded ({error_line(exc)})"
